@@ -1,0 +1,38 @@
+"""The data plate shared by every model and guide: full batch or subsample by index."""
+
+from __future__ import annotations
+
+import pyro
+import torch
+
+__all__ = ["data_plate"]
+
+
+def data_plate(x: torch.Tensor, idx: torch.Tensor | None = None, num_data: int | None = None):
+    """Return ``pyro.plate("data", ...)`` for a minibatch ``x``.
+
+    With ``idx=None`` the plate covers exactly the rows of ``x`` (no subsample scaling).
+    With ``idx`` (the rows' indices in a dataset of ``num_data`` points) the plate has size
+    ``num_data`` and subsamples ``idx``, so Pyro scales the log-likelihood by
+    ``num_data / len(idx)`` and per-datapoint guides can slice their parameters with ``idx``.
+
+    :param x: minibatch, data points along dim 0.
+    :param idx: indices of the rows of ``x`` in the dataset, or ``None``.
+    :param num_data: dataset size; required when ``idx`` is given.
+    :raises ValueError: on an ``idx`` whose length differs from ``len(x)``, or a missing
+        ``num_data``.
+    """
+    if idx is None:
+        return pyro.plate("data", x.shape[0], dim=-1)
+    idx = torch.as_tensor(idx, dtype=torch.long, device=x.device)
+    if idx.dim() != 1 or idx.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"idx must be a 1-d tensor with one index per row of x; got idx of shape "
+            f"{tuple(idx.shape)} for x of shape {tuple(x.shape)}"
+        )
+    if num_data is None:
+        raise ValueError(
+            "idx was given but num_data is unknown: construct the model and guide with "
+            "num_data=len(dataset) (or set .num_data) so the plate can scale the minibatch"
+        )
+    return pyro.plate("data", num_data, subsample=idx, dim=-1)
