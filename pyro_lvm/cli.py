@@ -147,7 +147,7 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
         checkpoint=checkpoint,
         resume=getattr(args, "resume", False),
         progress=not args.quiet,
-        metadata={"config": config},
+        extra={"config": config},
     )
     seconds = time.perf_counter() - start
     vae.eval()
@@ -187,17 +187,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _restore(checkpoint_path: str):
-    from pyro_lvm.train import load_checkpoint
+    from pyro_lvm.train import load_checkpoint, read_checkpoint
 
     path = Path(checkpoint_path)
     if not path.is_file():
         raise CLIError(f"checkpoint {path} does not exist (write one with `pyro-lvm train`)")
-    state = load_checkpoint(path)
-    config = (state.get("metadata") or {}).get("config")
+    metadata = read_checkpoint(path).get("metadata") or {}
+    config = (metadata.get("extra") or {}).get("config")
     if not config:
         raise CLIError(f"checkpoint {path} carries no model config (was it written by pyro-lvm?)")
     vae = _build_vae(config)
-    load_checkpoint(path, model=vae, guide=vae.guide)
+    load_checkpoint(path, model=vae, guide=vae.guide, restore_rng=False)
     vae.eval()
     return vae, config
 
@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("quickstart", help="train a VAE on the bundled 8x8 digits (minutes, CPU)")
-    _add_training_arguments(p, epochs=60, z_dim=4, hidden="128")
+    _add_training_arguments(p, epochs=150, z_dim=4, hidden="128")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("train", help="train a VAE with any registered estimator")
@@ -312,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError, PermissionError) as err:
-        print(f"pyro-lvm {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line, however the message was wrapped
+        print(f"pyro-lvm {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

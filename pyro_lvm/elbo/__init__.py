@@ -3,6 +3,23 @@
 ``ESTIMATORS`` maps a name to a factory ``f(num_particles=1, **pyro_elbo_kwargs) -> ELBO``.
 """
 
-from pyro_lvm.elbo.registry import ESTIMATORS, make_estimator
+from pyro_lvm.elbo.baselines import DecayingAverageBaseline, NVILBaseline
+from pyro_lvm.elbo.iwae import IWAE
+from pyro_lvm.elbo.registry import ELBO_NAMES, ESTIMATORS, make_estimator
+from pyro_lvm.elbo.renyi import RenyiBound
+from pyro_lvm.elbo.score_function import ScoreFunctionELBO
+from pyro_lvm.elbo.stl import STL
+from pyro_lvm.elbo.vimco import VIMCO
 
-__all__ = ["ESTIMATORS", "make_estimator"]
+__all__ = [
+    "DecayingAverageBaseline",
+    "ELBO_NAMES",
+    "ESTIMATORS",
+    "IWAE",
+    "NVILBaseline",
+    "RenyiBound",
+    "STL",
+    "ScoreFunctionELBO",
+    "VIMCO",
+    "make_estimator",
+]

@@ -1,5 +1,11 @@
 """Guides q(z | x): amortized encoders (later: per-datapoint, flows, semi-amortized)."""
 
 from pyro_lvm.guides.amortized import AmortizedGaussianGuide
+from pyro_lvm.guides.local import LocalBernoulliGuide, LocalGaussianGuide, LocalGuide
+from pyro_lvm.guides.semi_amortized import SemiAmortizedGuide
 
 __all__ = ["AmortizedGaussianGuide"]
+__all__ += ["LocalBernoulliGuide", "LocalGaussianGuide", "LocalGuide", "SemiAmortizedGuide"]
+from pyro_lvm.guides.flows import FLOWS, AmortizedFlowGuide, FlowPosterior  # noqa: E402
+
+__all__ += ["FLOWS", "AmortizedFlowGuide", "FlowPosterior"]

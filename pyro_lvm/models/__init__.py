@@ -1,8 +1,14 @@
 """Latent variable models: Pyro programs ``model(x, idx=None)`` with latent site ``"z"``."""
 
+from pyro_lvm.models.bernoulli_mixture import BernoulliMixture, CompletionModel
 from pyro_lvm.models.linear_gaussian import LinearGaussian
 from pyro_lvm.models.mixture import GaussianMixture
 from pyro_lvm.models.priors import StandardNormalPrior
 from pyro_lvm.models.vae import VAE
 
 __all__ = ["GaussianMixture", "LinearGaussian", "StandardNormalPrior", "VAE"]
+__all__ += ["BernoulliMixture", "CompletionModel"]
+from pyro_lvm.models.hierarchical import HierarchicalGuide, HierarchicalVAE  # noqa: E402
+from pyro_lvm.models.priors import MixtureOfGaussiansPrior, VampPrior  # noqa: E402
+
+__all__ += ["HierarchicalGuide", "HierarchicalVAE", "MixtureOfGaussiansPrior", "VampPrior"]

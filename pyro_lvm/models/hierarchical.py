@@ -1,0 +1,168 @@
+"""A VAE with two stochastic layers (z2 on top of z1) and its matching amortized guide."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.nn import PyroModule
+from torch import nn
+
+from pyro_lvm.models.priors import StandardNormalPrior
+from pyro_lvm.nn import mlp
+from pyro_lvm.plates import data_plate
+
+__all__ = ["HierarchicalGuide", "HierarchicalVAE"]
+
+
+def _gaussian(out: torch.Tensor, min_scale: float) -> dist.Distribution:
+    loc, raw_scale = out.chunk(2, dim=-1)
+    return dist.Normal(loc, F.softplus(raw_scale) + min_scale).to_event(1)
+
+
+def _cat(*tensors: torch.Tensor) -> torch.Tensor:
+    """Concatenate along the last dim after broadcasting the batch dims (particles vs data)."""
+    batch = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
+    return torch.cat([t.expand(*batch, t.shape[-1]) for t in tensors], dim=-1)
+
+
+class HierarchicalGuide(PyroModule):
+    r"""Top-down amortized guide q(z2 | x) q(z1 | x, z2), diagonal Gaussians.
+
+    .. math::
+
+        q(z_1, z_2 \mid x) = \mathcal N(z_2; \mu_2(x), \sigma_2^2(x))\,
+        \mathcal N(z_1; \mu_1(x, z_2), \sigma_1^2(x, z_2)),
+
+    the variational family of the two-layer model in Tomczak & Welling (2018,
+    arXiv:1705.07120, section 3.3). ``posterior(x)`` is q(z2 | x), which a
+    :class:`~pyro_lvm.models.VampPrior` on z2 uses.
+
+    :param x_dim: data dimension.
+    :param z1_dim: dimension of the lower latent z1.
+    :param z2_dim: dimension of the top latent z2.
+    :param hidden: hidden widths of both encoder networks.
+    :param min_scale: lower bound on the standard deviations.
+    :param num_data: dataset size, needed when called with ``idx``.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z1_dim: int,
+        z2_dim: int,
+        hidden: Sequence[int] = (300,),
+        min_scale: float = 1e-4,
+        num_data: int | None = None,
+    ):
+        super().__init__()
+        self.x_dim, self.z1_dim, self.z2_dim = x_dim, z1_dim, z2_dim
+        self.min_scale, self.num_data = min_scale, num_data
+        self.encoder2 = mlp(x_dim, hidden, 2 * z2_dim)
+        self.encoder1 = mlp(x_dim + z2_dim, hidden, 2 * z1_dim)
+
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z2 | x): batch shape ``x.shape[:-1]``, event shape ``(z2_dim,)``."""
+        return _gaussian(self.encoder2(x), self.min_scale)
+
+    def posterior1(self, x: torch.Tensor, z2: torch.Tensor) -> dist.Distribution:
+        """q(z1 | x, z2)."""
+        return _gaussian(self.encoder1(_cat(x, z2)), self.min_scale)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample ``"z2"`` then ``"z1"`` inside the ``"data"`` plate; returns z1."""
+        with data_plate(x, idx, self.num_data):
+            z2 = pyro.sample("z2", self.posterior(x))
+            return pyro.sample("z1", self.posterior1(x, z2))
+
+
+class HierarchicalVAE(PyroModule):
+    r"""Two-layer VAE p(z2) p(z1 | z2) p(x | z1, z2) (HVAE of Tomczak & Welling 2018).
+
+    .. math::
+
+        z_2 \sim p(z_2), \quad z_1 \mid z_2 \sim \mathcal N(\mu(z_2), \sigma^2(z_2)), \quad
+        x \mid z_1, z_2 \sim \mathrm{Bernoulli}(\mathrm{sigmoid}(g_\theta(z_1, z_2))).
+
+    Stacked stochastic layers as in Burda et al. (2016, arXiv:1509.00519, appendix) and the
+    VampPrior paper (arXiv:1705.07120), whose HVAE + VampPrior puts
+    ``VampPrior(guide.posterior, x_dim)`` on z2. Sites ``"z2"`` and ``"z1"`` (each
+    ``.to_event(1)``) and ``"x"`` live in the ``"data"`` plate; ``hvae.guide`` is the guide.
+
+    :param x_dim: data dimension.
+    :param z1_dim: lower latent dimension.
+    :param z2_dim: top latent dimension.
+    :param hidden: hidden widths of every network.
+    :param likelihood: ``"bernoulli"`` or ``"gaussian"``.
+    :param prior: a module whose ``forward()`` returns p(z2); N(0, I) by default.
+    :param guide: a guide with sites ``"z2"``, ``"z1"``; a :class:`HierarchicalGuide` by default.
+    :param min_scale: lower bound on the standard deviations.
+    :param num_data: dataset size, needed when called with ``idx``.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z1_dim: int = 40,
+        z2_dim: int = 40,
+        hidden: Sequence[int] = (300,),
+        likelihood: str = "bernoulli",
+        prior: nn.Module | None = None,
+        guide: nn.Module | None = None,
+        min_scale: float = 1e-3,
+        num_data: int | None = None,
+    ):
+        super().__init__()
+        if likelihood not in ("bernoulli", "gaussian"):
+            raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got {likelihood!r}")
+        if min(x_dim, z1_dim, z2_dim) < 1:
+            raise ValueError(f"dimensions must be positive, got {x_dim}, {z1_dim}, {z2_dim}")
+        self.x_dim, self.z1_dim, self.z2_dim = x_dim, z1_dim, z2_dim
+        self.likelihood, self.min_scale = likelihood, min_scale
+        out = x_dim if likelihood == "bernoulli" else 2 * x_dim
+        self.prior = StandardNormalPrior(z2_dim) if prior is None else prior
+        self.p_z1 = mlp(z2_dim, hidden, 2 * z1_dim)
+        self.decoder = mlp(z1_dim + z2_dim, list(reversed(tuple(hidden))), out)
+        self.guide = HierarchicalGuide(x_dim, z1_dim, z2_dim, hidden) if guide is None else guide
+        self.num_data = num_data
+
+    @property
+    def num_data(self) -> int | None:
+        return self._num_data
+
+    @num_data.setter
+    def num_data(self, value: int | None) -> None:
+        self._num_data = value
+        if hasattr(self.guide, "num_data"):
+            self.guide.num_data = value
+
+    def decode(self, z1: torch.Tensor, z2: torch.Tensor) -> dist.Distribution:
+        """p_θ(x | z1, z2) with event shape ``(x_dim,)``."""
+        out = self.decoder(_cat(z1, z2))
+        if self.likelihood == "bernoulli":
+            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+        loc, raw_scale = out.split(self.x_dim, dim=-1)
+        return dist.Normal(loc, F.softplus(raw_scale) + self.min_scale).to_event(1)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The model: ``z2 ~ p(z2)``, ``z1 ~ p(z1 | z2)``, ``x ~ p(x | z1, z2)``."""
+        if x.shape[-1] != self.x_dim:
+            raise ValueError(
+                f"x has {x.shape[-1]} features but the model was built with x_dim={self.x_dim}"
+            )
+        with data_plate(x, idx, self.num_data):
+            z2 = pyro.sample("z2", self.prior())
+            z1 = pyro.sample("z1", _gaussian(self.p_z1(z2), self.min_scale))
+            pyro.sample("x", self.decode(z1, z2), obs=x)
+        return z1
+
+    @torch.no_grad()
+    def sample(self, n: int, mean: bool = True) -> torch.Tensor:
+        """Ancestral samples (their Bernoulli/Gaussian means when ``mean``)."""
+        z2 = self.prior().sample((n,))
+        z1 = _gaussian(self.p_z1(z2), self.min_scale).sample()
+        px = self.decode(z1, z2)
+        return px.mean if mean else px.sample()

@@ -1,0 +1,22 @@
+"""Training: minibatch SVI (:func:`fit`), its history, and safe resumable checkpoints."""
+
+from pyro_lvm.train.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from pyro_lvm.train.fit import NonFiniteLossError, fit
+from pyro_lvm.train.history import FitHistory
+
+__all__ = [
+    "CheckpointError",
+    "FitHistory",
+    "NonFiniteLossError",
+    "atomic_save",
+    "fit",
+    "load_checkpoint",
+    "read_checkpoint",
+    "save_checkpoint",
+]

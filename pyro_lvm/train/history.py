@@ -1,0 +1,85 @@
+"""The record of a training run: per-step and per-epoch losses, validation bounds, time."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["FitHistory"]
+
+
+@dataclass
+class FitHistory:
+    r"""What :func:`~pyro_lvm.train.fit` reports, every loss **per data point**.
+
+    With the data plate subsampled by ``idx`` (see :func:`~pyro_lvm.plates.data_plate`) the
+    SVI loss of a minibatch :math:`b` of size :math:`|b|` out of :math:`N` points is
+    :math:`\frac{N}{|b|} \sum_{i \in b} -\widehat{\mathcal L}_i` (global terms once), so the
+    value recorded per step is
+
+    .. math::
+
+        \ell_b = \frac{\text{loss}_b}{N} = \frac{1}{|b|} \sum_{i \in b} -\widehat{\mathcal L}_i ,
+
+    the minibatch mean of the estimated negative bound per data point. The epoch value is the
+    size-weighted mean :math:`\sum_b |b|\, \ell_b / \sum_b |b|` over the epoch's steps
+    (parameters move during the epoch, so it is a running average, not the end-of-epoch
+    bound). The validation value is the bound itself (positive direction),
+    :math:`\frac{1}{M} \sum_{j=1}^{M} \widehat{\mathcal L}_j` over the ``M`` validation points,
+    computed with the training estimator's ``loss`` and no subsampling.
+
+    :ivar step_losses: :math:`\ell_b` for every optimization step, in order.
+    :ivar epoch_losses: the mean training loss per data point of each epoch.
+    :ivar valid_elbos: the validation bound per data point after each epoch (empty when no
+        validation data was given).
+    :ivar epochs: number of completed epochs.
+    :ivar seconds: wall-clock seconds spent training (summed over resumed runs).
+    :ivar num_data: the training-set size :math:`N`.
+    :ivar batch_size: the minibatch size.
+    """
+
+    step_losses: list[float] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+    valid_elbos: list[float] = field(default_factory=list)
+    epochs: int = 0
+    seconds: float = 0.0
+    num_data: int | None = None
+    batch_size: int | None = None
+
+    @property
+    def steps(self) -> int:
+        """Number of optimization steps taken."""
+        return len(self.step_losses)
+
+    @property
+    def best_valid_elbo(self) -> float:
+        """The highest finite validation bound so far (``nan`` when there is none)."""
+        finite = [v for v in self.valid_elbos if math.isfinite(v)]
+        return max(finite) if finite else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """A dict of plain Python values (lists of floats, ints), safe for ``weights_only``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> FitHistory:
+        """Inverse of :meth:`to_dict`.
+
+        :raises ValueError: when a key is missing or unknown.
+        """
+        names = {f for f in cls.__dataclass_fields__}
+        if not isinstance(state, dict) or set(state) != names:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"a FitHistory state needs exactly the keys {sorted(names)}, got {got}"
+            )
+        return cls(
+            step_losses=[float(v) for v in state["step_losses"]],
+            epoch_losses=[float(v) for v in state["epoch_losses"]],
+            valid_elbos=[float(v) for v in state["valid_elbos"]],
+            epochs=int(state["epochs"]),
+            seconds=float(state["seconds"]),
+            num_data=None if state["num_data"] is None else int(state["num_data"]),
+            batch_size=None if state["batch_size"] is None else int(state["batch_size"]),
+        )

@@ -1,0 +1,69 @@
+"""The command line: quickstart, evaluate and sample end to end; one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pyro_lvm.cli import main
+
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def quickstart_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    args = ["quickstart", "--out", str(out), "--epochs", "3", "--eval-samples", "50", "--quiet"]
+    assert main(args) == 0
+    return out
+
+
+def test_quickstart_writes_metrics_checkpoint_and_figures(quickstart_dir):
+    metrics = json.loads((quickstart_dir / "metrics.json").read_text())
+    for key in ("elbo", "log_likelihood", "reconstruction", "kl", "rate_bits"):
+        assert isinstance(metrics[key], float), key
+    # The IS estimate is a tighter bound than the ELBO (up to Monte Carlo error).
+    assert metrics["log_likelihood"] >= metrics["elbo"] - 0.5
+    assert metrics["elbo"] == pytest.approx(metrics["reconstruction"] - metrics["kl"], abs=1e-4)
+    assert (quickstart_dir / "checkpoint.pt").stat().st_size > 0
+    for name in ("training_curves.png", "samples.png", "reconstructions.png", "latents.png"):
+        assert (quickstart_dir / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_evaluate_and_sample_a_checkpoint(quickstart_dir, tmp_path, capsys):
+    ckpt = str(quickstart_dir / "checkpoint.pt")
+    assert main(["evaluate", ckpt, "--num-samples", "20", "--n", "30", "--out", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "evaluation_test.json").read_text())
+    assert metrics["num_points"] == 30 and metrics["num_samples"] == 20
+    png = tmp_path / "s.png"
+    assert main(["sample", ckpt, "--n", "16", "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nope.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not exist" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_missing_mnist_is_a_one_line_error(tmp_path, capsys):
+    args = ["train", "--dataset", "mnist", "--data-root", str(tmp_path), "--out", str(tmp_path)]
+    assert main([*args, "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "binarized_mnist" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [["train", "--estimator", "nope", "--out", "x"],
+                                  ["quickstart", "--out", "x", "--hidden", "0"],
+                                  ["quickstart", "--out", "x", "--particles", "-1"]])
+def test_bad_arguments_exit_2(args):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "pyro_lvm", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "quickstart" in out and "evaluate" in out
