@@ -22,7 +22,8 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        message = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -32,7 +33,7 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
@@ -47,17 +48,6 @@ def _load_split(dataset: str, split: str, root: str | None):
     if dataset == "mnist":
         return data.load_binarized_mnist(split, root=root), None, (28, 28)
     raise CLIError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-
-
-def _build_vae(config: dict):
-    from pyro_lvm.models import VAE
-
-    return VAE(
-        x_dim=config["x_dim"],
-        z_dim=config["z_dim"],
-        hidden=tuple(config["hidden"]),
-        likelihood=config.get("likelihood", "bernoulli"),
-    )
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -91,12 +81,17 @@ def _save_figures(vae, history, x, labels, image_shape, out: Path) -> list[str]:
     if history is not None:
         plot.plot_training_curves(history, path=out / "training_curves.png")
         written.append("training_curves.png")
-    plot.plot_image_grid(vae.sample(64), image_shape=image_shape, path=out / "samples.png",
-                         title="ancestral samples (mean of p(x|z))")
+    plot.plot_image_grid(
+        vae.sample(64),
+        image_shape=image_shape,
+        path=out / "samples.png",
+        title="ancestral samples (mean of p(x|z))",
+    )
     written.append("samples.png")
     shown = x[:16]
-    plot.plot_reconstructions(shown, vae.reconstruct(shown), image_shape=image_shape,
-                              path=out / "reconstructions.png")
+    plot.plot_reconstructions(
+        shown, vae.reconstruct(shown), image_shape=image_shape, path=out / "reconstructions.png"
+    )
     written.append("reconstructions.png")
     with torch.no_grad():
         z = vae.encode(x).mean
@@ -109,6 +104,7 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
     import pyro
     import torch
 
+    from pyro_lvm.models import VAE
     from pyro_lvm.train import fit
 
     out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +126,7 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
         seed=args.seed,
         image_shape=list(image_shape),
     )
-    vae = _build_vae(config)
+    vae = VAE(config["x_dim"], config["z_dim"], tuple(config["hidden"]))
     checkpoint = out / "checkpoint.pt"
     start = time.perf_counter()
     history = fit(
@@ -187,19 +183,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _restore(checkpoint_path: str):
-    from pyro_lvm.train import load_checkpoint, read_checkpoint
+    from pyro_lvm.train import vae_from_checkpoint
 
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise CLIError(f"checkpoint {path} does not exist (write one with `pyro-lvm train`)")
-    metadata = read_checkpoint(path).get("metadata") or {}
-    config = (metadata.get("extra") or {}).get("config")
-    if not config:
-        raise CLIError(f"checkpoint {path} carries no model config (was it written by pyro-lvm?)")
-    vae = _build_vae(config)
-    load_checkpoint(path, model=vae, guide=vae.guide, restore_rng=False)
-    vae.eval()
-    return vae, config
+    return vae_from_checkpoint(checkpoint_path)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -226,29 +212,46 @@ def cmd_sample(args: argparse.Namespace) -> int:
     images = vae.sample(args.n, mean=not args.binary)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot.plot_image_grid(images, image_shape=tuple(config["image_shape"]), path=out,
-                         title=f"{args.n} ancestral samples")
+    plot.plot_image_grid(
+        images,
+        image_shape=tuple(config["image_shape"]),
+        path=out,
+        title=f"{args.n} ancestral samples",
+    )
     print(f"wrote {out}")
     return 0
 
 
-def _add_training_arguments(p: argparse.ArgumentParser, *, epochs: int, z_dim: int,
-                            hidden: str) -> None:
+def _add_training_arguments(
+    p: argparse.ArgumentParser, *, epochs: int, z_dim: int, hidden: str
+) -> None:
     from pyro_lvm.elbo import ESTIMATORS
 
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--z-dim", type=_positive_int, default=z_dim, help="latent dimension")
-    p.add_argument("--hidden", type=_int_list, default=_int_list(hidden),
-                   help="hidden widths, comma separated (decoder; the encoder mirrors them)")
-    p.add_argument("--estimator", default="elbo", choices=sorted(ESTIMATORS),
-                   help="estimator name from pyro_lvm.elbo.ESTIMATORS")
+    p.add_argument(
+        "--hidden",
+        type=_int_list,
+        default=_int_list(hidden),
+        help="hidden widths, comma separated (decoder; the encoder mirrors them)",
+    )
+    p.add_argument(
+        "--estimator",
+        default="elbo",
+        choices=sorted(ESTIMATORS),
+        help="estimator name from pyro_lvm.elbo.ESTIMATORS",
+    )
     p.add_argument("--particles", type=_positive_int, default=1, help="particles K per datum")
     p.add_argument("--epochs", type=_positive_int, default=epochs)
     p.add_argument("--batch-size", type=_positive_int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-samples", type=_positive_int, default=1000,
-                   help="importance samples K for the test log-likelihood")
+    p.add_argument(
+        "--eval-samples",
+        type=_positive_int,
+        default=1000,
+        help="importance samples K for the test log-likelihood",
+    )
     p.add_argument("--data-root", default=None, help="folder with the data (or PYRO_LVM_DATA)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -298,7 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands that live beside the subsystem they drive: (name, module, add-args, run, help).
-_PLUGINS: list[tuple[str, str, str, str, str]] = []
+_PLUGINS: list[tuple[str, str, str, str, str]] = [
+    (
+        "variance",
+        "pyro_lvm.variance.cli",
+        "add_variance_arguments",
+        "variance_main",
+        "variance, SNR and cost of gradient estimators side by side",
+    ),
+    (
+        "gaps",
+        "pyro_lvm.evaluate.gaps",
+        "add_gaps_arguments",
+        "gaps_main",
+        "approximation and amortization gaps of a trained VAE checkpoint",
+    ),
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -311,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return int(func(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError, PermissionError) as err:
+    except (CLIError, ValueError, OSError) as err:
         message = " ".join(str(err).split())  # one line, however the message was wrapped
         print(f"pyro-lvm {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -54,9 +54,14 @@ def test_missing_mnist_is_a_one_line_error(tmp_path, capsys):
     assert "binarized_mnist" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("args", [["train", "--estimator", "nope", "--out", "x"],
-                                  ["quickstart", "--out", "x", "--hidden", "0"],
-                                  ["quickstart", "--out", "x", "--particles", "-1"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--estimator", "nope", "--out", "x"],
+        ["quickstart", "--out", "x", "--hidden", "0"],
+        ["quickstart", "--out", "x", "--particles", "-1"],
+    ],
+)
 def test_bad_arguments_exit_2(args):
     with pytest.raises(SystemExit) as info:
         main(args)
@@ -64,6 +69,7 @@ def test_bad_arguments_exit_2(args):
 
 
 def test_python_dash_m_entry_point():
-    out = subprocess.run([sys.executable, "-m", "pyro_lvm", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pyro_lvm", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "quickstart" in out and "evaluate" in out

@@ -108,7 +108,9 @@ class LinearGaussian(PyroModule):
     def posterior(self, x: torch.Tensor) -> dist.MultivariateNormal:
         """Exact p(z | x): a MultivariateNormal with batch shape ``(N,)``."""
         var = self.noise_scale**2
-        precision = torch.eye(self.z_dim, dtype=self.weight.dtype) + self.weight.T @ self.weight / var
+        precision = (
+            torch.eye(self.z_dim, dtype=self.weight.dtype) + self.weight.T @ self.weight / var
+        )
         cov = torch.linalg.inv(precision)
         cov = 0.5 * (cov + cov.T)
         loc = (x - self.bias) @ self.weight @ cov.T / var

@@ -61,8 +61,12 @@ class GaussianMixture(PyroModule):
                 f"{tuple(weights.shape)}"
             )
         self.locs = torch.nn.Parameter(locs.clone().to(torch.get_default_dtype()))
-        self.scales = PyroParam(scales.clone().to(torch.get_default_dtype()), constraint=constraints.positive)
-        self.weights = PyroParam(weights.clone().to(torch.get_default_dtype()), constraint=constraints.simplex)
+        self.scales = PyroParam(
+            scales.clone().to(torch.get_default_dtype()), constraint=constraints.positive
+        )
+        self.weights = PyroParam(
+            weights.clone().to(torch.get_default_dtype()), constraint=constraints.simplex
+        )
 
     def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log π_k + log N(x; μ_k, σ_k²) for each row and component: shape ``(N, C)``."""
@@ -80,9 +84,7 @@ class GaussianMixture(PyroModule):
     def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """The model: ``"z"`` (enumerable) then ``"x"`` inside the ``"data"`` plate."""
         with data_plate(x, idx, self.num_data):
-            z = pyro.sample(
-                "z", dist.Categorical(self.weights), infer={"enumerate": "parallel"}
-            )
+            z = pyro.sample("z", dist.Categorical(self.weights), infer={"enumerate": "parallel"})
             pyro.sample("x", dist.Normal(self.locs[z], self.scales[z]).to_event(1), obs=x)
         return z
 

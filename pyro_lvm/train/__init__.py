@@ -9,6 +9,7 @@ from pyro_lvm.train.checkpoint import (
 )
 from pyro_lvm.train.fit import NonFiniteLossError, fit
 from pyro_lvm.train.history import FitHistory
+from pyro_lvm.train.restore import vae_config, vae_from_checkpoint
 
 __all__ = [
     "CheckpointError",
@@ -19,4 +20,6 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint",
     "save_checkpoint",
+    "vae_config",
+    "vae_from_checkpoint",
 ]

@@ -73,7 +73,9 @@ def test_completion_model_is_exact():
 
 
 def test_sample_frequencies():
-    d = MultivariateBernoulliMixture(torch.tensor([0.0, 1.0]), torch.tensor([[0.9, 0.1], [0.2, 0.7]]))
+    d = MultivariateBernoulliMixture(
+        torch.tensor([0.0, 1.0]), torch.tensor([[0.9, 0.1], [0.2, 0.7]])
+    )
     n = 20000
     s = d.sample((n,))
     probs = d.log_prob(_all_binary(2)).exp()
@@ -89,7 +91,9 @@ def test_em_increases_likelihood_and_recovers():
     x = true.distribution().sample((4000,))
     mix = BernoulliMixture(2, 12).fit_em(x, num_iters=100, tol=1e-10)
     hist = torch.tensor(mix.history)
-    assert bool((hist[1:] - hist[:-1] >= -1e-9).all())  # MAP-EM; the prior term is negligible at N = 4000
+    assert bool(
+        (hist[1:] - hist[:-1] >= -1e-9).all()
+    )  # MAP-EM; the prior term is negligible at N = 4000
     order = mix.weights.argsort(descending=True)
     # SE of a component mean from ~2000 points is <= 0.011; z = 4.5
     assert torch.allclose(mix.probs[order], true.probs, atol=4.5 * 0.011)

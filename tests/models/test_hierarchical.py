@@ -60,8 +60,11 @@ def test_elbo_matches_manual_computation():
         logits = hvae.decoder(torch.cat([z1, z2], -1))
         log_px = torch.distributions.Bernoulli(logits=logits).log_prob(x).sum(-1)
         elbo = (
-            hvae.prior().log_prob(z2) + p1.log_prob(z1).sum(-1) + log_px
-            - q2.log_prob(z2) - q1.log_prob(z1)
+            hvae.prior().log_prob(z2)
+            + p1.log_prob(z1).sum(-1)
+            + log_px
+            - q2.log_prob(z2)
+            - q1.log_prob(z1)
         ).sum()
     assert loss == pytest.approx(-elbo.item(), rel=1e-10)
 

@@ -9,8 +9,11 @@ from pyro_lvm.models import GaussianMixture
 
 def _truth():
     return GaussianMixture(
-        3, 2, locs=torch.tensor([[-3.0, 0.0], [0.0, 3.0], [3.0, 0.0]]),
-        scales=torch.full((3, 2), 0.5), weights=torch.tensor([0.2, 0.3, 0.5]),
+        3,
+        2,
+        locs=torch.tensor([[-3.0, 0.0], [0.0, 3.0], [3.0, 0.0]]),
+        scales=torch.full((3, 2), 0.5),
+        weights=torch.tensor([0.2, 0.3, 0.5]),
     )
 
 
@@ -25,8 +28,12 @@ def test_evidence_by_brute_force_sum():
     truth = _truth()
     x = truth.sample(5)
     manual = torch.stack(
-        [truth.weights[k].log() + torch.distributions.Normal(truth.locs[k], truth.scales[k])
-         .log_prob(x).sum(-1) for k in range(3)], -1,
+        [
+            truth.weights[k].log()
+            + torch.distributions.Normal(truth.locs[k], truth.scales[k]).log_prob(x).sum(-1)
+            for k in range(3)
+        ],
+        -1,
     ).logsumexp(-1)
     torch.testing.assert_close(truth.log_evidence(x), manual)
     torch.testing.assert_close(truth.posterior(x).probs.sum(-1), torch.ones(5))

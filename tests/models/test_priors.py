@@ -57,7 +57,9 @@ def test_mixture_log_prob_is_manual_logsumexp():
     log_w = torch.log_softmax(prior.logits, 0)
     scales = torch.nn.functional.softplus(prior.raw_scales) + prior.min_scale
     comp = (
-        -0.5 * ((z[:, None] - prior.locs) / scales).pow(2) - scales.log() - 0.5 * math.log(2 * math.pi)
+        -0.5 * ((z[:, None] - prior.locs) / scales).pow(2)
+        - scales.log()
+        - 0.5 * math.log(2 * math.pi)
     ).sum(-1)
     torch.testing.assert_close(prior().log_prob(z), torch.logsumexp(log_w + comp, -1))
 
