@@ -6,13 +6,14 @@ import math
 from collections.abc import Callable
 
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.messenger import Messenger
 
 __all__ = [
     "FreeBitsELBO",
     "KLWeightMessenger",
+    "KLWeightedELBO",
     "cyclical_schedule",
     "kl_weight",
     "linear_schedule",
@@ -156,6 +157,45 @@ def cyclical_schedule(
     return _Cyclical(int(period), float(ratio), float(start), float(end))
 
 
+class KLWeightedELBO(ELBO):
+    r"""Estimator option: any estimator run on ``kl_weight(model, β)``, ``kl_weight(guide, β)``.
+
+    Equivalent to wrapping the model and guide by hand (see :class:`KLWeightMessenger`), but
+    the model and guide stay plain modules, so training loops that checkpoint their state
+    dicts (e.g. :func:`pyro_lvm.train.fit` with ``loss=KLWeightedELBO(...)``) keep working.
+
+    :param base: the wrapped estimator (its particles and plate settings are reused).
+    :param beta: a float or a schedule (zero-argument callable).
+    :param sites: latent sites to weigh (default: all).
+    """
+
+    def __init__(self, base: ELBO, beta: Beta = 1.0, sites: set[str] | None = None):
+        if not isinstance(base, ELBO):
+            raise ValueError(f"base must be a pyro.infer.ELBO instance, got {type(base).__name__}")
+        super().__init__(
+            num_particles=base.num_particles,
+            max_plate_nesting=base.max_plate_nesting,
+            vectorize_particles=base.vectorize_particles,
+            retain_graph=base.retain_graph,
+        )
+        self.base, self.messenger = base, KLWeightMessenger(beta, sites)
+
+    def _wrap(self, model, guide):
+        return self.messenger(model), self.messenger(guide)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        return self.base._get_trace(*self._wrap(model, guide), args, kwargs)
+
+    def loss(self, model, guide, *args, **kwargs):
+        return self.base.loss(*self._wrap(model, guide), *args, **kwargs)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        return self.base.differentiable_loss(*self._wrap(model, guide), *args, **kwargs)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        return self.base.loss_and_grads(*self._wrap(model, guide), *args, **kwargs)
+
+
 class FreeBitsELBO(Trace_ELBO):
     r"""The ELBO with free bits (Kingma et al. 2016, arXiv:1606.04934, section 4.2).
 
@@ -188,9 +228,10 @@ class FreeBitsELBO(Trace_ELBO):
     def _kl_groups(self, model_site, guide_site) -> torch.Tensor:
         """Per-sample KL terms of shape ``(..., G)``: one column per group."""
         p, q, z = model_site["fn"], guide_site["fn"], guide_site["value"]
-        per_dim = all(
-            hasattr(d, "base_dist") and d.reinterpreted_batch_ndims == 1 for d in (p, q)
-        ) and len(z.shape) >= 1
+        per_dim = (
+            all(hasattr(d, "base_dist") and d.reinterpreted_batch_ndims == 1 for d in (p, q))
+            and len(z.shape) >= 1
+        )
         if per_dim:
             return q.base_dist.log_prob(z) - p.base_dist.log_prob(z)
         return (q.log_prob(z) - p.log_prob(z)).unsqueeze(-1)

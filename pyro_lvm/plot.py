@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 __all__ = [
+    "plot_rate_distortion",
     "plot_density_approximations",
     "plot_image_grid",
     "plot_latent_scatter",
@@ -222,3 +223,38 @@ def plot_density_approximations(
     ax.set(xlabel="z", ylabel="density", title=title or "posterior and approximations")
     ax.legend(fontsize=8)
     return _finish(fig, path)
+
+
+def plot_rate_distortion(
+    points: Mapping[float, Any], ax=None, path: str | os.PathLike | None = None
+):
+    """Plot D against R, one labelled point per β, with the ELBO isolines R + D = const.
+
+    :param points: β ↦ :class:`~pyro_lvm.evaluate.RateDistortion` (``rate``, ``distortion``).
+    :param ax: axes to draw into; a new figure otherwise.
+    :param path: optional PNG path (only when the figure is new).
+    :returns: the matplotlib axes.
+    """
+    if not points:
+        raise ValueError("points is empty: pass {beta: rate_distortion(...)} for several betas")
+    fig = None
+    if ax is None:
+        fig = Figure(figsize=(5, 4))
+        ax = fig.subplots()
+    betas = sorted(points)
+    r = [points[b].rate for b in betas]
+    d = [points[b].distortion for b in betas]
+    ax.plot(r, d, "o-")
+    for b, ri, di in zip(betas, r, d, strict=True):
+        ax.annotate(f"β={b:g}", (ri, di), textcoords="offset points", xytext=(4, 4))
+    totals = [ri + di for ri, di in zip(r, d, strict=True)]
+    lo, hi = min(totals), max(totals)
+    for level in np.linspace(lo, hi, 3):
+        grid = np.linspace(0, level, 50)
+        ax.plot(grid, level - grid, ":", color="grey", lw=0.8)
+    ax.set_xlabel("rate R (nats)")
+    ax.set_ylabel("distortion D (nats)")
+    ax.set_title("rate-distortion (Alemi et al. 2018)")
+    if fig is not None:
+        _finish(fig, path)
+    return ax

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch.distributions import kl_divergence
 
+from pyro_lvm.elbo import make_estimator
 from pyro_lvm.handlers import (
     FreeBitsELBO,
+    KLWeightedELBO,
     KLWeightMessenger,
     cyclical_schedule,
     kl_weight,
@@ -56,9 +58,9 @@ def test_beta_with_monte_carlo_kl(vae_and_x):
     with torch.no_grad():
         q = vae.guide.posterior(x)
         z = q.sample()
-        expected = -vae.decode(z).log_prob(x).sum() + 0.4 * (
-            q.log_prob(z) - vae.prior().log_prob(z)
-        ).sum()
+        expected = (
+            -vae.decode(z).log_prob(x).sum() + 0.4 * (q.log_prob(z) - vae.prior().log_prob(z)).sum()
+        )
     assert loss == pytest.approx(expected.item(), rel=1e-10)
 
 
@@ -98,11 +100,28 @@ def test_schedule_drives_svi(vae_and_x):
     pyro.set_rng_seed(3)
     b = pyro.infer.TraceMeanField_ELBO().loss(kl_weight(vae, 0.25), kl_weight(vae.guide, 0.25), x)
     assert a == b
-    svi = pyro.infer.SVI(kl_weight(vae, sched), kl_weight(vae.guide, sched),
-                         pyro.optim.Adam({"lr": 1e-2}),
-                         pyro.infer.Trace_ELBO(num_particles=2, vectorize_particles=True,
-                                               max_plate_nesting=1))
+    svi = pyro.infer.SVI(
+        kl_weight(vae, sched),
+        kl_weight(vae.guide, sched),
+        pyro.optim.Adam({"lr": 1e-2}),
+        pyro.infer.Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1),
+    )
     assert torch.isfinite(torch.tensor(svi.step(x)))
+
+
+@pytest.mark.parametrize("name", ["elbo", "iwae", "mmd-vae"])
+def test_weighted_estimator_equals_wrapping_by_hand(vae_and_x, name):
+    vae, x = vae_and_x
+    base = make_estimator(name, num_particles=3)
+    est = KLWeightedELBO(base, 0.3)
+    assert est.num_particles == 3 and est.vectorize_particles == base.vectorize_particles
+    values = []
+    for method in ("loss", "differentiable_loss", "loss_and_grads"):
+        pyro.set_rng_seed(6)
+        values.append(float(torch.as_tensor(getattr(est, method)(vae, vae.guide, x)).detach()))
+    pyro.set_rng_seed(6)
+    by_hand = base.loss(kl_weight(vae, 0.3), kl_weight(vae.guide, 0.3), x)
+    assert values == pytest.approx([by_hand] * 3, rel=1e-12)
 
 
 def test_free_bits_zero_is_the_elbo(vae_and_x):
@@ -149,3 +168,5 @@ def test_bad_inputs_raise(vae_and_x):
         cyclical_schedule(10, ratio=0.0)
     with pytest.raises(ValueError, match="free_bits"):
         FreeBitsELBO(-1.0)
+    with pytest.raises(ValueError, match="base"):
+        KLWeightedELBO("elbo", 0.5)

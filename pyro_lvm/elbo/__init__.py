@@ -4,22 +4,37 @@
 """
 
 from pyro_lvm.elbo.baselines import DecayingAverageBaseline, NVILBaseline
+from pyro_lvm.elbo.hmc_refined import HMCRefinedELBO
 from pyro_lvm.elbo.iwae import IWAE
-from pyro_lvm.elbo.registry import ELBO_NAMES, ESTIMATORS, make_estimator
+from pyro_lvm.elbo.mmd import MMDELBO, WAEMMD, InfoVAE, mmd
+from pyro_lvm.elbo.registry import (
+    BOUND_NAMES,
+    DIVERGENCE_NAMES,
+    ELBO_NAMES,
+    ESTIMATORS,
+    make_estimator,
+)
 from pyro_lvm.elbo.renyi import RenyiBound
 from pyro_lvm.elbo.score_function import ScoreFunctionELBO
 from pyro_lvm.elbo.stl import STL
 from pyro_lvm.elbo.vimco import VIMCO
 
 __all__ = [
+    "BOUND_NAMES",
+    "DIVERGENCE_NAMES",
     "DecayingAverageBaseline",
     "ELBO_NAMES",
     "ESTIMATORS",
+    "HMCRefinedELBO",
     "IWAE",
+    "InfoVAE",
+    "MMDELBO",
     "NVILBaseline",
     "RenyiBound",
     "STL",
     "ScoreFunctionELBO",
     "VIMCO",
+    "WAEMMD",
     "make_estimator",
+    "mmd",
 ]

@@ -13,6 +13,11 @@ from pyro.poutine.util import site_is_subsample
 __all__ = ["HMCRefinedELBO"]
 
 
+def _pick(accept: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per-chain Metropolis choice: rows of ``new`` where ``accept``, else rows of ``old``."""
+    return torch.where(accept.reshape(-1, *[1] * (new.dim() - 1)), new, old)
+
+
 class HMCRefinedELBO(Trace_ELBO):
     r"""ELBO for the guide, HMC-refined samples for the model (Hoffman 2017).
 
@@ -32,9 +37,9 @@ class HMCRefinedELBO(Trace_ELBO):
     Every parameter the model touches counts as θ.
 
     After each call ``last_refined`` holds the refined latents z_T, ``acceptance_rate`` the
-    mean Metropolis acceptance of the last refinement and ``acceptance_history`` all of them; with ``adapt_step_size`` ε is nudged
-    multiplicatively towards ``target_accept`` after each call
-    (ε ← ε exp(γ (a − a*)), γ = 0.5).
+    mean Metropolis acceptance of the last refinement and ``acceptance_history`` all of them;
+    with ``adapt_step_size`` ε is nudged multiplicatively towards ``target_accept`` after each
+    call (ε ← ε exp(γ (a − a*)), γ = 0.5).
 
     .. warning:: Every site of the model must lie in the ``"data"`` plate with batch shape
         ``(B,)`` (one chain per data point), and the guide must be reparameterized.
@@ -107,7 +112,7 @@ class HMCRefinedELBO(Trace_ELBO):
                 leaves = {k: v.detach().requires_grad_() for k, v in values.items()}
                 logp = self.log_joint(model, leaves, args, kwargs)
                 grads = torch.autograd.grad(logp.sum(), list(leaves.values()))
-            return -logp.detach(), dict(zip(leaves, (-g for g in grads)))
+            return -logp.detach(), dict(zip(leaves, (-g for g in grads), strict=True))
 
         def kinetic(p):
             return sum(0.5 * v.pow(2).reshape(v.shape[0], -1).sum(-1) for v in p.values())
@@ -130,12 +135,8 @@ class HMCRefinedELBO(Trace_ELBO):
                 prob = log_accept.clamp(max=0).exp()
                 accept = torch.rand_like(prob) < prob
                 accepted = accepted + prob
-
-                def pick(new, old):
-                    return torch.where(accept.reshape(-1, *[1] * (new.dim() - 1)), new, old)
-
-                z = {k: pick(q_new[k], z[k]) for k in z}
-                grad_u = {k: pick(g_new[k], grad_u[k]) for k in z}
+                z = {k: _pick(accept, q_new[k], z[k]) for k in z}
+                grad_u = {k: _pick(accept, g_new[k], grad_u[k]) for k in z}
                 u = torch.where(accept, u_new, u)
         rate = accepted / max(self.num_hmc_steps, 1)
         return z, torch.as_tensor(rate)
@@ -150,7 +151,9 @@ class HMCRefinedELBO(Trace_ELBO):
             }
             for name in latents:
                 if not guide_trace.nodes[name]["fn"].has_rsample:
-                    raise ValueError(f"HMCRefinedELBO needs a reparameterized guide; {name!r} is not")
+                    raise ValueError(
+                        f"HMCRefinedELBO needs a reparameterized guide; {name!r} is not"
+                    )
             elbo = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
             surrogate = elbo
             if self.num_hmc_steps > 0:

@@ -110,7 +110,7 @@ class MMDELBO(Trace_ELBO):
 
     @staticmethod
     def _latents(trace, names: list[str]) -> torch.Tensor:
-        """Latent values as ``(num_samples, D_total)``: batch dims flattened, events concatenated."""
+        """Latent values as ``(num_samples, D_total)``: batch dims flattened, events joined."""
         cols = []
         for name in names:
             site = trace.nodes[name]
@@ -133,7 +133,7 @@ class MMDELBO(Trace_ELBO):
             if not latents:
                 raise ValueError("the model has no latent sample site to compare with p(z)")
             term = 0.0
-            for name, site in model_trace.nodes.items():
+            for site in model_trace.nodes.values():
                 if site["type"] != "sample":
                     continue
                 if site["is_observed"]:
@@ -143,7 +143,9 @@ class MMDELBO(Trace_ELBO):
             for name in latents:
                 site = guide_trace.nodes[name]
                 if not site["fn"].has_rsample:
-                    raise ValueError(f"MMD objectives need reparameterized latents; {name!r} is not")
+                    raise ValueError(
+                        f"MMD objectives need reparameterized latents; {name!r} is not"
+                    )
                 if self.kl_weight:
                     term = term + self.kl_weight * site["log_prob_sum"]
             if self.mmd_weight:
@@ -180,8 +182,10 @@ class InfoVAE(MMDELBO):
         \mathcal J = \mathbb E[-\log p(x \mid z)] + (1 - \alpha)\,\mathrm{KL}(q(z \mid x)
         \,\|\, p(z)) + (\alpha + \lambda - 1)\, \mathrm{MMD}(q(z), p(z)),
 
-    i.e. :class:`MMDELBO` with ``kl_weight = 1 − α`` and ``mmd_weight = α + λ − 1``.
-    α = 1, λ = 1 + w is the "MMD-VAE" (reconstruction + w · MMD).
+    i.e. :class:`MMDELBO` with ``kl_weight = 1 − α`` and ``mmd_weight = α + λ − 1``. The
+    defaults α = 0, λ = 1000 (registered as ``"mmd-vae"``) keep the full KL and add a strong
+    MMD term; α = 1 drops the KL (reconstruction + λ · MMD, the form WAE-MMD shares).
+    The MMD is a minibatch-level quantity; it enters per data point, times N in total.
 
     :param alpha: α ≤ 1.
     :param lam: λ with α + λ ≥ 1.

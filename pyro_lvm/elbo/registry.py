@@ -8,12 +8,13 @@ from functools import partial
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_lvm.elbo.iwae import IWAE
+from pyro_lvm.elbo.mmd import WAEMMD, InfoVAE
 from pyro_lvm.elbo.renyi import RenyiBound
 from pyro_lvm.elbo.score_function import ScoreFunctionELBO
 from pyro_lvm.elbo.stl import STL
 from pyro_lvm.elbo.vimco import VIMCO
 
-__all__ = ["ELBO_NAMES", "ESTIMATORS", "make_estimator"]
+__all__ = ["BOUND_NAMES", "DIVERGENCE_NAMES", "ELBO_NAMES", "ESTIMATORS", "make_estimator"]
 
 
 def _pyro_elbo(cls: type[ELBO], num_particles: int = 1, **kwargs) -> ELBO:
@@ -38,10 +39,14 @@ ESTIMATORS: dict[str, Callable[..., ELBO]] = {
     "iwae-dreg": partial(_pyro_elbo, IWAE, gradient="dreg"),
     "vimco": partial(_pyro_elbo, VIMCO),
     "renyi": partial(_pyro_elbo, RenyiBound),
+    # Alternative objectives: MMD between the minibatch's aggregate q(z) and p(z).
+    "mmd-vae": partial(_pyro_elbo, InfoVAE),
+    "wae-mmd": partial(_pyro_elbo, WAEMMD),
 }
 
 #: the names whose objective is the ELBO itself (their mean gradient is the ELBO's); the
-#: others estimate tighter multi-sample bounds that equal the ELBO only at K = 1.
+#: others estimate tighter multi-sample bounds that equal the ELBO only at K = 1, except
+#: the :data:`DIVERGENCE_NAMES`.
 ELBO_NAMES = frozenset(
     {
         "elbo",
@@ -53,6 +58,13 @@ ELBO_NAMES = frozenset(
         "stl",
     }
 )
+
+#: objectives that are not bounds on log p(x): the ELBO's KL term replaced or joined by a
+#: divergence between the aggregate posterior and the prior (InfoVAE, WAE).
+DIVERGENCE_NAMES = frozenset({"mmd-vae", "wae-mmd"})
+
+#: the names of multi-sample bounds: ELBO at K = 1, between the ELBO and log p(x) for K > 1.
+BOUND_NAMES = frozenset(ESTIMATORS) - ELBO_NAMES - DIVERGENCE_NAMES
 
 
 def make_estimator(name: str, num_particles: int = 1, **kwargs) -> ELBO:
@@ -77,10 +89,3 @@ def make_estimator(name: str, num_particles: int = 1, **kwargs) -> ELBO:
     if int(num_particles) < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles}")
     return ESTIMATORS[name](num_particles=int(num_particles), **kwargs)
-
-
-# Alternative objectives (issue #7): MMD between the minibatch's aggregate q(z) and p(z).
-from pyro_lvm.elbo.mmd import WAEMMD, InfoVAE  # noqa: E402
-
-ESTIMATORS["mmd-vae"] = partial(_pyro_elbo, InfoVAE)
-ESTIMATORS["wae-mmd"] = partial(_pyro_elbo, WAEMMD)

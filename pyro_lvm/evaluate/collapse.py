@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyro.distributions as dist
 import pyro.poutine as poutine
-from pyro.poutine.util import site_is_subsample
 import torch
+from pyro.poutine.util import site_is_subsample
 
 __all__ = [
     "ActiveUnits",
@@ -17,7 +17,6 @@ __all__ = [
     "active_units",
     "kl_per_dimension",
     "mutual_information",
-    "plot_rate_distortion",
     "rate_distortion",
 ]
 
@@ -49,33 +48,39 @@ class RateDistortion:
         return -(self.rate + self.distortion)
 
 
-def _posterior_mean(q: dist.Distribution, num_samples: int) -> torch.Tensor:
+def _posterior_mean(q: dist.Distribution, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """E_q[z] per data point and the variance of that estimate (zero when exact)."""
     try:
-        return q.mean
+        mean = q.mean
+        return mean, torch.zeros_like(mean)
     except (NotImplementedError, AttributeError):
-        return q.sample((num_samples,)).mean(0)
+        z = q.sample((num_samples,))
+        return z.mean(0), z.var(0, unbiased=True) / num_samples
 
 
 @torch.no_grad()
 def active_units(
-    posterior: Posterior, x: torch.Tensor, threshold: float = 0.01, num_samples: int = 64
+    posterior: Posterior, x: torch.Tensor, threshold: float = 0.01, num_samples: int = 256
 ) -> ActiveUnits:
     r"""Active units (Burda et al. 2016, arXiv:1509.00519, section 5.2).
 
     .. math:: A_u = \mathrm{Cov}_x\bigl(\mathbb E_{q(z \mid x)}[z_u]\bigr) > 0.01,
 
     the variance across data points of the posterior mean of unit u; an inactive unit's
-    posterior does not depend on x (it has collapsed to the prior or to a constant).
+    posterior does not depend on x (it has collapsed to the prior or to a constant). When q
+    has no closed-form mean (flows), E_q[z_u] is a Monte Carlo average of S samples and the
+    activity is corrected for its noise, Var_x(ẑ_u) − mean_x Var(ẑ_u), an unbiased estimate.
 
     :param posterior: x ↦ q(z | x) with event shape ``(D,)``, e.g. ``guide.posterior``.
     :param x: data, ``(N, x_dim)`` with N ≥ 2.
     :param threshold: the activity threshold (0.01 in the paper).
-    :param num_samples: Monte Carlo samples for the mean when ``q.mean`` is unavailable.
+    :param num_samples: S, Monte Carlo samples for the mean when ``q.mean`` is unavailable.
     """
     if x.shape[0] < 2:
         raise ValueError(f"need at least 2 data points to measure a covariance, got {x.shape[0]}")
-    means = _posterior_mean(posterior(x), num_samples)
-    activity = means.reshape(means.shape[0], -1).var(dim=0, unbiased=True)
+    means, noise = _posterior_mean(posterior(x), num_samples)
+    n = means.shape[0]
+    activity = means.reshape(n, -1).var(dim=0, unbiased=True) - noise.reshape(n, -1).mean(0)
     active = activity > threshold
     return ActiveUnits(int(active.sum()), activity, active, threshold)
 
@@ -178,31 +183,6 @@ def rate_distortion(model, guide, x: torch.Tensor, num_samples: int = 1) -> Rate
         dists.append(distortion)
     r, d = torch.stack(rates).mean(0), torch.stack(dists).mean(0)
     se = math.sqrt(x.shape[0])
-    return RateDistortion(r.mean().item(), d.mean().item(), r.std().item() / se, d.std().item() / se)
-
-
-def plot_rate_distortion(points: Mapping[float, RateDistortion], ax=None):
-    """Plot D against R, one labelled point per β, with the ELBO isolines R + D = const.
-
-    :param points: β ↦ :class:`RateDistortion`.
-    :returns: the matplotlib axes.
-    """
-    import matplotlib.pyplot as plt
-
-    if not points:
-        raise ValueError("points is empty: pass {beta: rate_distortion(...)} for several betas")
-    ax = plt.gca() if ax is None else ax
-    betas = sorted(points)
-    r = [points[b].rate for b in betas]
-    d = [points[b].distortion for b in betas]
-    ax.plot(r, d, "o-")
-    for b, ri, di in zip(betas, r, d):
-        ax.annotate(f"β={b:g}", (ri, di), textcoords="offset points", xytext=(4, 4))
-    lo, hi = min(ri + di for ri, di in zip(r, d)), max(ri + di for ri, di in zip(r, d))
-    for level in torch.linspace(lo, hi, 3).tolist():
-        grid = torch.linspace(0, level, 50)
-        ax.plot(grid, level - grid, ":", color="grey", lw=0.8)
-    ax.set_xlabel("rate R (nats)")
-    ax.set_ylabel("distortion D (nats)")
-    ax.set_title("rate-distortion (Alemi et al. 2018)")
-    return ax
+    return RateDistortion(
+        r.mean().item(), d.mean().item(), r.std().item() / se, d.std().item() / se
+    )

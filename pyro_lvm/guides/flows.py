@@ -19,6 +19,8 @@ from pyro_lvm.plates import data_plate
 
 __all__ = ["FLOWS", "AmortizedFlowGuide", "FlowPosterior", "Sylvester"]
 
+_EMPTY = torch.Size()
+
 
 def _planar(z_dim: int, context_dim: int, hidden: Sequence[int]) -> nn.Module:
     return T.conditional_planar(z_dim, context_dim, list(hidden))
@@ -142,7 +144,7 @@ class FlowPosterior(TorchDistribution):
     def expand(self, batch_shape, _instance=None) -> FlowPosterior:
         return FlowPosterior(self.base.expand(batch_shape), self.transforms)
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: torch.Size = _EMPTY) -> torch.Tensor:
         z = self.base.rsample(sample_shape)
         log_q = self.base.log_prob(z)
         chain = []
@@ -154,7 +156,7 @@ class FlowPosterior(TorchDistribution):
         self._z, self._log_q, self._chain, self._grad = z, log_q, chain + [z], None
         return z
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape: torch.Size = _EMPTY) -> torch.Tensor:
         with torch.no_grad():
             return self.rsample(sample_shape)
 
@@ -166,15 +168,14 @@ class FlowPosterior(TorchDistribution):
             with torch.enable_grad():
                 z0 = self._chain[0].detach().requires_grad_()
                 (g,) = torch.autograd.grad(self.base.log_prob(z0).sum(), z0)
-                for t, x in zip(self.transforms, self._chain[:-1]):
+                for t, x in zip(self.transforms, self._chain[:-1], strict=True):
                     x = x.detach().requires_grad_()
                     y = t(x)
                     ldj = t.log_abs_det_jacobian(x, y)
                     (g_ldj,) = torch.autograd.grad(ldj.sum(), x, retain_graph=True)
                     eye = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
                     rows = [
-                        torch.autograd.grad(y, x, e.expand_as(y), retain_graph=True)[0]
-                        for e in eye
+                        torch.autograd.grad(y, x, e.expand_as(y), retain_graph=True)[0] for e in eye
                     ]
                     jac = torch.stack(rows, dim=-2)  # jac[..., i, j] = dy_i / dx_j
                     rhs = (g - g_ldj).unsqueeze(-1)

@@ -59,7 +59,7 @@ class MultivariateBernoulliMixture(TorchDistribution):
         log_w = self.mixture_logits.log_softmax(-1)
         return (log_w + self.component_log_prob(value)).logsumexp(-1)
 
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
         shape = torch.Size(sample_shape) + self.batch_shape
         logits = self.mixture_logits.expand(shape + self.probs.shape[:1])
         c = torch.distributions.Categorical(logits=logits).sample()
@@ -93,7 +93,9 @@ class BernoulliMixture(PyroModule):
         super().__init__()
         self.num_data = num_data
         if num_components < 1 or x_dim < 1:
-            raise ValueError(f"need num_components >= 1 and x_dim >= 1, got {num_components}, {x_dim}")
+            raise ValueError(
+                f"need num_components >= 1 and x_dim >= 1, got {num_components}, {x_dim}"
+            )
         self.num_components, self.x_dim = int(num_components), int(x_dim)
         self.register_buffer("weights", torch.full((num_components,), 1.0 / num_components))
         self.register_buffer("probs", torch.full((num_components, x_dim), 0.5))
@@ -113,7 +115,9 @@ class BernoulliMixture(PyroModule):
         mask = self._check(torch.zeros(self.x_dim), mask)
         return MultivariateBernoulliMixture(self.weights.log(), self.probs[:, mask])
 
-    def component_log_joint(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def component_log_joint(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """log π_c + log p(x_mask | c), shape ``(..., C)``; ``x`` holds all D pixels."""
         mask = self._check(x, mask)
         return self.weights.log() + self.distribution(mask).component_log_prob(x[..., mask])
@@ -122,7 +126,9 @@ class BernoulliMixture(PyroModule):
         """Exact log p(x_mask) = logsumexp_c [log π_c + log p(x_mask | c)]."""
         return self.component_log_joint(x, mask).logsumexp(-1)
 
-    def component_posterior(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def component_posterior(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """p(c | x_mask), shape ``(..., C)``."""
         return self.component_log_joint(x, mask).softmax(-1)
 
@@ -165,7 +171,9 @@ class BernoulliMixture(PyroModule):
         self.history: list[float] = []
         for _ in range(int(num_iters)):
             counts = resp.sum(0)
-            self.weights.copy_((counts + alpha - 1) / (counts.sum() + self.num_components * (alpha - 1)))
+            self.weights.copy_(
+                (counts + alpha - 1) / (counts.sum() + self.num_components * (alpha - 1))
+            )
             self.probs.copy_((resp.T @ x + beta) / (counts[:, None] + 2 * beta))
             joint = self.component_log_joint(x)
             self.history.append(float(joint.logsumexp(-1).mean()))
@@ -199,7 +207,9 @@ class CompletionModel(PyroModule):
     :param num_data: dataset size, needed when the model is called with ``idx``.
     """
 
-    def __init__(self, mixture: BernoulliMixture, observed: torch.Tensor, num_data: int | None = None):
+    def __init__(
+        self, mixture: BernoulliMixture, observed: torch.Tensor, num_data: int | None = None
+    ):
         super().__init__()
         self.mixture = mixture
         self.register_buffer("observed", mixture._check(torch.zeros(mixture.x_dim), observed))

@@ -69,8 +69,14 @@ def test_mmd_term_is_weighted_penalty():
     torch.testing.assert_close(full - base, 3.0 * 6 * mmd(zq, zp).detach(), rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("make", [lambda: InfoVAE(num_particles=2), lambda: WAEMMD(),
-                                  lambda: MMDELBO(0.5, 2.0, "imq", bandwidth=0.5)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: InfoVAE(num_particles=2),
+        lambda: WAEMMD(),
+        lambda: MMDELBO(0.5, 2.0, "imq", bandwidth=0.5),
+    ],
+)
 def test_contract_loss_agreement_and_gradients(make):
     vae, x = _vae()
     est = make()
@@ -113,7 +119,9 @@ def test_registry_names():
 def test_batched_equals_loop():
     x, y = torch.randn(3, 5, 2), torch.randn(3, 4, 2)
     batched = mmd(x, y, "imq")
-    torch.testing.assert_close(batched, torch.stack([mmd(a, b, "imq") for a, b in zip(x, y)]))
+    torch.testing.assert_close(
+        batched, torch.stack([mmd(a, b, "imq") for a, b in zip(x, y, strict=True)])
+    )
 
 
 def test_bad_inputs_raise():

@@ -12,11 +12,11 @@ from pyro_lvm.evaluate.collapse import (
     active_units,
     kl_per_dimension,
     mutual_information,
-    plot_rate_distortion,
     rate_distortion,
 )
 from pyro_lvm.guides import AmortizedFlowGuide
 from pyro_lvm.models import VAE, HierarchicalVAE
+from pyro_lvm.plot import plot_rate_distortion
 
 matplotlib.use("Agg")
 Z_CRIT = 4.5
@@ -33,7 +33,9 @@ def test_kl_per_dimension_closed_form():
     with torch.no_grad():
         loc, scale = vae.guide.params(x)
     manual = 0.5 * (loc**2 + scale**2 - 1 - 2 * scale.log())
-    torch.testing.assert_close(kl_per_dimension(vae.guide.posterior, vae.prior(), x), manual.mean(0))
+    torch.testing.assert_close(
+        kl_per_dimension(vae.guide.posterior, vae.prior(), x), manual.mean(0)
+    )
 
 
 def test_active_units_exact_count():
@@ -56,11 +58,27 @@ def test_active_units_exact_count():
     torch.testing.assert_close(result.activity[1], 1e-4 * x.var())
 
 
-def test_active_units_by_sampling_for_flows():
+def test_active_units_by_sampling_is_noise_corrected():
+    """A posterior without a closed-form mean: the Monte Carlo activity is unbiased."""
+
+    class NoMean(dist.Normal):
+        @property
+        def mean(self):
+            raise NotImplementedError
+
+    loc = torch.cat([torch.linspace(-1, 1, 200)[:, None], torch.zeros(200, 1)], -1)
+
+    def posterior(x):
+        return NoMean(loc, 1.0).to_event(1)
+
+    # Each of 50 repeats: activity of unit 1 has mean 0 and SE ~ sqrt(2/199)/S; unit 0 ≈ Var(loc).
+    acts = torch.stack([active_units(posterior, loc, num_samples=16).activity for _ in range(50)])
+    mean, se = acts.mean(0), acts.std(0) / math.sqrt(50)
+    assert abs(mean[1]) < Z_CRIT * se[1]
+    assert abs(mean[0] - loc[:, 0].var()) < Z_CRIT * se[0]
     guide = AmortizedFlowGuide(X_DIM, Z_DIM, flow="planar", num_flows=1, hidden=(8,))
     x = torch.bernoulli(torch.full((10, X_DIM), 0.5))
-    result = active_units(guide.posterior, x, num_samples=8)
-    assert result.activity.shape == (Z_DIM,)
+    assert active_units(guide.posterior, x, num_samples=8).activity.shape == (Z_DIM,)
 
 
 def test_mutual_information_closed_form():
@@ -78,8 +96,9 @@ def test_mutual_information_closed_form():
 
 
 def test_mutual_information_zero_when_q_ignores_x():
-    estimate, se = mutual_information(lambda x: dist.Normal(0 * x, 1.0).to_event(1),
-                                      torch.randn(500, 2))
+    estimate, se = mutual_information(
+        lambda x: dist.Normal(0 * x, 1.0).to_event(1), torch.randn(500, 2)
+    )
     assert estimate == pytest.approx(0.0, abs=1e-12) and se == pytest.approx(0.0, abs=1e-12)
 
 

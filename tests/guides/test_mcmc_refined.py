@@ -1,4 +1,4 @@
-"""HMC-refined posteriors (Hoffman 2017): gradient identities and invariance of the exact posterior."""
+"""HMC-refined posteriors (Hoffman 2017): gradient identities, invariance of the posterior."""
 
 import math
 
@@ -30,7 +30,7 @@ def test_zero_steps_is_trace_elbo():
     pyro.set_rng_seed(0)
     ours = HMCRefinedELBO(num_hmc_steps=0).differentiable_loss(vae, vae.guide, x)
     torch.testing.assert_close(ours, ref)
-    for a, b in zip(_grads(vae, ours), _grads(vae, ref)):
+    for a, b in zip(_grads(vae, ours), _grads(vae, ref), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -43,13 +43,13 @@ def test_gradients_decoder_from_refined_sample_encoder_from_elbo():
     elbo = pyro.infer.Trace_ELBO(max_plate_nesting=1).differentiable_loss(vae, vae.guide, x)
     torch.testing.assert_close(loss, elbo)  # the value is -ELBO(z0)
     # encoder: the ELBO gradient
-    for a, b in zip(_grads(vae.guide, loss), _grads(vae.guide, elbo)):
+    for a, b in zip(_grads(vae.guide, loss), _grads(vae.guide, elbo), strict=True):
         torch.testing.assert_close(a, b)
     # decoder: -∇θ log p(x, z_T) at the refined sample
     z_t = est.last_refined
     assert not torch.equal(z_t["z"], pyro.poutine.trace(vae.guide).get_trace(x).nodes["z"]["value"])
     target = -HMCRefinedELBO.log_joint(vae, z_t, (x,), {}, scaled=True)
-    for a, b in zip(_grads(vae.decoder, loss), _grads(vae.decoder, target)):
+    for a, b in zip(_grads(vae.decoder, loss), _grads(vae.decoder, target), strict=True):
         torch.testing.assert_close(a, b)
     assert 0.0 <= est.acceptance_rate <= 1.0 and est.acceptance_history == [est.acceptance_rate]
 

@@ -43,7 +43,7 @@ def test_sites_shapes_gradients_state_dict(prior):
 
 
 def test_elbo_matches_manual_computation():
-    """One-sample ELBO = log p(z2) + log p(z1|z2) + log p(x|z1,z2) - log q(z2|x) - log q(z1|x,z2)."""
+    """One-sample ELBO = log p(z2) p(z1|z2) p(x|z1,z2) - log q(z2|x) q(z1|x,z2), by hand."""
     hvae = _make("standard")
     x = torch.bernoulli(torch.full((4, X_DIM), 0.5))
     pyro.set_rng_seed(5)

@@ -1,0 +1,292 @@
+"""Static-MNIST test log-likelihood of VAE variants, beside the published numbers.
+
+Each configuration is trained with :func:`pyro_lvm.train.fit` on statically binarized MNIST
+(50,000 training images) and scored on the 10,000 test images by importance sampling,
+``-log p(x) ≈ -log (1/K) Σ_k p(x, z_k) / q(z_k | x)`` with K = 5000 (Burda et al. 2016).
+Training resumes from ``OUT/CONFIG.pt`` when it exists, so a long schedule can run in pieces:
+``--epochs`` is the total to reach. The JSON records every figure with its budget (epochs,
+steps, seconds), the machine, versions and the commit; absolute times hold for that machine.
+
+    python benchmarks/mnist_nll.py --config vae --epochs 100 --out runs/mnist_nll
+    python benchmarks/mnist_nll.py --config all --epochs 2000 --out runs/mnist_nll  # resumes
+    python benchmarks/mnist_nll.py --smoke --out /tmp/mnist_nll_smoke
+
+``--smoke`` trains every configuration for one epoch on the bundled 8x8 digits (or a slice of
+MNIST with ``--smoke-mnist``) with K = 20 and small networks: a check that the script runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+from pyro_lvm.data import load_binarized_mnist, load_digits
+from pyro_lvm.elbo import make_estimator
+from pyro_lvm.evaluate import log_likelihood
+from pyro_lvm.evaluate.collapse import active_units
+from pyro_lvm.guides import AmortizedFlowGuide, AmortizedGaussianGuide
+from pyro_lvm.handlers import KLWeightedELBO
+from pyro_lvm.models import VAE, HierarchicalVAE, VampPrior
+from pyro_lvm.train import fit, read_checkpoint
+
+#: configuration -> (estimator name, particles, published NLL in nats with its source).
+CONFIGS: dict[str, dict] = {
+    "vae": {
+        "loss": "elbo",
+        "K": 1,
+        "published": {
+            "VampPrior paper, VAE (Tomczak & Welling 2018)": 88.56,
+            "IWAE paper, VAE k=1 (Burda et al. 2016)": 88.71,
+            "Rezende & Mohamed 2015, diagonal Gaussian": 89.9,
+        },
+    },
+    "iwae-k50": {
+        "loss": "iwae",
+        "K": 50,
+        "published": {"IWAE paper, IWAE k=50 (Burda et al. 2016)": 87.10},
+    },
+    "vae-vamp": {"loss": "elbo", "K": 1, "published": {"VampPrior paper, VAE + VampPrior": 85.57}},
+    "hvae-vamp": {
+        "loss": "elbo",
+        "K": 1,
+        "published": {"VampPrior paper, HVAE + VampPrior": 83.19, "VampPrior paper, HVAE": 86.05},
+    },
+    "vae-flow": {
+        "loss": "elbo",
+        "K": 1,
+        "published": {"Rezende & Mohamed 2015, planar flow K=80": 85.1},
+    },
+}
+
+
+def build(
+    name: str,
+    x_dim: int,
+    z_dim: int,
+    hidden: tuple[int, ...],
+    num_pseudo: int,
+    num_flows: int,
+    init: torch.Tensor,
+):
+    """The model (with its guide as ``.guide``) of configuration ``name``."""
+    if name in ("vae", "iwae-k50"):
+        return VAE(x_dim, z_dim, hidden=hidden)
+    if name == "vae-vamp":
+        guide = AmortizedGaussianGuide(x_dim, z_dim, hidden)
+        prior = VampPrior(guide.posterior, x_dim, init=init[:num_pseudo])
+        return VAE(x_dim, z_dim, hidden=hidden, prior=prior, guide=guide)
+    if name == "hvae-vamp":
+        hvae = HierarchicalVAE(x_dim, z_dim, z_dim, hidden=hidden)
+        hvae.prior = VampPrior(hvae.guide.posterior, x_dim, init=init[:num_pseudo])
+        return hvae
+    if name == "vae-flow":
+        guide = AmortizedFlowGuide(
+            x_dim,
+            z_dim,
+            flow="planar",
+            num_flows=num_flows,
+            hidden=hidden,
+            context_dim=2 * z_dim,
+            flow_hidden=(2 * z_dim,),
+        )
+        return VAE(x_dim, z_dim, hidden=hidden, guide=guide)
+    raise ValueError(f"unknown config {name!r}; choose from {sorted(CONFIGS)} or 'all'")
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _data(args):
+    if args.smoke and not args.smoke_mnist:
+        return load_digits("train"), load_digits("test"), "digits-8x8 (smoke)"
+    train = load_binarized_mnist("train", root=args.data_root)
+    test = load_binarized_mnist("test", root=args.data_root)
+    if args.smoke:
+        return train[:500], test[:100], "static MNIST slice (smoke)"
+    if args.test_points:
+        test = test[: args.test_points]
+    return train, test, "static binarized MNIST (Larochelle & Murray 2011)"
+
+
+def run_config(name: str, args, train: torch.Tensor, test: torch.Tensor, out: Path) -> dict:
+    cfg = CONFIGS[name]
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    init = train[torch.randperm(train.shape[0])[: args.num_pseudo]]
+    model = build(
+        name, train.shape[1], args.z_dim, tuple(args.hidden), args.num_pseudo, args.num_flows, init
+    )
+    guide = model.guide
+    ckpt = out / f"{name}.pt"
+    done = read_checkpoint(ckpt)["epoch"] if ckpt.exists() else 0
+    steps_per_epoch = math.ceil(train.shape[0] / args.batch_size)
+    state = {"epoch": done}
+
+    def beta() -> float:  # linear KL warm-up over --warmup-epochs, updated once per epoch
+        if args.warmup_epochs == 0:
+            return 1.0
+        return min(1.0, state["epoch"] / args.warmup_epochs)
+
+    def next_epoch(history) -> None:
+        state["epoch"] = history.epochs
+
+    loss, particles = cfg["loss"], cfg["K"]
+    if args.warmup_epochs:
+        loss, particles = KLWeightedELBO(make_estimator(loss, particles), beta), 1
+    history = fit(
+        model,
+        guide,
+        train,
+        loss=loss,
+        num_particles=particles,
+        optimizer=pyro.optim.Adam({"lr": args.lr}),
+        num_epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        checkpoint=ckpt,
+        resume=ckpt.exists(),
+        progress=not args.smoke,
+        callbacks=[next_epoch],
+        extra={"config": name},
+    )
+    t0 = time.perf_counter()
+    pyro.set_rng_seed(args.seed + 1)
+    ll = log_likelihood(
+        model,
+        guide,
+        test,
+        num_samples=args.eval_samples,
+        sample_chunk=min(args.eval_samples, 100),
+        data_chunk=args.data_chunk,
+    )
+    eval_seconds = time.perf_counter() - t0
+    top = guide.posterior  # q(z | x), or q(z2 | x) for the hierarchical model
+    au = active_units(top, test[:1000], num_samples=32)
+    return {
+        "nll": -ll.mean().item(),
+        "nll_se": (ll.std() / math.sqrt(ll.numel())).item(),
+        "train_epoch_losses": history.epoch_losses[-3:],
+        "epochs": history.epochs,
+        "steps": history.epochs * steps_per_epoch,
+        "train_seconds": history.seconds,
+        "eval_seconds": eval_seconds,
+        "eval_samples": args.eval_samples,
+        "test_points": int(test.shape[0]),
+        "active_units": au.num_active,
+        "loss": cfg["loss"],
+        "num_particles": cfg["K"],
+        "warmup_epochs": args.warmup_epochs,
+        "published": cfg["published"],
+    }
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| config | -log p(x) (ours) | epochs | train time | published |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        pub = "; ".join(f"{k}: {v}" for k, v in r["published"].items())
+        lines.append(
+            f"| {name} | {r['nll']:.2f} ± {r['nll_se']:.2f} | {r['epochs']} | "
+            f"{r['train_seconds'] / 60:.1f} min | {pub} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--config",
+        action="append",
+        default=None,
+        help=f"one of {sorted(CONFIGS)} or 'all' (repeatable; default all)",
+    )
+    p.add_argument("--epochs", type=int, default=100, help="total epochs to reach (resumes)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--z-dim", type=int, default=40)
+    p.add_argument("--hidden", type=int, nargs="+", default=[300, 300])
+    p.add_argument("--num-pseudo", type=int, default=500)
+    p.add_argument("--num-flows", type=int, default=10)
+    p.add_argument("--warmup-epochs", type=int, default=0, help="linear KL warm-up length")
+    p.add_argument("--eval-samples", type=int, default=5000, help="K of the IS estimate")
+    p.add_argument("--test-points", type=int, default=0, help="score the first N (0: all)")
+    p.add_argument("--data-chunk", type=int, default=100)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/mnist_nll")
+    p.add_argument("--smoke", action="store_true", help="1 epoch, tiny nets, K=20, digits")
+    p.add_argument("--smoke-mnist", action="store_true", help="smoke on an MNIST slice")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.eval_samples, args.z_dim, args.hidden = 1, 20, 4, [32]
+        args.num_pseudo, args.num_flows, args.batch_size = 10, 2, 100
+    names = args.config or ["all"]
+    names = sorted(CONFIGS) if "all" in names else names
+    for n in names:
+        if n not in CONFIGS:
+            p.error(f"unknown config {n!r}; choose from {sorted(CONFIGS)} or 'all'")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, test, data_name = _data(args)
+    results_path = out / "mnist_nll.json"
+    report = json.loads(results_path.read_text()) if results_path.exists() else {"results": {}}
+    for name in names:
+        report["results"][name] = run_config(name, args, train, test, out)
+        print(f"{name}: -log p(x) = {report['results'][name]['nll']:.2f}", flush=True)
+    report.update(
+        {
+            "data": data_name,
+            "architecture": {
+                "z_dim": args.z_dim,
+                "hidden": args.hidden,
+                "activation": "ReLU",
+                "num_pseudo": args.num_pseudo,
+                "num_flows": args.num_flows,
+            },
+            "optimizer": {"name": "Adam", "lr": args.lr, "batch_size": args.batch_size},
+            "seed": args.seed,
+            "smoke": args.smoke,
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor(),
+                "cpu_count": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+            },
+            "versions": {
+                "torch": torch.__version__,
+                "pyro": pyro.__version__,
+                "python": platform.python_version(),
+            },
+            "commit": _commit(),
+        }
+    )
+    results_path.write_text(json.dumps(report, indent=2))
+    print(table(report["results"]))
+    print(f"wrote {results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
