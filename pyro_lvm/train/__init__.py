@@ -7,12 +7,14 @@ from pyro_lvm.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from pyro_lvm.train.fast import FastSVI
 from pyro_lvm.train.fit import NonFiniteLossError, fit
 from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.restore import vae_config, vae_from_checkpoint
 
 __all__ = [
     "CheckpointError",
+    "FastSVI",
     "FitHistory",
     "NonFiniteLossError",
     "atomic_save",

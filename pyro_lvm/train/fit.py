@@ -15,11 +15,12 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO, SVI
 from pyro.optim import PyroOptim
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pyro_lvm.data import Minibatches
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.train.checkpoint import load_checkpoint, save_checkpoint
+from pyro_lvm.train.fast import FastSVI
 from pyro_lvm.train.history import FitHistory
 
 __all__ = ["NonFiniteLossError", "fit"]
@@ -129,6 +130,7 @@ def fit(
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
     extra: dict[str, Any] | None = None,
+    fast: bool = True,
 ) -> FitHistory:
     r"""Train ``model`` and ``guide`` by stochastic variational inference on minibatches.
 
@@ -169,6 +171,10 @@ def fit(
     :param callbacks: functions ``f(history)`` called after each epoch (before the checkpoint
         is written); a truthy return value stops training after that epoch.
     :param extra: JSON-serializable metadata stored in the checkpoint (e.g. model config).
+    :param fast: step with :class:`~pyro_lvm.train.fast.FastSVI` (one fused optimizer,
+        validation off after the first step, a traced loss where it provably matches; it falls
+        back to the general path with a logged reason for dynamic models). ``False`` uses
+        ``pyro.infer.SVI``; both give the same losses to float tolerance.
     :returns: the :class:`FitHistory`, including the epochs of a resumed checkpoint.
     :raises NonFiniteLossError: on a NaN or infinite loss; the message names the epoch, the
         step and the last good checkpoint (the in-memory parameters are then unusable).
@@ -216,11 +222,18 @@ def fit(
         "batch_size": int(batch_size),
         "seed": int(seed),
         "num_data": int(num_data),
+        "fast": bool(fast),  # the two paths keep optimizer state in different layouts
     }
     path = None if checkpoint is None else Path(checkpoint)
     last_good: Path | None = None
+    if fast:
+        svi = FastSVI(model, guide, optimizer, estimator)
+        optimizer_state = svi  # its fused torch optimizer holds the moments
+    else:
+        svi = SVI(model, guide, optimizer, loss=estimator)
+        optimizer_state = optimizer
     if resume:
-        state = load_checkpoint(path, model=model, guide=guide, optimizer=optimizer)
+        state = load_checkpoint(path, model=model, guide=guide, optimizer=optimizer_state)
         saved = state["metadata"].get("fit", {})
         if saved != config:
             raise ValueError(
@@ -236,7 +249,6 @@ def fit(
     first = min(int(batch_size), num_data)
     _check_subsampling(model, train_data[:first], torch.arange(first), num_data)
 
-    svi = SVI(model, guide, optimizer, loss=estimator)
     steps_per_epoch = len(batches)
     bar = tqdm(
         total=num_epochs * steps_per_epoch,
@@ -283,7 +295,7 @@ def fit(
                     path,
                     model=model,
                     guide=guide,
-                    optimizer=optimizer,
+                    optimizer=optimizer_state,
                     epoch=epoch + 1,
                     history=history,
                     extra={"fit": config, "extra": extra},

@@ -167,25 +167,36 @@ def set_param_store_state(state: dict[str, Any], source: str = "checkpoint") -> 
         store.set_state({"params": new_params, "constraints": new_constraints})
 
 
-def get_optimizer_state(optimizer: PyroOptim) -> dict[str, Any]:
+def get_optimizer_state(optimizer: PyroOptim | Any) -> dict[str, Any]:
     """``optimizer.get_state()`` plus any state loaded but not consumed yet.
+
+    Anything other than a ``PyroOptim`` that holds optimizer state (such as
+    :class:`~pyro_lvm.train.fast.FastSVI`, whose one fused torch optimizer replaces the
+    per-parameter ones) is saved through its own ``get_state()``.
 
     ``PyroOptim`` builds one torch optimizer per parameter lazily, at that parameter's first
     step; state set with ``set_state`` waits until then. Both parts are saved, so a checkpoint
     written before every parameter was stepped loses nothing.
     """
+    if not isinstance(optimizer, PyroOptim):
+        return optimizer.get_state()
     state = dict(optimizer._state_waiting_to_be_consumed)
     state.update(optimizer.get_state())
     return state
 
 
-def set_optimizer_state(optimizer: PyroOptim, state: dict[str, Any]) -> None:
+def set_optimizer_state(optimizer: PyroOptim | Any, state: dict[str, Any]) -> None:
     """Restore per-parameter optimizer states keyed by param-store name.
+
+    Other state holders (``FastSVI``) restore through their own ``set_state()``.
 
     Parameters whose torch optimizer already exists get their state loaded now (Pyro's
     ``set_state`` alone would only reach parameters never seen before); the rest wait in
     ``set_state`` until their first step.
     """
+    if not isinstance(optimizer, PyroOptim):
+        optimizer.set_state(state)
+        return
     state = dict(state)
     store = pyro.get_param_store()
     for param, optim in optimizer.optim_objs.items():

@@ -1,0 +1,513 @@
+"""A lean SVI step: one fused optimizer, validation off, structure checked, optional JIT."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from numbers import Number
+from typing import Any
+
+import pyro
+import torch
+from pyro.infer import ELBO, SVI
+from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.optim import PyroOptim
+from pyro.optim.lr_scheduler import PyroLRScheduler
+from pyro.poutine.messenger import Messenger
+from pyro.util import ignore_jit_warnings
+
+__all__ = ["FastSVI"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Recorder(Messenger):
+    """Record the structure of a run: sample sites (name, shape, observed) and parameters."""
+
+    def __enter__(self):
+        self.sites: list[tuple] = []
+        self.params: dict[str, torch.Tensor] = {}
+        return super().__enter__()
+
+    def _postprocess_message(self, msg: dict) -> None:
+        if msg["type"] == "sample":
+            value = msg["value"]
+            shape = tuple(value.shape) if torch.is_tensor(value) else ()
+            self.sites.append((msg["name"], shape, bool(msg["is_observed"])))
+        elif msg["type"] == "param":
+            value = msg["value"]
+            self.params[msg["name"]] = (
+                value.unconstrained() if hasattr(value, "unconstrained") else value
+            )
+
+
+def _detached(x: Any) -> Any:
+    """``torch_item`` for tracing: a detached tensor, which a trace keeps as a value."""
+    return x if isinstance(x, Number) else x.detach()
+
+
+@contextmanager
+def _traceable_torch_item(loss: ELBO) -> Iterator[None]:
+    """Swap ``torch_item`` for :func:`_detached` in the modules of ``loss``'s classes.
+
+    Estimators written for Pyro compute their loss *value* with ``torch_item`` (a Python
+    float), which :func:`torch.jit.trace` would freeze; as a detached tensor the value is
+    traced, and ``x - torch_item(x)`` keeps its gradient. Restored on exit.
+    """
+    modules = {sys.modules.get(c.__module__) for c in type(loss).__mro__}
+    swapped = [m for m in modules if m is not None and getattr(m, "torch_item", None) is torch_item]
+    for m in swapped:
+        m.torch_item = _detached
+    try:
+        yield
+    finally:
+        for m in swapped:
+            m.torch_item = torch_item
+
+
+def _key(args: tuple, kwargs: dict) -> str:
+    """The input signature as a string (it is saved by ``get_state``): shapes and dtypes of
+    tensors, other hashable values by ``repr``, unhashable ones by ``id``."""
+
+    def one(v: Any) -> Any:
+        if torch.is_tensor(v):
+            return ("tensor", tuple(v.shape), v.dtype, v.device)
+        try:
+            hash(v)
+            return v
+        except TypeError:
+            return ("id", id(v))
+
+    return repr((tuple(map(one, args)), tuple((k, one(v)) for k, v in sorted(kwargs.items()))))
+
+
+class FastSVI:
+    r"""Drop-in replacement for :class:`pyro.infer.SVI` with a lean per-step path.
+
+    The update is the one of ``SVI(model, guide, optim, loss)``: the gradient of
+    ``loss.differentiable_loss(model, guide, *args)`` (the estimator's own code, so every
+    estimator keeps its gradient) followed by one step of ``optim``'s torch optimizer. What
+    changes is the per-step overhead that dominates small models (Pyro issue-level costs):
+
+    1. **One fused optimizer.** ``pyro.optim.PyroOptim`` builds one torch optimizer per
+       parameter; here one optimizer (``foreach=True`` where supported) holds every
+       parameter, with per-parameter option groups when ``optim_args`` is a callable. Adam's
+       update is elementwise, so the iterates equal the per-parameter ones to rounding.
+    2. **Validation off in the hot loop.** The first step with each input signature runs
+       with the user's validation setting (shape checks, model/guide match); later steps
+       run with ``pyro.validation_enabled(False)``.
+    3. **Structure checked, fall back when dynamic.** Each eager step records the sample
+       sites (name, shape, observed) and the parameters; a run whose structure differs from
+       the first run with the same input signature, or that creates a new parameter, makes
+       this object fall back for good to the general path (validation as set by the user,
+       new parameters added to the optimizer) and logs the reason on this module's logger.
+    4. **Optional traced loss** (``jit=True``). The loss is traced with
+       :func:`torch.jit.trace` once per input signature (Pyro's ``torch_item`` in the
+       estimator's modules returns a detached tensor meanwhile, so loss values computed
+       with it stay traced), then *verified*: on the next step the traced and the eager
+       loss are computed under the same random state and their values and gradients
+       compared (``rtol``), at the current parameters and at randomly perturbed ones (a
+       private generator, so the random stream is untouched). Only a verified trace is
+       used; a mismatch (e.g. a value that went through ``float()``, which a trace freezes)
+       keeps the eager lean path and logs why. Every ``check_every``-th traced step runs
+       eagerly instead, re-checking the structure.
+
+    .. warning:: Tracing and verification run the model and guide a few extra times (once
+        per new input signature), so Python side effects in them repeat. A traced step runs
+        no Python code of the model, guide or estimator: state an estimator updates in
+        Python (running averages) is frozen, which the verification usually detects; pass
+        ``jit=False`` for such estimators or for models whose structure depends on random
+        draws (changes are otherwise caught only at the next ``check_every`` step).
+
+    **Exact resume.** The mode of a step (record, compile, verify, traced or eager) is a pure
+    function of the global step count, of how many times its input signature was seen and of
+    ``jit_reason``/``fallback_reason``; :meth:`get_state` saves these with the optimizer state.
+    After :meth:`set_state`, the recording, tracing and verification that the earlier steps
+    with a signature did are redone as *dry runs* (random state restored; parameters, their
+    gradients and the optimizer untouched) when that signature is first met, so every resumed
+    step takes the path, hence computes the floats, of the uninterrupted run.
+
+    Gradients are cleared with ``zero_grad(set_to_none=True)``: a parameter that a step
+    does not reach is left unchanged (Pyro's ``SVI`` steps only the parameters it saw, too).
+    Unsupported optimizers (learning-rate schedulers, gradient clipping) use
+    :class:`pyro.infer.SVI` itself, with a logged reason.
+
+    :param model: ``model(*args, **kwargs)``.
+    :param guide: ``guide(*args, **kwargs)``.
+    :param optim: a :class:`pyro.optim.PyroOptim`, e.g. ``pyro.optim.Adam({"lr": 1e-3})``.
+    :param loss: a :class:`pyro.infer.ELBO` (ideally with ``differentiable_loss``).
+    :param jit: try a verified traced loss.
+    :param check_every: run an eager, structure-checking step every this many traced steps.
+    :param rtol: relative tolerance of the trace verification (default
+        :math:`0.01\\sqrt{\\epsilon}` of the loss dtype: 3e-6 in float32, 1.5e-10 in float64).
+    :raises ValueError: on an ``optim`` that is not a ``PyroOptim`` or a ``loss`` that is not
+        an ``ELBO``, or ``check_every < 1``.
+
+    Example::
+
+        svi = FastSVI(vae, vae.guide, pyro.optim.Adam({"lr": 1e-3}), make_estimator("iwae", 8))
+        for x, idx in batches:
+            svi.step(x, idx)
+
+    References:
+
+    1. Bingham et al. (2019), *Pyro: Deep Universal Probabilistic Programming*, JMLR 20
+       (arXiv:1810.09538): ``SVI``, ``JitTrace_ELBO`` and the per-parameter optimizers.
+    2. Kingma & Ba (2015), *Adam: A Method for Stochastic Optimization*, arXiv:1412.6980.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        optim: PyroOptim,
+        loss: ELBO,
+        *,
+        jit: bool = True,
+        check_every: int = 100,
+        rtol: float | None = None,
+    ):
+        if not isinstance(optim, PyroOptim):
+            raise ValueError(
+                f"optim must be a pyro.optim.PyroOptim such as pyro.optim.Adam({{'lr': 1e-3}}), "
+                f"got {type(optim).__name__}"
+            )
+        if not isinstance(loss, ELBO):
+            raise ValueError(f"loss must be a pyro.infer.ELBO instance, got {type(loss).__name__}")
+        if int(check_every) < 1:
+            raise ValueError(f"check_every must be a positive integer, got {check_every}")
+        self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
+        self.jit, self.check_every, self.rtol = bool(jit), int(check_every), rtol
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._params: dict[str, torch.Tensor] = {}
+        # saved by get_state: key -> sample sites of its first step, key -> steps with it
+        self._structure: dict[str, tuple] = {}
+        self._seen: dict[str, int] = {}
+        self._steps = 0
+        # this object's own work: keys recorded here, key -> [compiled, names, verified]
+        self._recorded: set[str] = set()
+        self._traced: dict[str, list] = {}
+        #: how many steps used the verified traced loss (counted across set_state)
+        self.traced_steps = 0
+        #: why the lean path is off (``None`` while it is on)
+        self.fallback_reason: str | None = None
+        #: why the traced loss is off (``None`` while allowed)
+        self.jit_reason: str | None = None if jit else "jit=False"
+        self._svi: SVI | None = None
+        self._pending_state: dict | None = None
+        if isinstance(optim, PyroLRScheduler) or optim.pt_clip_args:
+            self._svi = SVI(model, guide, optim, loss)
+            self._fall_back("the optimizer is a scheduler or clips gradients; using pyro SVI")
+        if not hasattr(loss, "differentiable_loss"):
+            self._disable_jit(f"{type(loss).__name__} has no differentiable_loss")
+        self._own_reasons = (self.fallback_reason, self.jit_reason)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _fall_back(self, reason: str) -> None:
+        if self.fallback_reason is None:
+            self.fallback_reason = reason
+            logger.warning("FastSVI falls back to the general path: %s", reason)
+        self._disable_jit(reason)
+
+    def _disable_jit(self, reason: str) -> None:
+        if self.jit_reason is None:
+            self.jit_reason = reason
+            logger.info("FastSVI does not trace the loss: %s", reason)
+        self._traced.clear()
+
+    def _register(self, params: dict[str, torch.Tensor]) -> bool:
+        """Add unseen parameters to the optimizer; return whether any was new."""
+        new = {n: p for n, p in params.items() if self._params.get(n) is not p}
+        if not new:
+            return False
+        groups: dict[tuple, list] = {}
+        for p in new.values():
+            args = dict(self.optim._get_optim_args(p))
+            groups.setdefault(tuple(sorted(args.items())), []).append(p)
+        for args, ps in groups.items():
+            group = {"params": ps, **dict(args)}
+            if self.optimizer is None:
+                ctor = self.optim.pt_optim_constructor
+                try:
+                    self.optimizer = ctor([group], foreach=True)
+                except TypeError:
+                    self.optimizer = ctor([group])
+            else:
+                self.optimizer.add_param_group(group)
+        self._params.update(new)
+        if self._pending_state is not None:
+            self.optimizer.load_state_dict(self._pending_state)
+            self._pending_state = None
+        return True
+
+    def _update(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _backward(self, loss: Any) -> float:
+        if torch.is_tensor(loss) and loss.requires_grad:
+            loss.backward()
+        return torch_item(loss)
+
+    def _eager(self, args: tuple, kwargs: dict, validate: bool) -> tuple[float, _Recorder]:
+        with _Recorder() as rec, pyro.validation_enabled(is_validation_enabled() and validate):
+            if hasattr(self.loss, "differentiable_loss"):
+                value = self._backward(
+                    self.loss.differentiable_loss(self.model, self.guide, *args, **kwargs)
+                )
+            else:
+                value = self.loss.loss_and_grads(self.model, self.guide, *args, **kwargs)
+        return value, rec
+
+    # ------------------------------------------------------------------ the traced loss
+    def _compile(self, key: str, args: tuple, kwargs: dict) -> None:
+        if kwargs or not all(torch.is_tensor(a) for a in args):
+            self._disable_jit("tracing needs positional tensor arguments only")
+            return
+        names = list(self._params)
+        params = tuple(self._params[n] for n in names)
+
+        def fn(*inputs):
+            return self.loss.differentiable_loss(self.model, self.guide, *inputs[len(params) :])
+
+        rng = pyro.util.get_rng_state()
+        try:
+            with (
+                pyro.validation_enabled(False),
+                ignore_jit_warnings(),
+                pyro.poutine.block(),
+                _traceable_torch_item(self.loss),
+            ):
+                compiled = torch.jit.trace(fn, params + tuple(args), check_trace=False)
+        except Exception as e:  # any tracing failure keeps the eager path
+            self._disable_jit(f"torch.jit.trace failed: {type(e).__name__}: {e}")
+            return
+        finally:
+            pyro.util.set_rng_state(rng)
+        self._traced[key] = [compiled, names, False]
+
+    def _run_traced(self, key: str, args: tuple) -> torch.Tensor:
+        compiled, names, _ = self._traced[key]
+        with pyro.poutine.block():
+            return compiled(*(self._params[n] for n in names), *args)
+
+    def _agree(self, key: str, args: tuple, kwargs: dict) -> tuple[bool, float, _Recorder]:
+        """Traced and eager loss and gradients under one random state; leaves eager grads."""
+        rng = pyro.util.get_rng_state()
+        params = list(self._params.values())
+        traced = self._run_traced(key, args)
+        grads = torch.autograd.grad(traced, params, allow_unused=True)
+        pyro.util.set_rng_state(rng)
+        value, rec = self._eager(args, kwargs, validate=False)
+        rtol = self.rtol or 0.01 * torch.finfo(traced.dtype).eps ** 0.5
+        close = torch.allclose(
+            traced.detach(), torch.as_tensor(value, dtype=traced.dtype), rtol=rtol
+        )
+        for p, g in zip(params, grads, strict=True):
+            if (g is None) != (p.grad is None):
+                close = False
+            elif g is not None:
+                close &= torch.allclose(g, p.grad, rtol=rtol, atol=rtol * float(p.grad.abs().max()))
+        return close, value, rec
+
+    def _verify(self, key: str, args: tuple, kwargs: dict) -> float:
+        """Accept the trace if it agrees with the eager loss at a perturbed and the current point.
+
+        Python numbers computed from tensors (``float(t)``, ``t.item()``) are constants in a
+        trace; the perturbation (every parameter scaled by ``1 + 0.3 ε``, ε from a private
+        generator) moves such values far enough for the comparison to see them.
+        """
+        params = list(self._params.values())
+        rng = pyro.util.get_rng_state()
+        saved = [p.detach().clone() for p in params]
+        gen = torch.Generator(device=params[0].device if params else "cpu").manual_seed(0)
+        with torch.no_grad():
+            for p in params:
+                noise = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
+                p.mul_(1 + 0.3 * noise)
+        try:
+            far, _, _ = self._agree(key, args, kwargs)
+        finally:
+            with torch.no_grad():
+                for p, v in zip(params, saved, strict=True):
+                    p.copy_(v)
+                    p.grad = None
+            pyro.util.set_rng_state(rng)
+        near, value, rec = self._agree(key, args, kwargs)
+        if not self._check_structure(key, rec):
+            return value
+        if far and near:
+            self._traced[key][2] = True
+        else:
+            self._disable_jit("the traced loss or its gradient differs from the eager one")
+        return value
+
+    # ------------------------------------------------------------------ the step
+    def _check_structure(self, key: str, rec: _Recorder) -> bool:
+        structure = tuple(rec.sites)
+        new = sorted(n for n, p in rec.params.items() if self._params.get(n) is not p)
+        if self._register(rec.params):
+            self._fall_back(f"new parameter(s) {new} appeared after the first step")
+            return False
+        if self._structure.get(key, structure) != structure:
+            self._fall_back(
+                f"the sample sites changed between steps with the same input shapes "
+                f"(dynamic model): {self._structure[key]} != {structure}"
+            )
+            return False
+        return True
+
+    def _mode(self, n: int) -> str:
+        """The mode of the ``n``-th step with an input signature: a function of saved state."""
+        if self.fallback_reason is not None:
+            return "general"
+        if n == 1:
+            return "record"
+        if self.jit_reason is not None:
+            return "lean"
+        if n <= 3:
+            return "compile" if n == 2 else "verify"
+        return "traced" if self._steps % self.check_every else "check"
+
+    @contextmanager
+    def _dry_run(self) -> Iterator[None]:
+        """Restore the random state and the parameters' ``.grad`` on exit."""
+        rng = pyro.util.get_rng_state()
+        grads = [(p, p.grad) for p in self._params.values()]
+        try:
+            yield
+        finally:
+            for p, g in grads:
+                p.grad = g
+            pyro.util.set_rng_state(rng)
+
+    def _catch_up(self, key: str, n: int, args: tuple, kwargs: dict) -> str:
+        """Redo as dry runs the work that steps ``1..n-1`` with ``key`` did but this object did
+        not (it was restored by :meth:`set_state`); return the mode of step ``n``."""
+        mode = self._mode(n)
+        if mode in ("general", "record"):
+            return mode
+        if key not in self._recorded:  # forward only: no gradient is computed
+            with self._dry_run(), _Recorder() as rec:
+                run = getattr(self.loss, "differentiable_loss", self.loss.loss)
+                run(self.model, self.guide, *args, **kwargs)
+            self._register(rec.params)
+            self._structure.setdefault(key, tuple(rec.sites))
+            self._recorded.add(key)
+        if mode in ("verify", "traced") and key not in self._traced:
+            self._compile(key, args, kwargs)  # restores the random state itself
+        if self._mode(n) == "traced" and not self._traced[key][2]:
+            with self._dry_run():
+                self._verify(key, args, kwargs)
+        return self._mode(n)
+
+    def step(self, *args, **kwargs) -> float:
+        """Take one gradient step; returns the loss estimate as a float (as ``SVI.step``)."""
+        if self._svi is not None:
+            return self._svi.step(*args, **kwargs)
+        key = _key(args, kwargs)
+        self._steps += 1
+        n = self._seen[key] = self._seen.get(key, 0) + 1
+        mode = self._catch_up(key, n, args, kwargs)
+        if mode in ("general", "record"):
+            value, rec = self._eager(args, kwargs, validate=True)
+            self._register(rec.params)
+            if mode == "record":
+                self._structure[key] = tuple(rec.sites)
+                self._recorded.add(key)
+        elif mode == "traced":
+            value = self._backward(self._run_traced(key, args))
+            self.traced_steps += 1
+        elif mode == "verify":
+            value = self._verify(key, args, kwargs)
+        else:  # "lean", "check" or "compile": eager, structure checked
+            value, rec = self._eager(args, kwargs, validate=False)
+            if self._check_structure(key, rec) and mode == "compile":
+                self._update()
+                self._compile(key, args, kwargs)
+                return value
+        self._update()
+        return value
+
+    def evaluate_loss(self, *args, **kwargs) -> float:
+        """The loss estimate without a gradient step (``loss.loss`` under ``no_grad``)."""
+        with torch.no_grad():
+            return torch_item(self.loss.loss(self.model, self.guide, *args, **kwargs))
+
+    def get_state(self) -> dict:
+        """``{"optimizer": state_dict, "schedule": {...}}`` for :meth:`set_state`.
+
+        The schedule holds the step counts (global, and per input signature as a string), the
+        sample sites of each signature's first step, ``traced_steps``, ``jit_reason`` and
+        ``fallback_reason``: plain values that ``torch.load(..., weights_only=True)`` reads.
+        The ``state_dict`` references the live moment tensors: ``torch.save`` or
+        ``copy.deepcopy`` it for a snapshot. On the :class:`pyro.infer.SVI` path (scheduler,
+        clipping) this is ``optim.get_state()``.
+        """
+        if self._svi is not None:
+            return self.optim.get_state()
+        if self.optimizer is not None:
+            optimizer = self.optimizer.state_dict()
+        else:  # state loaded by set_state but not consumed yet, or none
+            optimizer = {} if self._pending_state is None else self._pending_state
+        schedule = {
+            "steps": self._steps,
+            "traced_steps": self.traced_steps,
+            "seen": dict(self._seen),
+            "structure": {
+                k: [[name, list(shape), obs] for name, shape, obs in v]
+                for k, v in self._structure.items()
+            },
+            "jit_reason": self.jit_reason,
+            "fallback_reason": self.fallback_reason,
+        }
+        return {"optimizer": optimizer, "schedule": schedule}
+
+    def set_state(self, state: dict) -> None:
+        """Restore :meth:`get_state` (same model and guide, so the same parameter order).
+
+        The optimizer state is loaded when the optimizer exists, else at the first step. The
+        schedule replaces this object's; the reasons set by the constructor (``jit=False``, a
+        loss without ``differentiable_loss``) are kept. A bare torch optimizer ``state_dict``
+        (no schedule) is accepted too and restores the moments only.
+
+        :raises ValueError: on a state of the other layout: per-parameter ``PyroOptim`` states
+            for the fused optimizer, or the reverse (an object with a scheduler or clipping).
+        """
+        schedule = state.get("schedule") if isinstance(state.get("optimizer"), dict) else None
+        optimizer = state["optimizer"] if schedule is not None else state
+        if self._svi is not None:
+            if schedule is not None:
+                raise ValueError(
+                    "this FastSVI uses pyro's SVI (scheduler or gradient clipping) but the state "
+                    "comes from FastSVI's fused optimizer; resume with the same optimizer"
+                )
+            self.optim.set_state(optimizer)
+            return
+        if optimizer and not {"state", "param_groups"} <= optimizer.keys():
+            raise ValueError(
+                "set_state expects FastSVI.get_state() or a torch optimizer state_dict, got keys "
+                f"{sorted(optimizer)[:5]}; a pyro.optim state (per parameter) needs fit(fast=False)"
+            )
+        if schedule is not None:
+            own_fallback, own_jit = self._own_reasons
+            self._steps = int(schedule["steps"])
+            self.traced_steps = int(schedule["traced_steps"])
+            self._seen = {str(k): int(v) for k, v in schedule["seen"].items()}
+            self._structure = {
+                str(k): tuple(
+                    (str(name), tuple(map(int, shape)), bool(obs)) for name, shape, obs in v
+                )
+                for k, v in schedule["structure"].items()
+            }
+            self.fallback_reason = own_fallback or schedule["fallback_reason"]
+            self.jit_reason = own_jit or schedule["jit_reason"]
+            self._recorded.clear()
+            self._traced.clear()
+        if self.optimizer is None:
+            self._pending_state = optimizer or None
+        else:
+            self.optimizer.load_state_dict(optimizer)
