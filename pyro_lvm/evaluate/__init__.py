@@ -1,4 +1,4 @@
-"""Evaluation: importance-sampled log-likelihood, ELBO decomposition, collapse diagnostics."""
+"""Evaluation: IS log-likelihood, ELBO decomposition, inference gaps, collapse diagnostics."""
 
 from pyro_lvm.evaluate.collapse import (
     ActiveUnits,
@@ -9,11 +9,14 @@ from pyro_lvm.evaluate.collapse import (
     rate_distortion,
 )
 from pyro_lvm.evaluate.decomposition import ELBODecomposition, elbo_decomposition
+from pyro_lvm.evaluate.gaps import GapResult, inference_gaps
 from pyro_lvm.evaluate.loglik import elbo_estimate, log_importance_weights, log_likelihood
 
 __all__ = [
     "ActiveUnits",
     "ELBODecomposition",
+    "GapResult",
+    "inference_gaps",
     "RateDistortion",
     "active_units",
     "elbo_decomposition",

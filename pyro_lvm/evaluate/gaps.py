@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyro
 import torch
 
 from pyro_lvm.evaluate.loglik import log_importance_weights, log_likelihood
@@ -142,7 +143,12 @@ def inference_gaps(
     with torch.no_grad():
         loc, scale = guide.params(x)
     z_dim = loc.shape[-1]
-    local = LocalGaussianGuide(x.shape[0], z_dim, init_loc=loc, init_scale=scale)
+    store = pyro.get_param_store()
+    for key in [k for k in store.keys() if k.startswith("gaps_q_star.")]:
+        del store[key]  # a previous call's q*, possibly of another size
+    local = LocalGaussianGuide(
+        x.shape[0], z_dim, init_loc=loc, init_scale=scale, name="gaps_q_star"
+    )
     res = optimize_local(
         model, local, x, None, loss, num_particles=num_particles, lr=lr, max_steps=max_steps,
         tol=tol, lr_decay=lr_decay,
@@ -177,28 +183,20 @@ def add_gaps_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def gaps_main(args: argparse.Namespace) -> int:
-    """Run ``pyro-lvm gaps``: restore a VAE, compute the gaps, write ``gaps.json`` and a table."""
-    import pyro
+    """Run ``pyro-lvm gaps``: restore a VAE, compute the gaps, write ``gaps.json`` and ``gaps.txt``.
 
+    The VAE is rebuilt by :func:`pyro_lvm.train.restore.vae_from_checkpoint` (the configuration
+    that ``pyro-lvm train`` stores); its ``dataset`` entry picks MNIST or the digits.
+    """
     from pyro_lvm import data
-    from pyro_lvm.models import VAE
-    from pyro_lvm.train import load_checkpoint
+    from pyro_lvm.train.restore import vae_from_checkpoint
 
     for name in ("n", "num_samples", "elbo_samples", "steps", "particles"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
     path = Path(args.checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (write one with pyro-lvm train)")
     pyro.clear_param_store()
-    state = load_checkpoint(path, restore_rng=False)
-    config = (state.get("metadata") or {}).get("config")
-    if not config:
-        raise ValueError(f"checkpoint {path} carries no model config (was it written by pyro-lvm?)")
-    vae = VAE(config["x_dim"], config["z_dim"], tuple(config["hidden"]),
-              likelihood=config.get("likelihood", "bernoulli"))  # fmt: skip
-    load_checkpoint(path, model=vae, guide=vae.guide, restore_rng=False)
-    vae.eval()
+    vae, config = vae_from_checkpoint(path)
     dataset = config.get("dataset", "mnist")
     if dataset == "digits":
         x = data.load_digits(args.split)
@@ -219,6 +217,7 @@ def gaps_main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else path.parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "gaps.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (out / "gaps.txt").write_text(result.table() + "\n")
     print(result.table())
-    print(f"written {out / 'gaps.json'}")
+    print(f"written {out / 'gaps.json'} and {out / 'gaps.txt'}")
     return 0

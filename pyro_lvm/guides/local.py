@@ -46,12 +46,14 @@ class LocalGuide(PyroModule):
 
     :param num_data: number of data points N.
     :param z_shape: event shape of the latent site ``"z"``.
+    :param name: prefix of the parameters' param-store names (Pyro's ``PyroModule(name)``);
+        give distinct names to guides that live in the param store at the same time.
     """
 
     local_names: tuple[str, ...] = ()
 
-    def __init__(self, num_data: int, z_shape: int | Sequence[int]):
-        super().__init__()
+    def __init__(self, num_data: int, z_shape: int | Sequence[int], name: str = ""):
+        super().__init__(name)
         if int(num_data) < 1:
             raise ValueError(f"num_data must be a positive integer, got {num_data}")
         z_shape = (int(z_shape),) if isinstance(z_shape, int) else tuple(map(int, z_shape))
@@ -98,7 +100,15 @@ class LocalGuide(PyroModule):
             raise ValueError(f"unknown local parameter {name!r}; choose one of {self.local_names}")
         with self._pyro_context, poutine.block():
             getattr(self, name)
-        return getattr(self, name + "_unconstrained")
+        value = getattr(self, name + "_unconstrained")
+        if value.shape != (self.num_data, *self.z_shape):
+            raise ValueError(
+                f"the param store holds {name!r} with shape {tuple(value.shape)}, not "
+                f"{(self.num_data, *self.z_shape)}: another module registered the same name. "
+                f"Call pyro.clear_param_store() before building this guide, or pass a distinct "
+                f"name=... to it"
+            )
+        return value
 
     def params(self, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The constrained parameters (detached) of rows ``idx`` (all rows if ``None``)."""
@@ -150,6 +160,7 @@ class LocalGaussianGuide(LocalGuide):
     :param init_loc: initial μ: a scalar or a ``(num_data, z_dim)`` tensor (e.g. an encoder's
         output, to start from the amortized solution).
     :param init_scale: initial σ, scalar or tensor, positive.
+    :param name: param-store prefix (see :class:`LocalGuide`).
 
     Example::
 
@@ -165,8 +176,9 @@ class LocalGaussianGuide(LocalGuide):
         z_dim: int | Sequence[int],
         init_loc: float | torch.Tensor = 0.0,
         init_scale: float | torch.Tensor = 1.0,
+        name: str = "",
     ):
-        super().__init__(num_data, z_dim)
+        super().__init__(num_data, z_dim, name)
         shape = (self.num_data, *self.z_shape)
         scale = _full(init_scale, shape, "init_scale")
         if not bool((scale > 0).all()):
@@ -193,6 +205,7 @@ class LocalBernoulliGuide(LocalGuide):
     :param num_data: number of data points N.
     :param z_dim: number of binary latents (or a shape, e.g. ``(14, 28)``).
     :param init_probs: initial φ in (0, 1): a scalar or a ``(num_data, *z_shape)`` tensor.
+    :param name: param-store prefix (see :class:`LocalGuide`).
     """
 
     local_names = ("logits",)
@@ -202,8 +215,9 @@ class LocalBernoulliGuide(LocalGuide):
         num_data: int,
         z_dim: int | Sequence[int],
         init_probs: float | torch.Tensor = 0.5,
+        name: str = "",
     ):
-        super().__init__(num_data, z_dim)
+        super().__init__(num_data, z_dim, name)
         probs = _full(init_probs, (self.num_data, *self.z_shape), "init_probs")
         if not bool(((probs > 0) & (probs < 1)).all()):
             raise ValueError("init_probs must lie strictly inside (0, 1); use e.g. 0.5")

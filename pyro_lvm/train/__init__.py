@@ -9,6 +9,7 @@ from pyro_lvm.train.checkpoint import (
 )
 from pyro_lvm.train.fast import FastSVI
 from pyro_lvm.train.fit import NonFiniteLossError, fit
+from pyro_lvm.train.fit_local import LocalFitHistory, LocalOptResult, fit_local, optimize_local
 from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.restore import vae_config, vae_from_checkpoint
 
@@ -19,6 +20,10 @@ __all__ = [
     "NonFiniteLossError",
     "atomic_save",
     "fit",
+    "fit_local",
+    "optimize_local",
+    "LocalFitHistory",
+    "LocalOptResult",
     "load_checkpoint",
     "read_checkpoint",
     "save_checkpoint",

@@ -123,7 +123,7 @@ def optimize_local(
         grads = torch.autograd.grad(objective, list(leaves.values()))
         value = torch_item(objective)
         old = {name: leaf.detach().clone() for name, leaf in leaves.items()}
-        for leaf, grad in zip(leaves.values(), grads):
+        for leaf, grad in zip(leaves.values(), grads, strict=False):
             leaf.grad = grad
         optim.step()
         sched.step()
@@ -166,9 +166,9 @@ def fit_local(
     data: torch.Tensor,
     loss: str | ELBO = "elbo",
     num_particles: int = 1,
-    epochs: int = 1,
+    num_epochs: int = 1,
     batch_size: int = 100,
-    optim: pyro.optim.PyroOptim | None = None,
+    optimizer: pyro.optim.PyroOptim | None = None,
     lr: float = 1e-3,
     inner_lr: float = 0.05,
     inner_max_steps: int = 100,
@@ -196,10 +196,10 @@ def fit_local(
     :param data: the dataset, data points along dim 0.
     :param loss: estimator name (see :data:`pyro_lvm.elbo.ESTIMATORS`) or an ELBO instance.
     :param num_particles: particles when ``loss`` is a name.
-    :param epochs: passes over the data.
+    :param num_epochs: passes over the data.
     :param batch_size: minibatch size.
-    :param optim: Pyro optimizer for θ (default ``pyro.optim.Adam({"lr": lr})``).
-    :param lr: θ learning rate when ``optim`` is not given.
+    :param optimizer: Pyro optimizer for θ (default ``pyro.optim.Adam({"lr": lr})``).
+    :param lr: θ learning rate when ``optimizer`` is not given.
     :param inner_lr: Adam learning rate of the inner loop.
     :param inner_max_steps: inner step cap.
     :param inner_tol: inner relative-change tolerance.
@@ -215,13 +215,17 @@ def fit_local(
             f"the guide holds {guide.num_data} rows but the data has {len(data)} points; build "
             f"the guide with num_data=len(data)"
         )
+    if int(num_epochs) < 0 or int(batch_size) < 1:
+        raise ValueError(
+            f"need num_epochs >= 0 and batch_size >= 1, got {num_epochs} and {batch_size}"
+        )
     estimator = _as_estimator(loss, num_particles)
-    optim = pyro.optim.Adam({"lr": lr}) if optim is None else optim
+    optim = pyro.optim.Adam({"lr": lr}) if optimizer is None else optimizer
     history = LocalFitHistory()
     batches = Minibatches(data, batch_size, shuffle=True, seed=seed)
-    total = epochs * len(batches)
+    total = num_epochs * len(batches)
     with tqdm(total=total, disable=not progress, desc="fit_local") as bar:
-        for _ in range(int(epochs)):
+        for _ in range(int(num_epochs)):
             epoch_loss, epoch_steps, epoch_conv, count = 0.0, 0.0, 0.0, 0
             for xb, idx in batches:
                 res = optimize_local(

@@ -52,7 +52,7 @@ def test_gaps_cli_on_digits(tmp_path):
     vae = VAE(64, 2, hidden=(16,))
     config = dict(dataset="digits", x_dim=64, z_dim=2, hidden=[16], likelihood="bernoulli")
     save_checkpoint(tmp_path / "ck.pt", model=vae, guide=vae.guide, optimizer=None, epoch=0,
-                    extra={"config": config})  # fmt: skip
+                    extra={"extra": {"config": config}})  # fmt: skip
     parser = argparse.ArgumentParser()
     add_gaps_arguments(parser)
     args = parser.parse_args(
@@ -62,5 +62,6 @@ def test_gaps_cli_on_digits(tmp_path):
     assert gaps_main(args) == 0
     summary = json.loads((tmp_path / "out" / "gaps.json").read_text())
     assert summary["n"] == 5 and summary["amortization_gap"] > -1.0
+    assert "approximation gap" in (tmp_path / "out" / "gaps.txt").read_text()
     with pytest.raises(FileNotFoundError):
         gaps_main(parser.parse_args([str(tmp_path / "missing.pt")]))

@@ -86,3 +86,13 @@ def test_mean_field_optimum_linear_gaussian():
     assert torch.allclose(params["scale"] ** 2, var_opt, rtol=0.1)
     # the mean-field optimum differs from the full posterior marginal variance
     assert not torch.allclose(var_opt, torch.diagonal(post.covariance_matrix, dim1=-2, dim2=-1))
+
+
+def test_param_name_collision_is_reported():
+    a = LocalBernoulliGuide(4, 3)
+    a(torch.zeros(4, 1))
+    b = LocalBernoulliGuide(6, 3)
+    with pytest.raises(ValueError, match="clear_param_store"):
+        b.unconstrained("logits")
+    c = LocalBernoulliGuide(6, 3, name="other")
+    assert c.unconstrained("logits").shape == (6, 3)

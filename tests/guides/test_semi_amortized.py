@@ -65,4 +65,4 @@ def test_gradients_flow_through_refinement():
         grads[differentiable] = torch.autograd.grad(loss, list(enc.parameters()))
         assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads[differentiable])
     # the unrolled gradient includes the Jacobian of the steps; straight-through does not
-    assert not all(torch.allclose(a, b) for a, b in zip(grads[True], grads[False]))
+    assert not all(torch.allclose(a, b) for a, b in zip(grads[True], grads[False], strict=False))

@@ -1,5 +1,6 @@
 """The per-datapoint SVI algorithm: frozen θ, masking, warm starts, θ steps, discrete latents."""
 
+import pyro
 import pytest
 import torch
 
@@ -51,7 +52,7 @@ def test_converged_rows_stop_moving():
     assert bool(res.converged[3:].all())
     assert bool((res.steps[3:] < res.steps[:3]).all())
     # once a row is inactive its parameters are never written again
-    for (active, _), (_, loc) in zip(trajectory[:-1], trajectory[1:]):
+    for (active, _), (_, loc) in zip(trajectory[:-1], trajectory[1:], strict=False):
         assert torch.equal(loc[~active], trajectory[-1][1][~active])
     assert torch.all((guide.params()["loc"][3:] - post.loc[3:]).abs() < 0.1)
 
@@ -64,7 +65,7 @@ def test_fit_local_increases_evidence_and_warm_starts():
     guide = LocalGaussianGuide(n, 1)
     before = float(model.log_evidence(x).mean().detach())
     hist = fit_local(
-        model, guide, x, "elbo-analytic-kl", num_particles=8, epochs=3, batch_size=16,
+        model, guide, x, "elbo-analytic-kl", num_particles=8, num_epochs=3, batch_size=16,
         lr=0.05, inner_lr=0.1, inner_max_steps=30, inner_tol=5e-3, progress=False,
     )  # fmt: skip
     after = float(model.log_evidence(x).mean().detach())
@@ -103,3 +104,26 @@ def test_score_function_on_discrete_latents_approaches_evidence():
     assert float((elbo1 - elbo0).mean()) > 0.1
     # mean-field Bernoulli cannot be exact for a mixture posterior, but it is close
     assert float((log_px - elbo1).mean()) < 0.5
+
+
+def test_inner_loop_benchmark_smoke(tmp_path, monkeypatch):
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "local_inner_loop.py"
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", [str(script), "--smoke", "--json", str(out)])
+    dtype = torch.get_default_dtype()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        torch.set_default_dtype(dtype)
+        pyro.enable_validation(True)
+    assert exit_info.value.code == 0
+    result = json.loads(out.read_text())
+    rates = result["datapoint_steps_per_second"]
+    assert set(rates) == {"pyro_lvm", "reference", "reference_fused"}
+    assert all(v > 0 for v in rates.values()) and result["seed"] == 0

@@ -1,10 +1,14 @@
 """Gradient moments on scenarios with exact gradients: identities first, then statistics."""
 
 import json
+import math
+from statistics import NormalDist
 
+import pyro
 import pytest
 import torch
 from pyro.infer import TraceGraph_ELBO
+from pyro.infer.util import is_validation_enabled
 
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.variance import (
@@ -53,6 +57,7 @@ def test_common_random_numbers_and_draw_shapes():
     )
     groups = parameter_groups(sc.model, sc.guide, *sc.args)
     assert set(groups) == {"guide", "model"}
+    assert a.path == b.path == "traced" and a.reason is None
     for g in groups:
         assert torch.equal(a.draws[g], b.draws[g])
         assert a.draws[g].shape == (3, a.groups[g].num_params)
@@ -81,7 +86,7 @@ def test_tracegraph_loop_path_is_unbiased():
     m = gradient_moments(
         TraceGraph_ELBO(), sc.model, sc.guide, *sc.args, num_draws=30, reference=ref
     )
-    assert m.path == "loop"
+    assert m.path == "loop" and "no differentiable_loss" in m.reason
     assert m.groups["model"].bias < 4.5 * m.groups["model"].bias_se
     assert m.groups["guide"].bias < 4.5 * m.groups["guide"].bias_se
 
@@ -90,6 +95,8 @@ def test_bad_input_and_skips(tmp_path):
     sc = _small_lg(0.5)
     with pytest.raises(ValueError, match="num_draws"):
         gradient_moments(make_estimator("elbo"), sc.model, sc.guide, *sc.args, num_draws=1)
+    with pytest.raises(ValueError, match="rtol must be positive"):
+        gradient_moments(make_estimator("elbo"), sc.model, sc.guide, *sc.args, rtol=0.0)
     with pytest.raises(ValueError, match="neither the model"):
         gradient_moments(
             make_estimator("elbo"), sc.model, sc.guide, *sc.args, groups={"g": ["nope"]}
@@ -124,3 +131,88 @@ def test_compare_and_cli_outputs(tmp_path):
     )
     for name in ("results.json", "results.md", "variance_vs_K.png", "snr_vs_K.png"):
         assert (out / name).exists()
+
+
+# ---------------------------------------------------------------- traced path vs loop
+
+
+@pytest.mark.parametrize("name", ["elbo", "iwae", "iwae-dreg", "stl"])
+def test_traced_draws_equal_loop_draws_under_one_seed(name):
+    # tracing restores the random state, and the traced graph draws its noise from the same
+    # generator in the same order as the eager code: the draws agree to rounding
+    sc = _small_lg(0.5)
+    kw = dict(num_draws=6, seed=3, keep_draws=True)
+    traced = gradient_moments(make_estimator(name, 3), sc.model, sc.guide, *sc.args, **kw)
+    loop = gradient_moments(make_estimator(name, 3), sc.model, sc.guide, *sc.args, jit=False, **kw)
+    assert (traced.path, traced.reason) == ("traced", None)
+    assert (loop.path, loop.reason) == ("loop", "jit=False")
+    for g in loop.draws:
+        assert torch.allclose(traced.draws[g], loop.draws[g], rtol=1e-10, atol=1e-12)
+        assert traced.draws[g].std(0).sum() > 0  # fresh noise at every traced draw
+
+
+def test_traced_draws_match_loop_in_distribution():
+    # independent seeds, R draws per path. Means: per coordinate the difference is
+    # ~N(0, (s_t^2 + s_l^2) / R); z from a family-wise false-alarm rate of 1e-4 over all
+    # coordinates (Bonferroni). Variance tr Cov: its SE is std_r ||g_r - mean||^2 / sqrt(R)
+    # (delta method, no Gaussian assumption); z = 4.5 (two-sided false alarm ~7e-6).
+    sc = _small_lg(0.5)
+    num = 80
+    runs = [
+        gradient_moments(
+            make_estimator("iwae", 3),
+            sc.model,
+            sc.guide,
+            *sc.args,
+            num_draws=num,
+            seed=seed,
+            jit=jit,
+            keep_draws=True,
+        )
+        for seed, jit in ((11, True), (12, False))
+    ]
+    assert [r.path for r in runs] == ["traced", "loop"]
+    coords = sum(g.shape[-1] for g in runs[0].draws.values())
+    z_mean = NormalDist().inv_cdf(1 - 1e-4 / (2 * coords))
+    for g in runs[0].draws:
+        t, lp = runs[0].draws[g], runs[1].draws[g]
+        se = ((t.var(0) + lp.var(0)) / num).sqrt()
+        assert ((t.mean(0) - lp.mean(0)).abs() <= z_mean * se).all()
+        dev_t = (t - t.mean(0)).pow(2).sum(-1)
+        dev_l = (lp - lp.mean(0)).pow(2).sum(-1)
+        se_v = math.sqrt((dev_t.var() + dev_l.var()) / num)
+        assert abs(runs[0].groups[g].variance - runs[1].groups[g].variance) <= 4.5 * se_v
+
+
+def test_stateful_estimator_falls_back_with_the_loops_draws():
+    # the decaying-average baseline lives in Python: a trace freezes it, the verification
+    # sees the gradients differ, and the loop runs; the estimator's state is restored, so
+    # the draws are those of the plain loop under the same seed
+    sc = discrete_scenario(num_points=6)
+    kw = dict(num_draws=5, seed=5, keep_draws=True)
+    est = make_estimator("score-function-avg-baseline", 2)
+    tried = gradient_moments(est, sc.model, sc.guide, *sc.args, **kw)
+    assert tried.path == "loop" and "differs from the eager one" in tried.reason
+    assert tried.rows()[0]["path_reason"] == tried.reason
+    plain = make_estimator("score-function-avg-baseline", 2)
+    loop = gradient_moments(plain, sc.model, sc.guide, *sc.args, jit=False, **kw)
+    for g in loop.draws:
+        assert torch.equal(tried.draws[g], loop.draws[g])
+    assert torch.equal(est.averages.averages["z"], plain.averages.averages["z"])
+
+
+def test_untraceable_arguments_and_validation_on_first_draw_only():
+    sc = _small_lg(0.5)
+    seen = []
+
+    def model(x, idx=None):
+        seen.append(is_validation_enabled())
+        return sc.model(x, idx)
+
+    m = gradient_moments(make_estimator("elbo", 2), model, sc.guide, *sc.args, None, num_draws=4)
+    assert m.path == "loop" and "positional tensor arguments" in m.reason
+    # two param-only runs (groups, sites) and the first draw validated, then three without
+    assert seen == [True] * 3 + [False] * 3
+    with pyro.validation_enabled(False):
+        m = gradient_moments(make_estimator("elbo", 2), sc.model, sc.guide, *sc.args, num_draws=3)
+    assert m.path == "traced" and m.setup_seconds > 0
