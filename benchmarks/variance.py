@@ -46,7 +46,24 @@ def main() -> int:
     p.add_argument("--draws", type=int, default=200, help="gradient draws per (estimator, K)")
     p.add_argument("--checkpoints", default="", help="VAE checkpoints (training stages)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: draws on tiny tensors lose to thread contention; "
+        "0 keeps torch's default)",
+    )
     args = p.parse_args()
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
     torch.set_default_dtype(torch.float64)
     out = Path(args.out)
     smoke = args.smoke
