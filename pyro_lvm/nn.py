@@ -29,7 +29,7 @@ def mlp(
             raise ValueError(f"{name} must be a positive width, got {value}")
     dims = [int(in_dim), *map(int, hidden), int(out_dim)]
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if i < len(dims) - 2:
             layers.append(activation())

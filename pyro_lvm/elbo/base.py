@@ -11,7 +11,13 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.util import warn_if_nan
 
-__all__ = ["DetachSamples", "SurrogateELBO", "check_num_particles", "particle_dim"]
+__all__ = [
+    "DerivedLossMixin",
+    "DetachSamples",
+    "SurrogateELBO",
+    "check_num_particles",
+    "particle_dim",
+]
 
 PARTICLE_PLATE = "num_particles_vectorized"
 
@@ -58,7 +64,27 @@ class DetachSamples(Messenger):
         msg["value"] = msg["value"].detach()
 
 
-class SurrogateELBO(Trace_ELBO):
+class DerivedLossMixin:
+    """``loss`` and ``loss_and_grads`` derived from ``differentiable_loss``.
+
+    Mixed into every estimator here so that ``differentiable_loss`` is the single source of
+    truth: the three methods agree under one seed by construction.
+    """
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The negative bound estimate as a float (no gradient)."""
+        with torch.no_grad():
+            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """Backpropagate :meth:`differentiable_loss` and return its value as a float."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if getattr(loss, "requires_grad", False):
+            loss.backward(retain_graph=self.retain_graph)
+        return torch_item(loss)
+
+
+class SurrogateELBO(DerivedLossMixin, Trace_ELBO):
     r"""A ``Trace_ELBO`` whose :meth:`differentiable_loss` is the single source of truth.
 
     Subclass contract: implement ``_differentiable_loss_particle(model_trace, guide_trace)``
@@ -103,14 +129,6 @@ class SurrogateELBO(Trace_ELBO):
         """The negative bound estimate as a float; no gradient, no state update."""
         update, self._update_state = self._update_state, False
         try:
-            with torch.no_grad():
-                return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
+            return super().loss(model, guide, *args, **kwargs)
         finally:
             self._update_state = update
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """Backpropagate :meth:`differentiable_loss` and return its value as a float."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward(retain_graph=self.retain_graph)
-        return torch_item(loss)

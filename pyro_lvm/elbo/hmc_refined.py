@@ -7,8 +7,9 @@ import math
 import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO
-from pyro.infer.util import torch_item
 from pyro.poutine.util import site_is_subsample
+
+from pyro_lvm.elbo.base import DerivedLossMixin
 
 __all__ = ["HMCRefinedELBO"]
 
@@ -18,7 +19,7 @@ def _pick(accept: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.T
     return torch.where(accept.reshape(-1, *[1] * (new.dim() - 1)), new, old)
 
 
-class HMCRefinedELBO(Trace_ELBO):
+class HMCRefinedELBO(DerivedLossMixin, Trace_ELBO):
     r"""ELBO for the guide, HMC-refined samples for the model (Hoffman 2017).
 
     Draw z₀ ~ q_φ(z | x), run T Hamiltonian Monte Carlo transitions (L leapfrog steps of
@@ -175,13 +176,3 @@ class HMCRefinedELBO(Trace_ELBO):
         self.acceptance_history.append(rate)
         if self.adapt_step_size:
             self.step_size *= math.exp(0.5 * (rate - self.target_accept))
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if getattr(loss, "requires_grad", False):
-            loss.backward(retain_graph=self.retain_graph)
-        return torch_item(loss)

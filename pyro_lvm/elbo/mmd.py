@@ -8,7 +8,8 @@ from typing import Literal
 import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO
-from pyro.infer.util import torch_item
+
+from pyro_lvm.elbo.base import DerivedLossMixin
 
 __all__ = ["MMDELBO", "InfoVAE", "WAEMMD", "mmd"]
 
@@ -65,7 +66,7 @@ def mmd(
     )
 
 
-class MMDELBO(Trace_ELBO):
+class MMDELBO(DerivedLossMixin, Trace_ELBO):
     r"""Reconstruction + weighted KL + weighted MMD(aggregate q(z), p(z)); ELBO subclass.
 
     .. math::
@@ -162,16 +163,6 @@ class MMDELBO(Trace_ELBO):
                 term = term + self.mmd_weight * num_data * num_particles * penalty
             loss = loss + term / self.num_particles
         return loss
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if getattr(loss, "requires_grad", False):
-            loss.backward(retain_graph=self.retain_graph)
-        return torch_item(loss)
 
 
 class InfoVAE(MMDELBO):

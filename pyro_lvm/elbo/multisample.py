@@ -10,10 +10,12 @@ import torch
 from pyro import poutine
 from pyro.distributions.util import detach, is_identically_zero, scale_and_mask
 from pyro.infer.elbo import ELBO
-from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine import Trace
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
+
+from pyro_lvm.elbo.base import DerivedLossMixin
 
 __all__ = ["LogWeights", "MultiSampleELBO", "PARTICLE_PLATE"]
 
@@ -179,7 +181,7 @@ def log_weights(
     )
 
 
-class MultiSampleELBO(ELBO):
+class MultiSampleELBO(DerivedLossMixin, ELBO):
     r"""Base class of bounds that combine ``K`` particles per data point.
 
     A subclass implements one method, :meth:`_bound_and_surrogate`, which maps the
@@ -307,15 +309,3 @@ class MultiSampleELBO(ELBO):
         loss = -weights.scale * per_datapoint.sum()
         warn_if_nan(loss, "loss")
         return loss
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        """The negative bound estimate as a float (no gradient)."""
-        with torch.no_grad():
-            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """The negative bound estimate; backpropagates the estimator's gradient."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if getattr(loss, "requires_grad", False):
-            loss.backward(retain_graph=self.retain_graph)
-        return torch_item(loss)

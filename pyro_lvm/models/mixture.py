@@ -18,8 +18,9 @@ class GaussianMixture(PyroModule):
 
     .. math::
 
-        z \sim \mathrm{Categorical}(\pi), \qquad x \mid z \sim \mathcal N(\mu_z, \mathrm{diag}\,\sigma_z^2),
-        \qquad p(x) = \sum_{k=1}^{C} \pi_k\, \mathcal N(x; \mu_k, \mathrm{diag}\,\sigma_k^2).
+        z \sim \mathrm{Categorical}(\pi), \qquad
+        x \mid z \sim \mathcal N(\mu_z, \mathrm{diag}\,\sigma_z^2), \qquad
+        p(x) = \sum_{k=1}^{C} \pi_k\, \mathcal N(x; \mu_k, \mathrm{diag}\,\sigma_k^2).
 
     The latent site ``"z"`` is marked for parallel enumeration, so ``TraceEnum_ELBO`` with an
     empty guide computes the exact ``log p(x)``. :meth:`em_step` is variational EM with
