@@ -271,13 +271,14 @@ class FastSVI:
         params = tuple(self._params[n] for n in names)
 
         def fn(*inputs):
-            return self.loss.differentiable_loss(self.model, self.guide, *inputs[len(params) :])
+            # Pyro's ignore_jit_warnings acts only once tracing is active, i.e. in here.
+            with ignore_jit_warnings():
+                return self.loss.differentiable_loss(self.model, self.guide, *inputs[len(params) :])
 
         rng = pyro.util.get_rng_state()
         try:
             with (
                 pyro.validation_enabled(False),
-                ignore_jit_warnings(),
                 pyro.poutine.block(),
                 _traceable_torch_item(self.loss),
             ):
