@@ -12,6 +12,7 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_lvm.models.priors import StandardNormalPrior
+from pyro_lvm.models.vae import observation_distribution
 from pyro_lvm.nn import mlp
 from pyro_lvm.plates import data_plate
 
@@ -141,11 +142,7 @@ class HierarchicalVAE(PyroModule):
 
     def decode(self, z1: torch.Tensor, z2: torch.Tensor) -> dist.Distribution:
         """p_θ(x | z1, z2) with event shape ``(x_dim,)``."""
-        out = self.decoder(_cat(z1, z2))
-        if self.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
-        loc, raw_scale = out.split(self.x_dim, dim=-1)
-        return dist.Normal(loc, F.softplus(raw_scale) + self.min_scale).to_event(1)
+        return observation_distribution(self.decoder(_cat(z1, z2)), self.likelihood, self.min_scale)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """The model: ``z2 ~ p(z2)``, ``z1 ~ p(z1 | z2)``, ``x ~ p(x | z1, z2)``."""

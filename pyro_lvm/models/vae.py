@@ -17,9 +17,22 @@ from pyro_lvm.models.priors import StandardNormalPrior
 from pyro_lvm.nn import mlp
 from pyro_lvm.plates import data_plate
 
-__all__ = ["VAE"]
+__all__ = ["VAE", "observation_distribution"]
 
 Likelihood = Literal["bernoulli", "gaussian"]
+
+
+def observation_distribution(
+    out: torch.Tensor, likelihood: Likelihood, min_scale: float = 1e-3
+) -> dist.Distribution:
+    """p(x | ·) from a decoder's output: Bernoulli logits, or Gaussian (loc, raw scale) halves.
+
+    The Gaussian's standard deviation is ``softplus(raw) + min_scale``; the event is the last dim.
+    """
+    if likelihood == "bernoulli":
+        return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+    loc, raw_scale = out.chunk(2, dim=-1)
+    return dist.Normal(loc, F.softplus(raw_scale) + min_scale).to_event(1)
 
 
 class VAE(PyroModule):
@@ -83,11 +96,7 @@ class VAE(PyroModule):
 
     def decode(self, z: torch.Tensor) -> dist.Distribution:
         """p_θ(x | z) for ``z`` of any batch shape, with event shape ``(x_dim,)``."""
-        out = self.decoder(z)
-        if self.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
-        loc, raw_scale = out.split(self.x_dim, dim=-1)
-        return dist.Normal(loc, F.softplus(raw_scale) + self.min_scale).to_event(1)
+        return observation_distribution(self.decoder(z), self.likelihood, self.min_scale)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """The model: ``z ~ p(z)``, ``x ~ p_θ(x | z)`` inside the ``"data"`` plate."""
