@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule
 
+from pyro_lvm.data import Minibatches
 from pyro_lvm.evaluate.loglik import log_importance_weights
 from pyro_lvm.models.bernoulli_mixture import CompletionModel
 from pyro_lvm.nn import mlp
@@ -116,20 +117,19 @@ def fit_regression_encoder(
     """
     if targets.shape != (x_obs.shape[0], guide.z_dim):
         raise ValueError(f"targets must have shape {(x_obs.shape[0], guide.z_dim)}")
-    gen = torch.Generator().manual_seed(seed)
+    batches = Minibatches(x_obs, batch_size, shuffle=True, seed=seed)
     optim = torch.optim.Adam(guide.encoder.parameters(), lr=lr)
     losses = []
     for _ in range(int(epochs)):
-        perm, total = torch.randperm(x_obs.shape[0], generator=gen), 0.0
-        for start in range(0, x_obs.shape[0], batch_size):
-            rows = perm[start : start + batch_size]
+        total = 0.0
+        for _, rows in batches:
             loss = F.binary_cross_entropy_with_logits(
                 guide.logits(x_obs[rows]), targets[rows], reduction="sum"
             )
             optim.zero_grad()
             loss.backward()
             optim.step()
-            total += float(loss)
+            total += loss.item()
         losses.append(total / x_obs.shape[0])
     return losses
 

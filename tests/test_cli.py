@@ -73,3 +73,24 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "pyro_lvm", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "quickstart" in out and "evaluate" in out
+
+
+def test_variance_subcommand_writes_results(tmp_path):
+    args = ["variance", "--scenario", "linear-gaussian", "--estimators", "elbo,iwae-dreg"]
+    args += ["--particles", "1,4", "--draws", "5", "--out", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert {r["estimator"] for r in rows} >= {"elbo", "iwae-dreg"}
+    assert (tmp_path / "results.md").exists()
+
+
+def test_gaps_subcommand_on_a_checkpoint(quickstart_dir, tmp_path):
+    args = ["gaps", str(quickstart_dir / "checkpoint.pt"), "--n", "8", "--num-samples", "20"]
+    args += ["--elbo-samples", "10", "--steps", "5", "--out", str(tmp_path)]
+    assert main(args) == 0
+    gaps = json.loads((tmp_path / "gaps.json").read_text())
+    assert gaps["n"] == 8 and gaps["num_samples"] == 20
+    assert gaps["approximation_gap"] + gaps["amortization_gap"] == pytest.approx(
+        gaps["log_px"] - gaps["elbo_amortized"], abs=1e-6
+    )

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from numbers import Number
 from typing import Any
 
 import pyro
@@ -15,72 +13,13 @@ from pyro.infer import ELBO, SVI
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
-from pyro.poutine.messenger import Messenger
 from pyro.util import ignore_jit_warnings
+
+from pyro_lvm.train._tracing import Recorder, input_key, traceable_torch_item
 
 __all__ = ["FastSVI"]
 
 logger = logging.getLogger(__name__)
-
-
-class _Recorder(Messenger):
-    """Record the structure of a run: sample sites (name, shape, observed) and parameters."""
-
-    def __enter__(self):
-        self.sites: list[tuple] = []
-        self.params: dict[str, torch.Tensor] = {}
-        return super().__enter__()
-
-    def _postprocess_message(self, msg: dict) -> None:
-        if msg["type"] == "sample":
-            value = msg["value"]
-            shape = tuple(value.shape) if torch.is_tensor(value) else ()
-            self.sites.append((msg["name"], shape, bool(msg["is_observed"])))
-        elif msg["type"] == "param":
-            value = msg["value"]
-            self.params[msg["name"]] = (
-                value.unconstrained() if hasattr(value, "unconstrained") else value
-            )
-
-
-def _detached(x: Any) -> Any:
-    """``torch_item`` for tracing: a detached tensor, which a trace keeps as a value."""
-    return x if isinstance(x, Number) else x.detach()
-
-
-@contextmanager
-def _traceable_torch_item(loss: ELBO) -> Iterator[None]:
-    """Swap ``torch_item`` for :func:`_detached` in the modules of ``loss``'s classes.
-
-    Estimators written for Pyro compute their loss *value* with ``torch_item`` (a Python
-    float), which :func:`torch.jit.trace` would freeze; as a detached tensor the value is
-    traced, and ``x - torch_item(x)`` keeps its gradient. Restored on exit.
-    """
-    modules = {sys.modules.get(c.__module__) for c in type(loss).__mro__}
-    swapped = [m for m in modules if m is not None and getattr(m, "torch_item", None) is torch_item]
-    for m in swapped:
-        m.torch_item = _detached
-    try:
-        yield
-    finally:
-        for m in swapped:
-            m.torch_item = torch_item
-
-
-def _key(args: tuple, kwargs: dict) -> str:
-    """The input signature as a string (it is saved by ``get_state``): shapes and dtypes of
-    tensors, other hashable values by ``repr``, unhashable ones by ``id``."""
-
-    def one(v: Any) -> Any:
-        if torch.is_tensor(v):
-            return ("tensor", tuple(v.shape), v.dtype, v.device)
-        try:
-            hash(v)
-            return v
-        except TypeError:
-            return ("id", id(v))
-
-    return repr((tuple(map(one, args)), tuple((k, one(v)) for k, v in sorted(kwargs.items()))))
 
 
 class FastSVI:
@@ -252,8 +191,8 @@ class FastSVI:
             loss.backward()
         return torch_item(loss)
 
-    def _eager(self, args: tuple, kwargs: dict, validate: bool) -> tuple[float, _Recorder]:
-        with _Recorder() as rec, pyro.validation_enabled(is_validation_enabled() and validate):
+    def _eager(self, args: tuple, kwargs: dict, validate: bool) -> tuple[float, Recorder]:
+        with Recorder() as rec, pyro.validation_enabled(is_validation_enabled() and validate):
             if hasattr(self.loss, "differentiable_loss"):
                 value = self._backward(
                     self.loss.differentiable_loss(self.model, self.guide, *args, **kwargs)
@@ -280,7 +219,7 @@ class FastSVI:
             with (
                 pyro.validation_enabled(False),
                 pyro.poutine.block(),
-                _traceable_torch_item(self.loss),
+                traceable_torch_item(self.loss),
             ):
                 compiled = torch.jit.trace(fn, params + tuple(args), check_trace=False)
         except Exception as e:  # any tracing failure keeps the eager path
@@ -295,7 +234,7 @@ class FastSVI:
         with pyro.poutine.block():
             return compiled(*(self._params[n] for n in names), *args)
 
-    def _agree(self, key: str, args: tuple, kwargs: dict) -> tuple[bool, float, _Recorder]:
+    def _agree(self, key: str, args: tuple, kwargs: dict) -> tuple[bool, float, Recorder]:
         """Traced and eager loss and gradients under one random state; leaves eager grads."""
         rng = pyro.util.get_rng_state()
         params = list(self._params.values())
@@ -347,7 +286,7 @@ class FastSVI:
         return value
 
     # ------------------------------------------------------------------ the step
-    def _check_structure(self, key: str, rec: _Recorder) -> bool:
+    def _check_structure(self, key: str, rec: Recorder) -> bool:
         structure = tuple(rec.sites)
         new = sorted(n for n, p in rec.params.items() if self._params.get(n) is not p)
         if self._register(rec.params):
@@ -392,7 +331,7 @@ class FastSVI:
         if mode in ("general", "record"):
             return mode
         if key not in self._recorded:  # forward only: no gradient is computed
-            with self._dry_run(), _Recorder() as rec:
+            with self._dry_run(), Recorder() as rec:
                 run = getattr(self.loss, "differentiable_loss", self.loss.loss)
                 run(self.model, self.guide, *args, **kwargs)
             self._register(rec.params)
@@ -409,7 +348,7 @@ class FastSVI:
         """Take one gradient step; returns the loss estimate as a float (as ``SVI.step``)."""
         if self._svi is not None:
             return self._svi.step(*args, **kwargs)
-        key = _key(args, kwargs)
+        key = input_key(args, kwargs)
         self._steps += 1
         n = self._seen[key] = self._seen.get(key, 0) + 1
         mode = self._catch_up(key, n, args, kwargs)

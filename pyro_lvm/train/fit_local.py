@@ -11,7 +11,7 @@ import torch
 from pyro import poutine
 from pyro.infer import ELBO
 from pyro.infer.util import torch_item, zero_grads
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.guides.local import LocalGuide

@@ -14,7 +14,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO
 from pyro.util import ignore_jit_warnings
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 __all__ = ["GradientMoments", "GroupMoments", "gradient_moments", "parameter_groups"]
 
