@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Number
 
 import torch
@@ -17,7 +17,7 @@ from pyro.util import check_if_enumerated, check_model_guide_match, check_site_s
 
 from pyro_lvm.elbo.base import DerivedLossMixin
 
-__all__ = ["LogWeights", "MultiSampleELBO", "PARTICLE_PLATE"]
+__all__ = ["LogWeights", "MultiSampleELBO", "PARTICLE_PLATE", "SamplePathScale"]
 
 #: name of the plate that :class:`pyro.infer.ELBO` wraps around vectorized particles
 PARTICLE_PLATE = "num_particles_vectorized"
@@ -37,25 +37,103 @@ class LogWeights:
     :ivar log_w_stop: the same with the density of each reparameterized guide site rescored
         with stopped parameters, :math:`\log p_\theta(x, z_k) - \log q_{\bar\phi}(z_k)`; only
         the pathwise gradient through :math:`z_k` reaches φ (``None`` unless requested).
-    :ivar log_p_detached: :math:`\log p_\theta(x, \bar z_k)` from a model run on detached
-        samples; its gradient reaches θ only (``None`` unless requested).
+    :ivar sample_path: the handle that rescales the gradient along each reparameterized
+        sample path (:meth:`MultiSampleELBO.scale_sample_path`; ``None`` unless requested).
     :ivar score: :math:`\sum_s \log q_\phi(z_{k,s})` over the guide sites that are not
         reparameterized (the score-function term), or ``None`` when every site is pathwise.
     :ivar scale: the subsample scale :math:`N / B` of the enclosing plates (1 without
         subsampling).
     :ivar nonreparam_sites: names of the guide sites that need a score-function term.
+    :ivar nested_shape: per (model, guide) trace pair, the weights' shape laid out like the
+        sites' batch dims (size 1 for plates that do not enclose every site).
     """
 
     log_w: torch.Tensor
     log_w_stop: torch.Tensor | None
-    log_p_detached: torch.Tensor | None
+    sample_path: SamplePathScale | None
     score: torch.Tensor | None
     scale: float
     nonreparam_sites: tuple[str, ...]
+    nested_shape: tuple[tuple[int, ...], ...] = ()
 
     @property
     def num_particles(self) -> int:
         return self.log_w.shape[0]
+
+
+class SamplePathScale:
+    r"""Rescales, per particle and data point, the gradient that flows along the sample path.
+
+    Before the model is replayed, :meth:`attach` replaces each reparameterized guide value
+    :math:`z_k` by an alias :math:`z'_k` (same value): the model and the stopped guide density
+    see the alias, the guide's own later computations keep :math:`z_k`. Once the weights are
+    known, :meth:`MultiSampleELBO.scale_sample_path` stores a scale :math:`c_k`, and
+    backpropagation multiplies the gradient arriving at every alias by :math:`c_k`. A
+    surrogate :math:`\sum_k \tilde w_k \log w_k(\theta, z'_k)` thus sends
+    :math:`\tilde w_k\nabla_\theta \log w_k` to θ and :math:`\tilde w_k c_k` times the
+    pathwise derivative to φ, from one model pass (the tensor-hook form of DReG; Tucker et al.
+    2018). Both steps are autograd functions, so :func:`torch.jit.trace` records them and a
+    traced loss rescales too.
+    """
+
+    def __init__(self) -> None:
+        #: per trace: the nested shape of its weights (see :class:`_Reducer`)
+        self.shapes: list[tuple[int, ...]] = []
+        self._scale: torch.Tensor | None = None
+        self._traces = 0
+
+    def new_trace(self) -> None:
+        """Start the aliases of the next (model, guide) trace pair."""
+        self._traces += 1
+
+    def attach(self, value: torch.Tensor, event_dim: int) -> torch.Tensor:
+        """The alias of a sample value through which the scaled gradient flows."""
+        return _ScaledPath.apply(value, self, self._traces - 1, event_dim)
+
+    def store(self, scale: torch.Tensor) -> None:
+        """Keep a ``(K, *plates)`` scale (as is: no tensor op may run in a traced forward)."""
+        self._scale = scale
+
+    def scale_for(self, grad: torch.Tensor, trace: int, event_dim: int) -> torch.Tensor:
+        """The stored scale of ``trace``, shaped to broadcast against ``grad``."""
+        rows = self._scale.shape[0] // len(self.shapes)
+        scale = self._scale.detach()[trace * rows : (trace + 1) * rows]
+        scale = scale.reshape(self.shapes[trace])
+        batch_dim = grad.dim() - event_dim
+        while scale.dim() > batch_dim and scale.shape[0] == 1:
+            scale = scale[0]
+        if scale.dim() > batch_dim:
+            raise RuntimeError(
+                f"a sample value of batch shape {tuple(grad.shape[:batch_dim])} lacks the "
+                f"particle or plate dims of the weights {tuple(scale.shape)}"
+            )
+        return scale.reshape(scale.shape + (1,) * event_dim)
+
+
+class _ScaledPath(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by the handle's stored scale."""
+
+    @staticmethod
+    def forward(ctx, value, handle, trace, event_dim):
+        ctx.handle, ctx.trace, ctx.event_dim = handle, trace, event_dim
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.handle.scale_for(grad, ctx.trace, ctx.event_dim), None, None, None
+
+
+class _StoreScale(torch.autograd.Function):
+    """Identity on ``x`` whose forward stores ``scale`` in the handle (a trace keeps the op)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, handle):
+        handle.store(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
 
 
 def _sample_sites(trace: Trace) -> list[tuple[str, dict]]:
@@ -135,14 +213,12 @@ def log_weights(
     model_trace: Trace,
     guide_trace: Trace,
     stop_guide: bool = False,
-    detached_model_trace: Trace | None = None,
 ) -> LogWeights:
     """Per-particle, per-datapoint log importance weights of a (model, guide) trace pair.
 
     :param model_trace: the model replayed against ``guide_trace`` (log-probs computed).
     :param guide_trace: the guide trace (score parts computed), subsample sites pruned.
     :param stop_guide: also compute ``log_w_stop`` (guide densities with stopped parameters).
-    :param detached_model_trace: optional model trace replayed on detached guide samples.
     :raises ValueError: on subsampling in a plate that does not enclose every site.
     """
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
@@ -165,19 +241,14 @@ def log_weights(
     like = next(site["log_prob"] for _, site in model_sites + guide_sites)
     log_w = reduce.finish(log_p - log_q, like)
     log_w_stop = reduce.finish(log_p - log_q_stop, like) if stop_guide else None
-    log_p_detached = None
-    if detached_model_trace is not None:
-        detached_sites = _sample_sites(detached_model_trace)
-        log_p_detached = reduce.finish(
-            sum((reduce(s["log_prob"]) for _, s in detached_sites), 0.0), like
-        )
     return LogWeights(
         log_w=log_w,
         log_w_stop=log_w_stop,
-        log_p_detached=log_p_detached,
+        sample_path=None,
         score=None if not nonreparam else reduce.finish(score, like),
         scale=reduce.scale,
         nonreparam_sites=tuple(nonreparam),
+        nested_shape=(reduce.full_shape,),
     )
 
 
@@ -206,9 +277,12 @@ class MultiSampleELBO(DerivedLossMixin, ELBO):
 
     #: the smallest number of particles the estimator accepts
     min_particles = 1
-    #: whether the estimator needs ``log_w_stop`` / ``log_p_detached``
+    #: whether the estimator needs ``log_w_stop``
     _stop_guide = False
-    _detached_model = False
+    #: whether the estimator rescales the gradient along the sample path
+    #: (:meth:`scale_sample_path`)
+    _rescale_sample_path = False
+    _sample_path: SamplePathScale | None = None
 
     def __init__(
         self,
@@ -232,28 +306,25 @@ class MultiSampleELBO(DerivedLossMixin, ELBO):
         )
 
     def _get_trace(self, model, guide, args, kwargs):
-        """Guide trace, model replayed on it, and (if needed) model replayed on detached samples.
+        """Guide trace and the model replayed on it (sample values aliased when rescaling).
 
-        Mirrors :func:`pyro.infer.enum.get_importance_trace`, keeping the unpruned guide trace
-        so the detached replay sees the same subsample indices.
+        Mirrors :func:`pyro.infer.enum.get_importance_trace`.
         """
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        handle = self._sample_path
+        if handle is not None:
+            handle.new_trace()
+            for site in guide_trace.nodes.values():
+                if (
+                    site["type"] == "sample"
+                    and not site["is_observed"]
+                    and not site_is_subsample(site)
+                    and getattr(site["fn"], "has_rsample", False)
+                ):
+                    site["value"] = handle.attach(site["value"], site["fn"].event_dim)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
-        detached_trace = None
-        if self._detached_model:
-            frozen = Trace()
-            for name, site in guide_trace.nodes.items():
-                site = site.copy()
-                if site["type"] == "sample":
-                    site["value"] = site["value"].detach()
-                frozen.add_node(name, **site)
-            detached_trace = poutine.trace(poutine.replay(model, trace=frozen)).get_trace(
-                *args, **kwargs
-            )
-            detached_trace = prune_subsample_sites(detached_trace)
-            detached_trace.compute_log_prob()
         if is_validation_enabled():
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
             check_if_enumerated(guide_trace)
@@ -266,28 +337,53 @@ class MultiSampleELBO(DerivedLossMixin, ELBO):
                 for site in trace.nodes.values():
                     if site["type"] == "sample":
                         check_site_shape(site, self.max_plate_nesting)
-        return model_trace, guide_trace, detached_trace
+        return model_trace, guide_trace
 
     def _get_log_weights(self, model, guide, args, kwargs) -> LogWeights:
-        parts = [
-            log_weights(model_trace, guide_trace, self._stop_guide, detached)
-            for model_trace, guide_trace, detached in self._get_traces(model, guide, args, kwargs)
-        ]
+        handle = self._sample_path = SamplePathScale() if self._rescale_sample_path else None
+        try:
+            parts = [
+                log_weights(model_trace, guide_trace, self._stop_guide)
+                for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs)
+            ]
+        finally:
+            self._sample_path = None
+        if handle is not None:
+            handle.shapes = [shape for p in parts for shape in p.nested_shape]
         if len(parts) == 1:
-            return parts[0]
+            return replace(parts[0], sample_path=handle)
 
         def cat(name):
             values = [getattr(p, name) for p in parts]
             return None if values[0] is None else torch.cat(values, dim=0)
 
         return LogWeights(
-            cat("log_w"),
-            cat("log_w_stop"),
-            cat("log_p_detached"),
-            cat("score"),
-            parts[0].scale,
-            parts[0].nonreparam_sites,
+            log_w=cat("log_w"),
+            log_w_stop=cat("log_w_stop"),
+            sample_path=handle,
+            score=cat("score"),
+            scale=parts[0].scale,
+            nonreparam_sites=parts[0].nonreparam_sites,
+            nested_shape=tuple(shape for p in parts for shape in p.nested_shape),
         )
+
+    @staticmethod
+    def scale_sample_path(
+        weights: LogWeights, surrogate: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        """``surrogate`` unchanged, with the gradient along each sample path scaled by ``scale``.
+
+        :param weights: log weights computed with ``_rescale_sample_path = True``.
+        :param surrogate: the surrogate whose gradient is rescaled.
+        :param scale: per-particle, per-datapoint factors, of shape ``weights.log_w.shape``
+            (treated as constants).
+        """
+        if weights.sample_path is None:
+            raise RuntimeError(
+                f"{type(weights).__name__} carry no sample-path handle; set "
+                "_rescale_sample_path = True on the estimator"
+            )
+        return _StoreScale.apply(surrogate, scale, weights.sample_path)
 
     def _bound_and_surrogate(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-datapoint bound estimate and surrogate (both of shape ``weights.log_w.shape[1:]``).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,10 +12,12 @@ import torch
 from pyro import poutine
 from pyro.infer import ELBO
 from pyro.infer.util import torch_item, zero_grads
+from pyro.util import ignore_jit_warnings
 from tqdm import tqdm
 
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.guides.local import LocalGuide
+from pyro_lvm.train._tracing import Recorder, input_key, traceable_torch_item
 
 __all__ = ["LocalOptResult", "LocalFitHistory", "optimize_local", "fit_local"]
 
@@ -54,6 +57,112 @@ def _as_estimator(loss: str | ELBO, num_particles: int) -> ELBO:
     raise ValueError(f"loss must be an estimator name or a pyro.infer.ELBO, got {type(loss)}")
 
 
+class _TracedInnerLoss:
+    r"""The inner objective as a traced function of the local leaves, verified before use.
+
+    The estimator's ``differentiable_loss`` is traced with :func:`torch.jit.trace` once per
+    (estimator, model, guide, input signature), with the local leaves and the parameter
+    store's tensors as inputs, so a trace is reused across minibatches (θ is read at call
+    time). A trace is used only after its value and leaf gradients matched the eager ones
+    under one random state at the current leaves and at perturbed ones (as
+    :class:`~pyro_lvm.train.fast.FastSVI` verifies its traces); a failure keeps the eager
+    path for that signature. Tracing and verification are dry runs: the random state and
+    the leaves are restored.
+    """
+
+    _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, estimator, model, guide, x, idx, leaves: dict[str, torch.Tensor]):
+        self.estimator, self.model, self.guide, self.x, self.idx = estimator, model, guide, x, idx
+        self.leaves = leaves
+        # the entry holds model and guide, so their ids stay theirs while it exists
+        self.key = (id(model), id(guide), input_key((x, idx, *leaves.values()), {}))
+        self.entry = self._cache.setdefault(estimator, {}).get(self.key)
+
+    def eager(self) -> torch.Tensor:
+        with self.guide.local_override(**self.leaves):
+            return self.estimator.differentiable_loss(self.model, self.guide, self.x, self.idx)
+
+    def _inputs(self, names: list[str]) -> tuple:
+        store = dict(pyro.get_param_store().named_parameters())
+        args = (self.x,) if self.idx is None else (self.x, self.idx)
+        return (*self.leaves.values(), *(store[n] for n in names), *args)
+
+    def traced(self) -> torch.Tensor | None:
+        """The traced objective, or ``None`` when this signature runs eagerly."""
+        if self.entry is None:
+            self.entry = self._cache[self.estimator][self.key] = self._compile()
+        compiled, names, _ = self.entry
+        if compiled is None:
+            return None
+        with pyro.poutine.block():
+            return compiled(*self._inputs(names))
+
+    def _compile(self) -> tuple:
+        if not all(torch.is_tensor(v) for v in (self.x, *self.leaves.values())) or (
+            self.idx is not None and not torch.is_tensor(self.idx)
+        ):
+            return None, [], None
+        rng = pyro.util.get_rng_state()
+        with Recorder() as rec, torch.no_grad():
+            self.eager()
+        pyro.util.set_rng_state(rng)
+        names = list(rec.params)
+        inputs = self._inputs(names)
+        n_leaves = len(self.leaves)
+
+        def fn(*args):
+            with ignore_jit_warnings():
+                leaves = dict(zip(self.leaves, args[:n_leaves], strict=True))
+                rest = args[n_leaves + len(names) :]
+                with self.guide.local_override(**leaves):
+                    return self.estimator.differentiable_loss(self.model, self.guide, *rest)
+
+        try:
+            with (
+                pyro.validation_enabled(False),
+                pyro.poutine.block(),
+                traceable_torch_item(self.estimator),
+            ):
+                compiled = torch.jit.trace(fn, inputs, check_trace=False)
+        except Exception:  # any tracing failure keeps the eager path
+            return None, [], None
+        finally:
+            pyro.util.set_rng_state(rng)
+        self.entry = (compiled, names, (self.model, self.guide))
+        return self.entry if self._verify() else (None, [], (self.model, self.guide))
+
+    def _verify(self) -> bool:
+        leaves = list(self.leaves.values())
+        saved = [leaf.detach().clone() for leaf in leaves]
+        gen = torch.Generator().manual_seed(0)
+        ok = True
+        try:
+            for perturb in (True, False):
+                if perturb:
+                    with torch.no_grad():
+                        for leaf in leaves:
+                            noise = torch.randn(leaf.shape, generator=gen, dtype=leaf.dtype)
+                            leaf.mul_(1 + 0.3 * noise).add_(0.1 * noise)
+                rng = pyro.util.get_rng_state()
+                with pyro.validation_enabled(False):
+                    traced = self.traced()
+                    pyro.util.set_rng_state(rng)
+                    eager = self.eager()
+                pyro.util.set_rng_state(rng)
+                rtol = 0.01 * torch.finfo(eager.dtype).eps ** 0.5
+                ok &= bool(torch.allclose(traced.detach(), eager.detach(), rtol=rtol))
+                grads = torch.autograd.grad(traced, leaves) + torch.autograd.grad(eager, leaves)
+                for g, h in zip(grads[: len(leaves)], grads[len(leaves) :], strict=True):
+                    ok &= bool(torch.allclose(g, h, rtol=rtol, atol=rtol * float(h.abs().max())))
+                with torch.no_grad():
+                    for leaf, value in zip(leaves, saved, strict=True):
+                        leaf.copy_(value)
+        except Exception:
+            ok = False
+        return ok
+
+
 def optimize_local(
     model: Callable,
     guide: LocalGuide,
@@ -66,6 +175,7 @@ def optimize_local(
     tol: float = 1e-3,
     lr_decay: float = 0.0,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    jit: bool = True,
 ) -> LocalOptResult:
     r"""Optimize the local parameters φ^i of the rows ``idx`` with the model's θ fixed.
 
@@ -96,6 +206,8 @@ def optimize_local(
     :param tol: relative-change tolerance (0 disables early stopping).
     :param lr_decay: Robbins-Monro decay, step t uses ``lr / (1 + lr_decay * t)``.
     :param callback: called as ``callback(step, active_mask)`` after every step.
+    :param jit: after the first (validated) step, use a traced objective, verified against
+        the eager one before use and cached per input signature (:class:`_TracedInnerLoss`).
     :return: a :class:`LocalOptResult`.
     """
     if not isinstance(guide, LocalGuide):
@@ -111,38 +223,43 @@ def optimize_local(
         name: guide.unconstrained(name).detach()[rows].clone().requires_grad_()
         for name in guide.local_names
     }
-    batch = next(iter(leaves.values())).shape[0]
-    optim = torch.optim.Adam(list(leaves.values()), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda t: 1.0 / (1.0 + lr_decay * t))
+    params = list(leaves.values())
+    batch = params[0].shape[0]
+    optim = torch.optim.Adam(params, lr=lr, foreach=True)
     active = torch.ones(batch, dtype=torch.bool)
     steps = torch.zeros(batch, dtype=torch.long)
-    value = float("nan")
+    masks = [active.reshape((-1,) + (1,) * (p.dim() - 1)) for p in params]  # views of active
+    objective = None
+    inner = _TracedInnerLoss(estimator, model, guide, x, idx, leaves)
     for step in range(int(max_steps)):
-        with guide.local_override(**leaves):
-            objective = estimator.differentiable_loss(model, guide, x, idx)
-        grads = torch.autograd.grad(objective, list(leaves.values()))
-        value = torch_item(objective)
-        old = {name: leaf.detach().clone() for name, leaf in leaves.items()}
-        for leaf, grad in zip(leaves.values(), grads, strict=False):
-            leaf.grad = grad
-        optim.step()
-        sched.step()
-        change = torch.zeros(batch, dtype=old[guide.local_names[0]].dtype)
-        norm = torch.zeros_like(change)
+        if step == 0:  # checks shapes and supports as the user asked; later steps skip it
+            objective = inner.eager()
+        else:
+            with pyro.validation_enabled(False):
+                objective = inner.traced() if jit else None
+                if objective is None:
+                    objective = inner.eager()
+        grads = torch.autograd.grad(objective, params)
         with torch.no_grad():
-            for name, leaf in leaves.items():
-                mask = active.reshape((-1,) + (1,) * (leaf.dim() - 1))
-                leaf.copy_(torch.where(mask, leaf, old[name]))
-                change += (leaf - old[name]).reshape(batch, -1).pow(2).sum(-1)
-                norm += old[name].reshape(batch, -1).pow(2).sum(-1)
-        steps += active.long()
-        active &= change.sqrt() >= tol * norm.sqrt().clamp(min=1.0)
+            old = [p.clone() for p in params]
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            if lr_decay:
+                optim.param_groups[0]["lr"] = lr / (1.0 + lr_decay * step)
+            optim.step()
+            change = norm = 0.0
+            for p, o, mask in zip(params, old, masks, strict=True):
+                p.copy_(torch.where(mask, p, o))
+                change = change + (p - o).reshape(batch, -1).square().sum(-1)
+                norm = norm + o.reshape(batch, -1).square().sum(-1)
+            steps += active
+            active &= change.sqrt() >= tol * norm.sqrt().clamp(min=1.0)
         if callback is not None:
             callback(step, active)
         if not bool(active.any()):
             break
     guide.set_params(idx, **{name: leaf.detach() for name, leaf in leaves.items()})
-    return LocalOptResult(steps=steps, converged=~active, loss=value)
+    return LocalOptResult(steps=steps, converged=~active, loss=torch_item(objective))
 
 
 def _theta_step(model, guide, x, idx, estimator, optim) -> float:
