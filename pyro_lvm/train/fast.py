@@ -51,7 +51,10 @@ class FastSVI:
        private generator, so the random stream is untouched). Only a verified trace is
        used; a mismatch (e.g. a value that went through ``float()``, which a trace freezes)
        keeps the eager lean path and logs why. Every ``check_every``-th traced step runs
-       eagerly instead, re-checking the structure.
+       eagerly instead, re-checking the structure. The trace runs without the JIT's
+       optimizing executor (``torch.jit.optimized_execution(False)``): its differentiable
+       subgraphs swap eager autograd kernels for slower symbolic gradients (a K=1 MNIST step
+       went from 1.05x to 1.03x the hand-written one without them, DReG from 1.14x to 1.08x).
 
     .. warning:: Tracing and verification run the model and guide a few extra times (once
         per new input signature), so Python side effects in them repeat. A traced step runs
@@ -231,7 +234,7 @@ class FastSVI:
 
     def _run_traced(self, key: str, args: tuple) -> torch.Tensor:
         compiled, names, _ = self._traced[key]
-        with pyro.poutine.block():
+        with pyro.poutine.block(), torch.jit.optimized_execution(False):
             return compiled(*(self._params[n] for n in names), *args)
 
     def _agree(self, key: str, args: tuple, kwargs: dict) -> tuple[bool, float, Recorder]:

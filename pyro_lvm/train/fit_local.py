@@ -49,11 +49,18 @@ class LocalFitHistory:
     fraction_converged: list[float] = field(default_factory=list)
 
 
+_NAMED_ESTIMATORS: dict[tuple[str, int], ELBO] = {}
+
+
 def _as_estimator(loss: str | ELBO, num_particles: int) -> ELBO:
+    """The ELBO itself, or one instance per (name, K), so a traced inner loss is reused."""
     if isinstance(loss, ELBO):
         return loss
     if isinstance(loss, str):
-        return make_estimator(loss, num_particles)
+        key = (loss, int(num_particles))
+        if key not in _NAMED_ESTIMATORS:
+            _NAMED_ESTIMATORS[key] = make_estimator(loss, num_particles)
+        return _NAMED_ESTIMATORS[key]
     raise ValueError(f"loss must be an estimator name or a pyro.infer.ELBO, got {type(loss)}")
 
 
@@ -95,7 +102,9 @@ class _TracedInnerLoss:
         compiled, names, _ = self.entry
         if compiled is None:
             return None
-        with pyro.poutine.block():
+        # without the optimizing executor, whose symbolic gradients are slower than eager
+        # autograd here (0.77x vs 0.99x the hand-written loop, benchmarks/RESULTS.md)
+        with pyro.poutine.block(), torch.jit.optimized_execution(False):
             return compiled(*self._inputs(names))
 
     def _compile(self) -> tuple:
