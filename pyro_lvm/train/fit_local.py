@@ -78,6 +78,8 @@ class _TracedInnerLoss:
     """
 
     _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    #: traces kept per estimator (each holds its model and guide alive)
+    max_entries = 8
 
     def __init__(self, estimator, model, guide, x, idx, leaves: dict[str, torch.Tensor]):
         self.estimator, self.model, self.guide, self.x, self.idx = estimator, model, guide, x, idx
@@ -98,7 +100,10 @@ class _TracedInnerLoss:
     def traced(self) -> torch.Tensor | None:
         """The traced objective, or ``None`` when this signature runs eagerly."""
         if self.entry is None:
-            self.entry = self._cache[self.estimator][self.key] = self._compile()
+            entries = self._cache[self.estimator]
+            self.entry = entries[self.key] = self._compile()
+            while len(entries) > self.max_entries:  # drop the oldest: it holds a model alive
+                del entries[next(iter(entries))]
         compiled, names, _ = self.entry
         if compiled is None:
             return None

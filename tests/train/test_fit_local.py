@@ -175,3 +175,20 @@ def test_inner_trace_that_disagrees_is_not_used():
     optimize_local(vae, LocalGaussianGuide(n, 2), x, None, estimator, max_steps=4, tol=0.0)
     (entry,) = _TracedInnerLoss._cache[estimator].values()
     assert entry[0] is None  # verification rejected the trace: eager path
+
+
+def test_inner_trace_cache_is_bounded():
+    from pyro_lvm.elbo import make_estimator
+    from pyro_lvm.models import VAE
+    from pyro_lvm.train.fit_local import _TracedInnerLoss
+
+    n = 12
+    vae = VAE(4, 2, (3,), num_data=n)
+    guide = LocalGaussianGuide(n, 2, name="bounded")
+    x = torch.bernoulli(torch.full((n, 4), 0.4))
+    estimator = make_estimator("elbo", 1)
+    for b in range(2, 2 + _TracedInnerLoss.max_entries + 3):  # one signature per batch size
+        optimize_local(vae, guide, x[:b], torch.arange(b), estimator, max_steps=3, tol=0.0)
+    entries = _TracedInnerLoss._cache[estimator]
+    assert len(entries) == _TracedInnerLoss.max_entries
+    assert all(entry[0] is not None for entry in entries.values())
