@@ -201,15 +201,22 @@ def run_config(name: str, args, train: torch.Tensor, test: torch.Tensor, out: Pa
 
 
 def table(results: dict) -> str:
+    """A markdown table: our number and its budget beside the published numbers."""
     lines = [
-        "| config | -log p(x) (ours) | epochs | train time | published |",
-        "|---|---|---|---|---|",
+        "| config | objective | -log p(x) (ours) | epochs | train time | eval time "
+        "| active units | published |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         pub = "; ".join(f"{k}: {v}" for k, v in r["published"].items())
+        objective = r["loss"] if r["num_particles"] == 1 else f"{r['loss']} K={r['num_particles']}"
+        if r.get("warmup_epochs"):
+            objective += f", KL warm-up {r['warmup_epochs']} ep"
+        threads = r.get("machine", {}).get("torch_threads", "?")
         lines.append(
-            f"| {name} | {r['nll']:.2f} ± {r['nll_se']:.2f} | {r['epochs']} | "
-            f"{r['train_seconds'] / 60:.1f} min | {pub} |"
+            f"| {name} | {objective} | {r['nll']:.2f} ± {r['nll_se']:.2f} | {r['epochs']} | "
+            f"{r['train_seconds'] / 60:.1f} min ({threads} thr) | {r['eval_seconds'] / 60:.1f} min "
+            f"| {r['active_units']} | {pub} |"
         )
     return "\n".join(lines)
 
@@ -235,6 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-chunk", type=int, default=100)
     p.add_argument("--data-root", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="runs/mnist_nll")
     p.add_argument("--smoke", action="store_true", help="1 epoch, tiny nets, K=20, digits")
     p.add_argument("--smoke-mnist", action="store_true", help="smoke on an MNIST slice")
@@ -249,43 +257,65 @@ def main(argv=None) -> int:
             p.error(f"unknown config {n!r}; choose from {sorted(CONFIGS)} or 'all'")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Adam's second-moment buffers for always-off MNIST pixels turn subnormal and slow every
+    # step (benchmarks/RESULTS.md §2); this script owns its process, so it flushes them.
+    torch.set_flush_denormal(True)
     train, test, data_name = _data(args)
-    results_path = out / "mnist_nll.json"
-    report = json.loads(results_path.read_text()) if results_path.exists() else {"results": {}}
+    setup = {
+        "data": data_name,
+        "architecture": {
+            "z_dim": args.z_dim,
+            "hidden": args.hidden,
+            "activation": "ReLU",
+            "num_pseudo": args.num_pseudo,
+            "num_flows": args.num_flows,
+        },
+        "optimizer": {"name": "Adam", "lr": args.lr, "batch_size": args.batch_size},
+        "seed": args.seed,
+        "smoke": args.smoke,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "versions": {
+            "torch": torch.__version__,
+            "pyro": pyro.__version__,
+            "python": platform.python_version(),
+        },
+        "commit": _commit(),
+    }
     for name in names:
-        report["results"][name] = run_config(name, args, train, test, out)
-        print(f"{name}: -log p(x) = {report['results'][name]['nll']:.2f}", flush=True)
-    report.update(
-        {
-            "data": data_name,
-            "architecture": {
-                "z_dim": args.z_dim,
-                "hidden": args.hidden,
-                "activation": "ReLU",
-                "num_pseudo": args.num_pseudo,
-                "num_flows": args.num_flows,
-            },
-            "optimizer": {"name": "Adam", "lr": args.lr, "batch_size": args.batch_size},
-            "seed": args.seed,
-            "smoke": args.smoke,
-            "machine": {
-                "platform": platform.platform(),
-                "processor": platform.processor(),
-                "cpu_count": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(),
-            },
-            "versions": {
-                "torch": torch.__version__,
-                "pyro": pyro.__version__,
-                "python": platform.python_version(),
-            },
-            "commit": _commit(),
-        }
-    )
-    results_path.write_text(json.dumps(report, indent=2))
-    print(table(report["results"]))
-    print(f"wrote {results_path}")
+        result = {**run_config(name, args, train, test, out), **setup}
+        _write_json_atomic(out / f"{name}.json", result)
+        print(f"{name}: -log p(x) = {result['nll']:.2f}", flush=True)
+    results = collect(out)
+    _write_json_atomic(out / "mnist_nll.json", {"results": results})
+    print(table(results))
+    print(f"wrote {out / 'mnist_nll.json'}")
     return 0
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def collect(out: Path) -> dict:
+    """Every configuration's result in ``out`` (one ``CONFIG.json`` each), in table order.
+
+    Each configuration writes its own file, so runs of different configurations can share
+    ``out`` from separate processes.
+    """
+    return {
+        name: json.loads((out / f"{name}.json").read_text())
+        for name in CONFIGS
+        if (out / f"{name}.json").exists()
+    }
 
 
 if __name__ == "__main__":

@@ -15,8 +15,14 @@ __all__ = ["HMCRefinedELBO"]
 
 
 def _pick(accept: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Per-chain Metropolis choice: rows of ``new`` where ``accept``, else rows of ``old``."""
-    return torch.where(accept.reshape(-1, *[1] * (new.dim() - 1)), new, old)
+    """Per-chain Metropolis choice: ``new`` where ``accept`` (shape: the chains'), else ``old``."""
+    extra = new.dim() - accept.dim()
+    return torch.where(accept.reshape(*accept.shape, *[1] * extra), new, old)
+
+
+def _per_chain_sum(value: torch.Tensor, chain_shape: torch.Size) -> torch.Tensor:
+    """Sum of ``value`` over its event dims, leaving one entry per chain."""
+    return value.reshape(*chain_shape, -1).sum(-1)
 
 
 class HMCRefinedELBO(DerivedLossMixin, Trace_ELBO):
@@ -42,8 +48,14 @@ class HMCRefinedELBO(DerivedLossMixin, Trace_ELBO):
     with ``adapt_step_size`` ε is nudged multiplicatively towards ``target_accept`` after each
     call (ε ← ε exp(γ (a − a*)), γ = 0.5).
 
-    .. warning:: Every site of the model must lie in the ``"data"`` plate with batch shape
-        ``(B,)`` (one chain per data point), and the guide must be reparameterized.
+    All K particles and B data points run as K·B independent chains in one batched leapfrog
+    (particles are vectorized by default, as in every registered estimator), so the cost of a
+    step is T·L batched gradient evaluations of log p_θ(x, z), with no Python loop over data
+    points or particles.
+
+    .. warning:: Every site of the model must lie in the ``"data"`` plate, so that its
+        log-density has one entry per chain: shape ``(B,)``, or ``(K, B)`` with K > 1
+        vectorized particles. The guide must be reparameterized.
 
     :param num_hmc_steps: T ≥ 0 HMC transitions (0 gives the ordinary ELBO gradient).
     :param num_leapfrog: L ≥ 1 leapfrog steps per transition.
@@ -70,7 +82,7 @@ class HMCRefinedELBO(DerivedLossMixin, Trace_ELBO):
             raise ValueError(f"step_size must be positive and finite, got {step_size}")
         if not 0 < target_accept < 1:
             raise ValueError(f"target_accept must lie in (0, 1), got {target_accept}")
-        kwargs["vectorize_particles"] = False
+        kwargs.setdefault("vectorize_particles", True)
         kwargs.setdefault("max_plate_nesting", 1)
         super().__init__(**kwargs)
         self.num_hmc_steps, self.num_leapfrog = int(num_hmc_steps), int(num_leapfrog)
@@ -82,8 +94,8 @@ class HMCRefinedELBO(DerivedLossMixin, Trace_ELBO):
 
     @staticmethod
     def log_joint(model, values: dict, args, kwargs, scaled: bool = False) -> torch.Tensor:
-        """log p(x, z) with the latents fixed at ``values``: per data point ``(B,)``, or the
-        subsample-scaled total when ``scaled``."""
+        """log p(x, z) with the latents fixed at ``values``: one entry per chain (the shape
+        of every site's log-density), or the subsample-scaled total when ``scaled``."""
         trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
         if scaled:
             return trace.log_prob_sum()
@@ -93,18 +105,21 @@ class HMCRefinedELBO(DerivedLossMixin, Trace_ELBO):
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
             lp = site["unscaled_log_prob"]
-            if lp.dim() != 1:
+            if lp.dim() == 0 or (total is not None and lp.shape != total.shape):
                 raise ValueError(
-                    f"site {name!r} has log-density of shape {tuple(lp.shape)}; HMC refinement "
-                    "needs every site in the data plate with batch shape (B,) (one chain per "
-                    "data point)"
+                    f"site {name!r} has log-density of shape {tuple(lp.shape)}"
+                    + ("" if total is None else f", other sites {tuple(total.shape)}")
+                    + "; HMC refinement needs every site in the data plate, one log-density "
+                    "per chain (shape (B,), or (K, B) with vectorized particles)"
                 )
             total = lp if total is None else total + lp
+        if total is None:
+            raise ValueError("the model has no sample sites to refine against")
         return total
 
     def refine(self, model, init: dict, args, kwargs) -> tuple[dict, torch.Tensor]:
         """Run the HMC transitions from ``init``; returns the final values and the per-chain
-        acceptance rates ``(B,)``."""
+        acceptance probabilities, averaged over the transitions (shape: the chains')."""
         eps = self.step_size
         z = {k: v.detach() for k, v in init.items()}
 
@@ -115,12 +130,20 @@ class HMCRefinedELBO(DerivedLossMixin, Trace_ELBO):
                 grads = torch.autograd.grad(logp.sum(), list(leaves.values()))
             return -logp.detach(), dict(zip(leaves, (-g for g in grads), strict=True))
 
-        def kinetic(p):
-            return sum(0.5 * v.pow(2).reshape(v.shape[0], -1).sum(-1) for v in p.values())
-
         accepted = 0.0
         with poutine.block():
             u, grad_u = potential_and_grad(z)
+            chains = u.shape
+            for k, v in z.items():
+                if v.shape[: len(chains)] != chains:
+                    raise ValueError(
+                        f"latent {k!r} of shape {tuple(v.shape)} does not lead with the "
+                        f"chains' shape {tuple(chains)} (the model's log-density shape)"
+                    )
+
+            def kinetic(p):
+                return sum(0.5 * _per_chain_sum(v.pow(2), chains) for v in p.values())
+
             for _ in range(self.num_hmc_steps):
                 p = {k: torch.randn_like(v) for k, v in z.items()}
                 h0 = u + kinetic(p)
@@ -143,6 +166,9 @@ class HMCRefinedELBO(DerivedLossMixin, Trace_ELBO):
         return z, torch.as_tensor(rate)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        # With vectorized particles the refinement runs the model inside the same particle
+        # plate as the traces, so the K·B chains are one batch.
+        target = self._vectorized_num_particles(model) if self.vectorize_particles else model
         loss = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             latents = {
@@ -159,12 +185,12 @@ class HMCRefinedELBO(DerivedLossMixin, Trace_ELBO):
             surrogate = elbo
             if self.num_hmc_steps > 0:
                 z0 = {k: v.detach() for k, v in latents.items()}
-                z_t, rate = self.refine(model, z0, args, kwargs)
+                z_t, rate = self.refine(target, z0, args, kwargs)
                 self.last_refined = z_t
                 surrogate = (
                     surrogate
-                    - self.log_joint(model, z0, args, kwargs, scaled=True)
-                    + self.log_joint(model, z_t, args, kwargs, scaled=True)
+                    - self.log_joint(target, z0, args, kwargs, scaled=True)
+                    + self.log_joint(target, z_t, args, kwargs, scaled=True)
                 )
                 self._record(rate.mean().item())
             value = elbo.detach()

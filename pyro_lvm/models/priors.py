@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule
 
+from pyro_lvm.distributions import DiagonalNormalMixture
+
 __all__ = ["MixtureOfGaussiansPrior", "StandardNormalPrior", "VampPrior"]
 
 
@@ -61,8 +63,7 @@ class MixtureOfGaussiansPrior(PyroModule):
 
     def forward(self) -> dist.Distribution:
         scales = F.softplus(self.raw_scales) + self.min_scale
-        components = dist.Normal(self.locs, scales).to_event(1)
-        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+        return DiagonalNormalMixture(self.logits, self.locs, scales)
 
 
 class VampPrior(PyroModule):
@@ -123,4 +124,18 @@ class VampPrior(PyroModule):
                 f"{tuple(components.event_shape)}"
             )
         logits = torch.zeros(self.num_pseudo, dtype=self.pseudo_inputs.dtype)
+        if _is_diagonal_normal(components):
+            # the usual encoder: score with matrix products, not a (N, K, D) broadcast
+            base = components.base_dist
+            return DiagonalNormalMixture(logits, base.loc, base.scale)
         return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
+
+
+def _is_diagonal_normal(d: dist.Distribution) -> bool:
+    return (
+        isinstance(d, dist.Independent)
+        and type(d.base_dist) in (dist.Normal, torch.distributions.Normal)
+        and d.reinterpreted_batch_ndims == 1
+        and d.base_dist.loc.dim() == 2
+        and d.base_dist.loc.shape == d.base_dist.scale.shape
+    )
