@@ -50,7 +50,7 @@ class DiagonalNormalMixture(TorchDistribution):
         logits: torch.Tensor,
         loc: torch.Tensor,
         scale: torch.Tensor,
-        batch_shape: torch.Size | tuple[int, ...] = torch.Size(),
+        batch_shape: torch.Size | tuple[int, ...] = (),
         validate_args: bool | None = None,
     ):
         if loc.dim() != 2 or scale.shape != loc.shape or logits.shape != loc.shape[:1]:
@@ -93,8 +93,8 @@ class DiagonalNormalMixture(TorchDistribution):
         mean = (weights * self.loc).sum(0)
         return (second - mean.pow(2)).expand(self.batch_shape + self.event_shape)
 
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        shape = self._extended_shape(sample_shape)
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
         with torch.no_grad():
             k = Categorical(logits=self.logits).sample(shape[:-1])
             noise = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)

@@ -15,7 +15,9 @@ def _pair(dtype=torch.float64, seed=0):
     logits = torch.randn(K, generator=g, dtype=dtype)
     loc = 2 * torch.randn(K, D, generator=g, dtype=dtype)
     scale = torch.rand(K, D, generator=g, dtype=dtype) + 0.05
-    ref = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+    ref = dist.MixtureSameFamily(
+        dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1)
+    )
     return DiagonalNormalMixture(logits, loc, scale), ref, (logits, loc, scale)
 
 
@@ -32,9 +34,13 @@ def test_gradients_equal_mixture_same_family():
     z = torch.randn(9, D, dtype=torch.float64, requires_grad=True)
     ours = DiagonalNormalMixture(*leaves).log_prob(z).sum()
     g_ours = torch.autograd.grad(ours, [*leaves, z])
-    ref = dist.MixtureSameFamily(
-        dist.Categorical(logits=leaves[0]), dist.Normal(leaves[1], leaves[2]).to_event(1)
-    ).log_prob(z).sum()
+    ref = (
+        dist.MixtureSameFamily(
+            dist.Categorical(logits=leaves[0]), dist.Normal(leaves[1], leaves[2]).to_event(1)
+        )
+        .log_prob(z)
+        .sum()
+    )
     g_ref = torch.autograd.grad(ref, [*leaves, z])
     for a, b in zip(g_ours, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

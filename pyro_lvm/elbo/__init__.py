@@ -12,6 +12,7 @@ from pyro_lvm.elbo.registry import (
     DIVERGENCE_NAMES,
     ELBO_NAMES,
     ESTIMATORS,
+    REFINED_NAMES,
     make_estimator,
 )
 from pyro_lvm.elbo.renyi import RenyiBound
@@ -30,6 +31,7 @@ __all__ = [
     "InfoVAE",
     "MMDELBO",
     "NVILBaseline",
+    "REFINED_NAMES",
     "RenyiBound",
     "STL",
     "ScoreFunctionELBO",

@@ -64,6 +64,10 @@ class HMCRefinedELBO(DerivedLossMixin, Trace_ELBO):
     :param target_accept: a* in (0, 1).
     """
 
+    #: the step size adapts and the acceptance is recorded in Python between calls, which a
+    #: ``torch.jit`` trace would freeze: FastSVI and ``optimize_local`` run this loss eagerly.
+    traceable = False
+
     def __init__(
         self,
         num_hmc_steps: int = 5,

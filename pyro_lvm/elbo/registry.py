@@ -7,6 +7,7 @@ from functools import partial
 
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
+from pyro_lvm.elbo.hmc_refined import HMCRefinedELBO
 from pyro_lvm.elbo.iwae import IWAE
 from pyro_lvm.elbo.mmd import WAEMMD, InfoVAE
 from pyro_lvm.elbo.renyi import RenyiBound
@@ -14,7 +15,14 @@ from pyro_lvm.elbo.score_function import ScoreFunctionELBO
 from pyro_lvm.elbo.stl import STL
 from pyro_lvm.elbo.vimco import VIMCO
 
-__all__ = ["BOUND_NAMES", "DIVERGENCE_NAMES", "ELBO_NAMES", "ESTIMATORS", "make_estimator"]
+__all__ = [
+    "BOUND_NAMES",
+    "DIVERGENCE_NAMES",
+    "ELBO_NAMES",
+    "ESTIMATORS",
+    "REFINED_NAMES",
+    "make_estimator",
+]
 
 
 def _pyro_elbo(cls: type[ELBO], num_particles: int = 1, **kwargs) -> ELBO:
@@ -42,6 +50,8 @@ ESTIMATORS: dict[str, Callable[..., ELBO]] = {
     # Alternative objectives: MMD between the minibatch's aggregate q(z) and p(z).
     "mmd-vae": partial(_pyro_elbo, InfoVAE),
     "wae-mmd": partial(_pyro_elbo, WAEMMD),
+    # The ELBO for the encoder, HMC-refined posterior samples for the decoder (Hoffman 2017).
+    "hmc-refined": partial(_pyro_elbo, HMCRefinedELBO),
 }
 
 #: the names whose objective is the ELBO itself (their mean gradient is the ELBO's); the
@@ -63,8 +73,12 @@ ELBO_NAMES = frozenset(
 #: divergence between the aggregate posterior and the prior (InfoVAE, WAE).
 DIVERGENCE_NAMES = frozenset({"mmd-vae", "wae-mmd"})
 
+#: estimators whose value is the ELBO but whose model gradient comes from MCMC-refined
+#: posterior samples: neither an ELBO gradient nor a bound's.
+REFINED_NAMES = frozenset({"hmc-refined"})
+
 #: the names of multi-sample bounds: ELBO at K = 1, between the ELBO and log p(x) for K > 1.
-BOUND_NAMES = frozenset(ESTIMATORS) - ELBO_NAMES - DIVERGENCE_NAMES
+BOUND_NAMES = frozenset(ESTIMATORS) - ELBO_NAMES - DIVERGENCE_NAMES - REFINED_NAMES
 
 
 def make_estimator(name: str, num_particles: int = 1, **kwargs) -> ELBO:

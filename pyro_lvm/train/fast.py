@@ -144,6 +144,10 @@ class FastSVI:
             self._fall_back("the optimizer is a scheduler or clips gradients; using pyro SVI")
         if not hasattr(loss, "differentiable_loss"):
             self._disable_jit(f"{type(loss).__name__} has no differentiable_loss")
+        elif not getattr(loss, "traceable", True):
+            self._disable_jit(
+                f"{type(loss).__name__} keeps Python state across steps (traceable = False)"
+            )
         self._own_reasons = (self.fallback_reason, self.jit_reason)
 
     # ------------------------------------------------------------------ bookkeeping

@@ -99,6 +99,8 @@ class _TracedInnerLoss:
 
     def traced(self) -> torch.Tensor | None:
         """The traced objective, or ``None`` when this signature runs eagerly."""
+        if not getattr(self.estimator, "traceable", True):
+            return None  # the estimator keeps Python state across calls (e.g. HMC's step size)
         if self.entry is None:
             entries = self._cache[self.estimator]
             self.entry = entries[self.key] = self._compile()
