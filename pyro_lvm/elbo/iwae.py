@@ -102,7 +102,6 @@ class IWAE(MultiSampleELBO):
             )
         self.gradient = gradient
         self._stop_guide = gradient in ("stl", "dreg")
-        self._rescale_sample_path = gradient == "dreg"
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -115,6 +114,12 @@ class IWAE(MultiSampleELBO):
             f"{type(self).__name__}(num_particles={self.num_particles}, gradient={self.gradient!r})"
         )
 
+    @property
+    def _rescale_sample_path(self) -> bool:
+        # At K = 1 the normalized weight is exactly 1, so DReG's path scale α + (1 - α) w̃ is
+        # exactly 1 and the estimator is STL's: skip the path-scaling machinery.
+        return self.gradient == "dreg" and self.num_particles > 1
+
     def _learning_signal(self, log_w: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
         """Per-particle learning signal of the score-function term (shape of ``log_w``)."""
         return bound.expand_as(log_w)
@@ -126,6 +131,21 @@ class IWAE(MultiSampleELBO):
                 f"{', '.join(map(repr, weights.nonreparam_sites))} have no rsample; use "
                 "gradient='reparam' (score function there) or VIMCO for discrete latents"
             )
+        if weights.num_particles == 1:
+            # K = 1: the normalized weight is exactly 1 and the bound is log w, the ELBO
+            # (for every α); skip the softmax and logsumexp, whose ops cost per step.
+            bound = weights.log_w[0]
+            stopped = self.gradient != "reparam"
+            surrogate = (weights.log_w_stop if stopped else weights.log_w)[0]
+        else:
+            bound, surrogate = self._multi_particle(weights)
+        if weights.score is not None:
+            signal = self._learning_signal(weights.log_w.detach(), bound.detach())
+            surrogate = surrogate + (signal * weights.score).sum(0)
+        return bound, surrogate
+
+    def _multi_particle(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bound and surrogate (before any score-function term) for K ≥ 2 particles."""
         one_minus_alpha = 1.0 - self._alpha
         scaled = one_minus_alpha * weights.log_w
         bound = (scaled.logsumexp(0) - math.log(weights.num_particles)) / one_minus_alpha
@@ -141,9 +161,6 @@ class IWAE(MultiSampleELBO):
             surrogate = (w * weights.log_w_stop).sum(0)
             path_scale = self._alpha + one_minus_alpha * w
             surrogate = self.scale_sample_path(weights, surrogate, path_scale)
-        if weights.score is not None:
-            signal = self._learning_signal(weights.log_w.detach(), bound.detach())
-            surrogate = surrogate + (signal * weights.score).sum(0)
         return bound, surrogate
 
 

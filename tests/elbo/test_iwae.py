@@ -135,3 +135,25 @@ def test_bound_increases_with_k_towards_log_evidence():
         assert means[i] < log_px + Z * ses[i]  # a lower bound
     assert means[-1] - means[0] > Z * math.hypot(ses[0], ses[-1])  # strictly tighter
     assert log_px - means[-1] < 0.5 * (log_px - means[0])  # closes most of the gap
+
+
+def test_dreg_at_one_particle_is_stl_draw_for_draw():
+    """At K = 1, w̃ = 1: DReG's path scale α + (1 - α) w̃ is 1 and the estimator is STL's."""
+    from pyro_lvm.elbo import STL, RenyiBound
+
+    init = lg_params(5)
+    for dreg in (
+        IWAE(1, gradient="dreg", max_plate_nesting=1),
+        RenyiBound(0.5, 1, "dreg", max_plate_nesting=1),
+    ):
+        results = []
+        for est in (dreg, STL(1, max_plate_nesting=1)):
+            model = functools.partial(lg_model, init=init)
+            guide = functools.partial(lg_guide, init=init)
+            pyro.clear_param_store()
+            results.append(loss_and_grad(est, model, guide, lg_data(5), seed=11))
+        (loss_a, grad_a), (loss_b, grad_b) = results
+        torch.testing.assert_close(loss_a, loss_b, rtol=1e-12, atol=0)
+        assert grad_a.keys() == grad_b.keys()
+        for name in grad_a:
+            torch.testing.assert_close(grad_a[name], grad_b[name], rtol=1e-12, atol=1e-14)
