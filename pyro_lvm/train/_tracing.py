@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from numbers import Number
 from typing import Any
@@ -13,7 +13,14 @@ from pyro.infer import ELBO
 from pyro.infer.util import torch_item
 from pyro.poutine.messenger import Messenger
 
-__all__ = ["Recorder", "input_key", "traceable_torch_item"]
+__all__ = [
+    "Recorder",
+    "default_rtol",
+    "input_key",
+    "perturbed",
+    "tensors_agree",
+    "traceable_torch_item",
+]
 
 
 class Recorder(Messenger):
@@ -74,3 +81,54 @@ def input_key(args: tuple, kwargs: dict) -> str:
             return ("id", id(v))
 
     return repr((tuple(map(one, args)), tuple((k, one(v)) for k, v in sorted(kwargs.items()))))
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Relative tolerance of a trace verification: 1% of √ε of ``dtype``."""
+    return 0.01 * torch.finfo(dtype).eps ** 0.5
+
+
+def tensors_agree(
+    value: torch.Tensor,
+    reference: torch.Tensor,
+    grads: Sequence[torch.Tensor | None],
+    reference_grads: Sequence[torch.Tensor | None],
+    rtol: float,
+) -> bool:
+    """Whether a traced loss and its gradients match the eager ones.
+
+    Values compare at ``rtol``; each gradient at ``rtol`` with an absolute floor of ``rtol``
+    times the reference gradient's largest entry. A gradient present on one side only is a
+    mismatch.
+    """
+    close = bool(torch.allclose(value.detach(), reference.detach().to(value.dtype), rtol=rtol))
+    for g, h in zip(grads, reference_grads, strict=True):
+        if (g is None) != (h is None):
+            return False
+        if g is not None:
+            close &= bool(torch.allclose(g, h, rtol=rtol, atol=rtol * float(h.abs().max())))
+    return close
+
+
+@contextmanager
+def perturbed(tensors: Sequence[torch.Tensor], shift: float = 0.0) -> Iterator[None]:
+    """Move ``tensors`` in place to ``t (1 + 0.3 ε) + shift ε`` and restore them on exit.
+
+    ε is standard normal from a private generator (seed 0), so the random stream of the run
+    is untouched. Python numbers computed from tensors (``float(t)``, ``t.item()``) are
+    constants in a trace; a verification at the moved point sees them. ``shift`` moves
+    entries that are exactly zero too.
+    """
+    saved = [t.detach().clone() for t in tensors]
+    device = tensors[0].device if tensors else "cpu"
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for t in tensors:
+            noise = torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype)
+            t.mul_(1 + 0.3 * noise).add_(shift * noise)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, v in zip(tensors, saved, strict=True):
+                t.copy_(v)

@@ -15,7 +15,14 @@ from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 from pyro.util import ignore_jit_warnings
 
-from pyro_lvm.train._tracing import Recorder, input_key, traceable_torch_item
+from pyro_lvm.train._tracing import (
+    Recorder,
+    default_rtol,
+    input_key,
+    perturbed,
+    tensors_agree,
+    traceable_torch_item,
+)
 
 __all__ = ["FastSVI"]
 
@@ -249,15 +256,9 @@ class FastSVI:
         grads = torch.autograd.grad(traced, params, allow_unused=True)
         pyro.util.set_rng_state(rng)
         value, rec = self._eager(args, kwargs, validate=False)
-        rtol = self.rtol or 0.01 * torch.finfo(traced.dtype).eps ** 0.5
-        close = torch.allclose(
-            traced.detach(), torch.as_tensor(value, dtype=traced.dtype), rtol=rtol
-        )
-        for p, g in zip(params, grads, strict=True):
-            if (g is None) != (p.grad is None):
-                close = False
-            elif g is not None:
-                close &= torch.allclose(g, p.grad, rtol=rtol, atol=rtol * float(p.grad.abs().max()))
+        rtol = self.rtol or default_rtol(traced.dtype)
+        eager_grads = [p.grad for p in params]
+        close = tensors_agree(traced, torch.as_tensor(value), grads, eager_grads, rtol)
         return close, value, rec
 
     def _verify(self, key: str, args: tuple, kwargs: dict) -> float:
@@ -269,19 +270,12 @@ class FastSVI:
         """
         params = list(self._params.values())
         rng = pyro.util.get_rng_state()
-        saved = [p.detach().clone() for p in params]
-        gen = torch.Generator(device=params[0].device if params else "cpu").manual_seed(0)
-        with torch.no_grad():
-            for p in params:
-                noise = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
-                p.mul_(1 + 0.3 * noise)
         try:
-            far, _, _ = self._agree(key, args, kwargs)
+            with perturbed(params):
+                far, _, _ = self._agree(key, args, kwargs)
         finally:
-            with torch.no_grad():
-                for p, v in zip(params, saved, strict=True):
-                    p.copy_(v)
-                    p.grad = None
+            for p in params:
+                p.grad = None
             pyro.util.set_rng_state(rng)
         near, value, rec = self._agree(key, args, kwargs)
         if not self._check_structure(key, rec):
