@@ -259,9 +259,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # Adam's second-moment buffers for always-off MNIST pixels turn subnormal and slow every
-    # step (benchmarks/RESULTS.md §2); this script owns its process, so it flushes them.
-    torch.set_flush_denormal(True)
+    if not args.smoke:
+        # Adam's second-moment buffers for always-off MNIST pixels turn subnormal and slow
+        # every step (benchmarks/RESULTS.md §2); a real run owns its process and flushes them
+        # (the smoke run may share a test process, whose global state it leaves alone).
+        torch.set_flush_denormal(True)
     train, test, data_name = _data(args)
     setup = {
         "data": data_name,
