@@ -3,9 +3,13 @@
 Each configuration is trained with :func:`pyro_lvm.train.fit` on statically binarized MNIST
 (50,000 training images) and scored on the 10,000 test images by importance sampling,
 ``-log p(x) ≈ -log (1/K) Σ_k p(x, z_k) / q(z_k | x)`` with K = 5000 (Burda et al. 2016).
+The model scored is the one with the best validation bound (the 10,000 validation images,
+checked after every epoch); training stops after ``--patience`` epochs without a better one,
+as in the papers, because these models overfit static MNIST within tens of epochs.
 Training resumes from ``OUT/CONFIG.pt`` when it exists, so a long schedule can run in pieces:
-``--epochs`` is the total to reach. The JSON records every figure with its budget (epochs,
-steps, seconds), the machine, versions and the commit; absolute times hold for that machine.
+``--epochs`` is the most to reach. The JSON records every figure with its budget (epochs,
+best epoch, seconds), the machine, versions and the commit; absolute times hold for that
+machine.
 
     python benchmarks/mnist_nll.py --config vae --epochs 100 --out runs/mnist_nll
     python benchmarks/mnist_nll.py --config all --epochs 2000 --out runs/mnist_nll  # resumes
@@ -36,7 +40,7 @@ from pyro_lvm.evaluate.collapse import active_units
 from pyro_lvm.guides import AmortizedFlowGuide, AmortizedGaussianGuide
 from pyro_lvm.handlers import KLWeightedELBO
 from pyro_lvm.models import VAE, HierarchicalVAE, VampPrior
-from pyro_lvm.train import fit, read_checkpoint
+from pyro_lvm.train import EarlyStopping, fit, read_checkpoint
 
 #: configuration -> (estimator name, particles, published NLL in nats with its source).
 CONFIGS: dict[str, dict] = {
@@ -117,18 +121,23 @@ def _commit() -> str:
 
 
 def _data(args):
+    """Train, validation and test sets, and the data's name."""
     if args.smoke and not args.smoke_mnist:
-        return load_digits("train"), load_digits("test"), "digits-8x8 (smoke)"
+        train, test = load_digits("train"), load_digits("test")
+        return train[100:], train[:100], test, "digits-8x8 (smoke)"
     train = load_binarized_mnist("train", root=args.data_root)
+    valid = load_binarized_mnist("valid", root=args.data_root)
     test = load_binarized_mnist("test", root=args.data_root)
     if args.smoke:
-        return train[:500], test[:100], "static MNIST slice (smoke)"
+        return train[:500], valid[:100], test[:100], "static MNIST slice (smoke)"
     if args.test_points:
         test = test[: args.test_points]
-    return train, test, "static binarized MNIST (Larochelle & Murray 2011)"
+    return train, valid, test, "static binarized MNIST (Larochelle & Murray 2011)"
 
 
-def run_config(name: str, args, train: torch.Tensor, test: torch.Tensor, out: Path) -> dict:
+def run_config(
+    name: str, args, train: torch.Tensor, valid: torch.Tensor, test: torch.Tensor, out: Path
+) -> dict:
     cfg = CONFIGS[name]
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
@@ -153,6 +162,8 @@ def run_config(name: str, args, train: torch.Tensor, test: torch.Tensor, out: Pa
     loss, particles = cfg["loss"], cfg["K"]
     if args.warmup_epochs:
         loss, particles = KLWeightedELBO(make_estimator(loss, particles), beta), 1
+    # the parameters of the best validation bound are the ones scored, as in the papers
+    stopper = EarlyStopping(model, guide, out / f"{name}.best.pt", patience=args.patience)
     history = fit(
         model,
         guide,
@@ -162,13 +173,15 @@ def run_config(name: str, args, train: torch.Tensor, test: torch.Tensor, out: Pa
         optimizer=pyro.optim.Adam({"lr": args.lr}),
         num_epochs=args.epochs,
         batch_size=args.batch_size,
+        valid_data=valid,
         seed=args.seed,
         checkpoint=ckpt,
         resume=ckpt.exists(),
         progress=not args.smoke,
-        callbacks=[next_epoch],
+        callbacks=[next_epoch, stopper],
         extra={"config": name},
     )
+    best_epoch = stopper.restore()
     t0 = time.perf_counter()
     pyro.set_rng_seed(args.seed + 1)
     ll = log_likelihood(
@@ -187,6 +200,9 @@ def run_config(name: str, args, train: torch.Tensor, test: torch.Tensor, out: Pa
         "nll_se": (ll.std() / math.sqrt(ll.numel())).item(),
         "train_epoch_losses": history.epoch_losses[-3:],
         "epochs": history.epochs,
+        "best_epoch": best_epoch,
+        "best_valid_elbo": stopper.best,
+        "patience": args.patience,
         "steps": history.epochs * steps_per_epoch,
         "train_seconds": history.seconds,
         "eval_seconds": eval_seconds,
@@ -237,6 +253,12 @@ def main(argv=None) -> int:
     p.add_argument("--num-pseudo", type=int, default=500)
     p.add_argument("--num-flows", type=int, default=10)
     p.add_argument("--warmup-epochs", type=int, default=0, help="linear KL warm-up length")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=20,
+        help="stop after this many epochs without a better validation bound",
+    )
     p.add_argument("--eval-samples", type=int, default=5000, help="K of the IS estimate")
     p.add_argument("--test-points", type=int, default=0, help="score the first N (0: all)")
     p.add_argument("--data-chunk", type=int, default=100)
@@ -264,7 +286,7 @@ def main(argv=None) -> int:
         # every step (benchmarks/RESULTS.md §2); a real run owns its process and flushes them
         # (the smoke run may share a test process, whose global state it leaves alone).
         torch.set_flush_denormal(True)
-    train, test, data_name = _data(args)
+    train, valid, test, data_name = _data(args)
     setup = {
         "data": data_name,
         "architecture": {
@@ -291,7 +313,7 @@ def main(argv=None) -> int:
         "commit": _commit(),
     }
     for name in names:
-        result = {**run_config(name, args, train, test, out), **setup}
+        result = {**run_config(name, args, train, valid, test, out), **setup}
         _write_json_atomic(out / f"{name}.json", result)
         print(f"{name}: -log p(x) = {result['nll']:.2f}", flush=True)
     results = collect(out)

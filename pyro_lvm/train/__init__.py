@@ -7,6 +7,7 @@ from pyro_lvm.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from pyro_lvm.train.early_stopping import EarlyStopping
 from pyro_lvm.train.fast import FastSVI
 from pyro_lvm.train.fit import NonFiniteLossError, fit
 from pyro_lvm.train.fit_local import LocalFitHistory, LocalOptResult, fit_local, optimize_local
@@ -15,6 +16,7 @@ from pyro_lvm.train.restore import vae_config, vae_from_checkpoint
 
 __all__ = [
     "CheckpointError",
+    "EarlyStopping",
     "FastSVI",
     "FitHistory",
     "NonFiniteLossError",
