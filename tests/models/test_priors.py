@@ -92,3 +92,30 @@ def test_bad_inputs_raise():
         VampPrior(guide.posterior, X_DIM, init=torch.zeros(3, X_DIM + 1))
     with pytest.raises(ValueError, match="batch shape"):
         VampPrior(lambda u: guide.posterior(u[0]), X_DIM, num_pseudo=3)()
+
+
+def test_vamp_prior_scores_diagonal_encoders_fast_and_others_as_a_mixture():
+    """A diagonal-Gaussian encoder gives the matmul-scored mixture, equal to MixtureSameFamily;
+    any other posterior (here a full-covariance Gaussian) falls back to MixtureSameFamily."""
+    import pyro.distributions as dist
+
+    from pyro_lvm.distributions import DiagonalNormalMixture
+
+    weight = torch.randn(X_DIM, Z_DIM)
+
+    def diagonal(u):
+        return dist.Normal(u @ weight, torch.nn.functional.softplus(u @ weight) + 0.1).to_event(1)
+
+    def full(u):
+        return dist.MultivariateNormal(u @ weight, torch.eye(Z_DIM).expand(u.shape[0], -1, -1))
+
+    z = torch.randn(6, Z_DIM)
+    prior = VampPrior(diagonal, X_DIM, num_pseudo=4)
+    fast = prior()
+    assert isinstance(fast, DiagonalNormalMixture)
+    reference = dist.MixtureSameFamily(
+        dist.Categorical(logits=torch.zeros(4)), diagonal(prior.pseudo_inputs)
+    )
+    torch.testing.assert_close(fast.log_prob(z), reference.log_prob(z))
+    slow = VampPrior(full, X_DIM, num_pseudo=4)()
+    assert isinstance(slow, dist.MixtureSameFamily) and slow.log_prob(z).shape == (6,)
