@@ -40,6 +40,7 @@ from pyro_lvm.evaluate.collapse import active_units
 from pyro_lvm.guides import AmortizedFlowGuide, AmortizedGaussianGuide
 from pyro_lvm.handlers import KLWeightedELBO
 from pyro_lvm.models import VAE, HierarchicalVAE, VampPrior
+from pyro_lvm.nn import NetworkFactory, gated_mlp, mlp
 from pyro_lvm.train import EarlyStopping, fit, read_checkpoint
 
 #: configuration -> (estimator name, particles, published NLL in nats with its source).
@@ -80,16 +81,18 @@ def build(
     num_pseudo: int,
     num_flows: int,
     init: torch.Tensor,
+    network: NetworkFactory = mlp,
 ):
-    """The model (with its guide as ``.guide``) of configuration ``name``."""
+    """The model (with its guide as ``.guide``) of configuration ``name``; ``network`` builds
+    every encoder and decoder (:func:`~pyro_lvm.nn.gated_mlp` for the VampPrior paper's)."""
     if name in ("vae", "iwae-k50"):
-        return VAE(x_dim, z_dim, hidden=hidden)
+        return VAE(x_dim, z_dim, hidden=hidden, network=network)
     if name == "vae-vamp":
-        guide = AmortizedGaussianGuide(x_dim, z_dim, hidden)
+        guide = AmortizedGaussianGuide(x_dim, z_dim, hidden, network=network)
         prior = VampPrior(guide.posterior, x_dim, init=init[:num_pseudo])
-        return VAE(x_dim, z_dim, hidden=hidden, prior=prior, guide=guide)
+        return VAE(x_dim, z_dim, hidden=hidden, prior=prior, guide=guide, network=network)
     if name == "hvae-vamp":
-        hvae = HierarchicalVAE(x_dim, z_dim, z_dim, hidden=hidden)
+        hvae = HierarchicalVAE(x_dim, z_dim, z_dim, hidden=hidden, network=network)
         hvae.prior = VampPrior(hvae.guide.posterior, x_dim, init=init[:num_pseudo])
         return hvae
     if name == "vae-flow":
@@ -101,8 +104,9 @@ def build(
             hidden=hidden,
             context_dim=2 * z_dim,
             flow_hidden=(2 * z_dim,),
+            network=network,
         )
-        return VAE(x_dim, z_dim, hidden=hidden, guide=guide)
+        return VAE(x_dim, z_dim, hidden=hidden, guide=guide, network=network)
     raise ValueError(f"unknown config {name!r}; choose from {sorted(CONFIGS)} or 'all'")
 
 
@@ -143,7 +147,14 @@ def run_config(
     pyro.set_rng_seed(args.seed)
     init = train[torch.randperm(train.shape[0])[: args.num_pseudo]]
     model = build(
-        name, train.shape[1], args.z_dim, tuple(args.hidden), args.num_pseudo, args.num_flows, init
+        name,
+        train.shape[1],
+        args.z_dim,
+        tuple(args.hidden),
+        args.num_pseudo,
+        args.num_flows,
+        init,
+        network=gated_mlp if args.gated else mlp,
     )
     guide = model.guide
     ckpt = out / f"{name}.pt"
@@ -151,19 +162,28 @@ def run_config(
     steps_per_epoch = math.ceil(train.shape[0] / args.batch_size)
     state = {"epoch": done}
 
-    def beta() -> float:  # linear KL warm-up over --warmup-epochs, updated once per epoch
+    def beta() -> float:  # linear KL warm-up: β = e / W in epoch e = 1..W (Tomczak & Welling)
         if args.warmup_epochs == 0:
             return 1.0
-        return min(1.0, state["epoch"] / args.warmup_epochs)
+        return min(1.0, (state["epoch"] + 1) / args.warmup_epochs)
 
     def next_epoch(history) -> None:
         state["epoch"] = history.epochs
 
-    loss, particles = cfg["loss"], cfg["K"]
+    loss, particles, valid_loss = cfg["loss"], cfg["K"], None
     if args.warmup_epochs:
-        loss, particles = KLWeightedELBO(make_estimator(loss, particles), beta), 1
-    # the parameters of the best validation bound are the ones scored, as in the papers
-    stopper = EarlyStopping(model, guide, out / f"{name}.best.pt", patience=args.patience)
+        # train on the annealed bound, validate (and stop) on the bound itself
+        valid_loss = make_estimator(loss, particles)
+        loss, particles = KLWeightedELBO(valid_loss, beta), 1
+    # the parameters of the best validation bound are the ones scored, as in the papers; no
+    # stopping during the warm-up, whose β < 1 moves the bound for reasons of its own
+    stopper = EarlyStopping(
+        model,
+        guide,
+        out / f"{name}.best.pt",
+        patience=args.patience,
+        min_epochs=args.warmup_epochs,
+    )
     history = fit(
         model,
         guide,
@@ -174,6 +194,7 @@ def run_config(
         num_epochs=args.epochs,
         batch_size=args.batch_size,
         valid_data=valid,
+        valid_loss=valid_loss,
         seed=args.seed,
         checkpoint=ckpt,
         resume=ckpt.exists(),
@@ -226,6 +247,8 @@ def table(results: dict) -> str:
     for name, r in results.items():
         pub = "; ".join(f"{k}: {v}" for k, v in r["published"].items())
         objective = r["loss"] if r["num_particles"] == 1 else f"{r['loss']} K={r['num_particles']}"
+        if r.get("architecture", {}).get("activation") == "GatedDense":
+            objective += ", gated units"
         if r.get("warmup_epochs"):
             objective += f", KL warm-up {r['warmup_epochs']} ep"
         threads = r.get("machine", {}).get("torch_threads", "?")
@@ -253,6 +276,11 @@ def main(argv=None) -> int:
     p.add_argument("--num-pseudo", type=int, default=500)
     p.add_argument("--num-flows", type=int, default=10)
     p.add_argument("--warmup-epochs", type=int, default=0, help="linear KL warm-up length")
+    p.add_argument(
+        "--gated",
+        action="store_true",
+        help="gated dense hidden layers (the VampPrior paper's networks) instead of ReLU",
+    )
     p.add_argument(
         "--patience",
         type=int,
@@ -292,7 +320,7 @@ def main(argv=None) -> int:
         "architecture": {
             "z_dim": args.z_dim,
             "hidden": args.hidden,
-            "activation": "ReLU",
+            "activation": "GatedDense" if args.gated else "ReLU",
             "num_pseudo": args.num_pseudo,
             "num_flows": args.num_flows,
         },

@@ -106,6 +106,7 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
     import torch
 
     from pyro_lvm.models import VAE
+    from pyro_lvm.nn import NETWORKS
     from pyro_lvm.train import fit
 
     out.mkdir(parents=True, exist_ok=True)
@@ -119,6 +120,7 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
         x_dim=int(x_train.shape[1]),
         z_dim=args.z_dim,
         hidden=list(args.hidden),
+        network=args.network,
         likelihood="bernoulli",
         estimator=args.estimator,
         num_particles=args.particles,
@@ -127,7 +129,9 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
         seed=args.seed,
         image_shape=list(image_shape),
     )
-    vae = VAE(config["x_dim"], config["z_dim"], tuple(config["hidden"]))
+    vae = VAE(
+        config["x_dim"], config["z_dim"], tuple(config["hidden"]), network=NETWORKS[args.network]
+    )
     checkpoint = out / "checkpoint.pt"
     start = time.perf_counter()
     history = fit(
@@ -227,6 +231,7 @@ def _add_training_arguments(
     p: argparse.ArgumentParser, *, epochs: int, z_dim: int, hidden: str
 ) -> None:
     from pyro_lvm.elbo import ESTIMATORS
+    from pyro_lvm.nn import NETWORKS
 
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--z-dim", type=_positive_int, default=z_dim, help="latent dimension")
@@ -235,6 +240,12 @@ def _add_training_arguments(
         type=_int_list,
         default=_int_list(hidden),
         help="hidden widths, comma separated (decoder; the encoder mirrors them)",
+    )
+    p.add_argument(
+        "--network",
+        default="mlp",
+        choices=sorted(NETWORKS),
+        help="hidden layers: 'mlp' (ReLU) or 'gated' (GatedDense, as in the VampPrior paper)",
     )
     p.add_argument(
         "--estimator",

@@ -1,13 +1,40 @@
-"""Plain PyTorch building blocks (no Pyro effects): MLPs and parameter heads."""
+"""Plain PyTorch building blocks (no Pyro effects): MLPs, gated layers and parameter heads."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["mlp", "SplitHead"]
+__all__ = ["NETWORKS", "GatedDense", "NetworkFactory", "SplitHead", "gated_mlp", "mlp"]
+
+#: ``network(in_dim, hidden, out_dim) -> nn.Module``: how models and guides build their nets.
+NetworkFactory = Callable[[int, Sequence[int], int], nn.Module]
+
+
+class GatedDense(nn.Module):
+    r"""A gated dense layer, ``h = (W x + b) ⊙ σ(V x + c)`` (Dauphin et al. 2017).
+
+    The hidden layer of the VampPrior paper's networks (Tomczak & Welling 2018, arXiv:1705.07120,
+    section 4): the sigmoid gate lets each unit switch itself off per input. Both affine maps
+    are computed by one ``nn.Linear`` of width ``2 * out_dim``.
+
+    >>> GatedDense(784, 300)(torch.zeros(2, 784)).shape
+    torch.Size([2, 300])
+    """
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.in_dim, self.out_dim = int(in_dim), int(out_dim)
+        self.linear = nn.Linear(self.in_dim, 2 * self.out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.linear(x).chunk(2, dim=-1)
+        return value * torch.sigmoid(gate)
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, out_dim={self.out_dim}"
 
 
 def mlp(
@@ -15,10 +42,13 @@ def mlp(
     hidden: Sequence[int],
     out_dim: int,
     activation: type[nn.Module] = nn.ReLU,
+    gated: bool = False,
 ) -> nn.Sequential:
     """A multilayer perceptron ``in_dim -> hidden[0] -> ... -> out_dim``.
 
-    Linear layers with ``activation`` between them and no activation after the last layer.
+    Linear layers with ``activation`` between them and no activation after the last layer; with
+    ``gated=True`` every hidden layer is a :class:`GatedDense` layer instead (no ``activation``).
+    The output layer is always a plain ``nn.Linear``.
 
     >>> net = mlp(784, [400], 100)
     >>> net(torch.zeros(2, 784)).shape
@@ -30,10 +60,27 @@ def mlp(
     dims = [int(in_dim), *map(int, hidden), int(out_dim)]
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        hidden_layer = i < len(dims) - 2
+        if hidden_layer and gated:
+            layers.append(GatedDense(a, b))
+            continue
         layers.append(nn.Linear(a, b))
-        if i < len(dims) - 2:
+        if hidden_layer:
             layers.append(activation())
     return nn.Sequential(*layers)
+
+
+def gated_mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
+    """:func:`mlp` with :class:`GatedDense` hidden layers: pass as ``network=gated_mlp``.
+
+    >>> gated_mlp(784, [300, 300], 80)(torch.zeros(2, 784)).shape
+    torch.Size([2, 80])
+    """
+    return mlp(in_dim, hidden, out_dim, gated=True)
+
+
+#: network factories by the name a checkpoint's configuration stores (``config["network"]``)
+NETWORKS: dict[str, NetworkFactory] = {"mlp": mlp, "gated": gated_mlp}
 
 
 class SplitHead(nn.Module):

@@ -60,6 +60,7 @@ def test_missing_mnist_is_a_one_line_error(tmp_path, capsys):
         ["train", "--estimator", "nope", "--out", "x"],
         ["quickstart", "--out", "x", "--hidden", "0"],
         ["quickstart", "--out", "x", "--particles", "-1"],
+        ["quickstart", "--out", "x", "--network", "nope"],
     ],
 )
 def test_bad_arguments_exit_2(args):
@@ -94,3 +95,33 @@ def test_gaps_subcommand_on_a_checkpoint(quickstart_dir, tmp_path):
     assert gaps["approximation_gap"] + gaps["amortization_gap"] == pytest.approx(
         gaps["log_px"] - gaps["elbo_amortized"], abs=1e-6
     )
+
+
+def test_a_gated_network_round_trips_through_its_checkpoint(tmp_path):
+    import torch
+
+    from pyro_lvm.nn import GatedDense
+    from pyro_lvm.train import read_checkpoint, save_checkpoint, vae_from_checkpoint
+
+    args = ["quickstart", "--out", str(tmp_path), "--epochs", "1", "--eval-samples", "5"]
+    assert main([*args, "--network", "gated", "--quiet"]) == 0
+    ckpt = tmp_path / "checkpoint.pt"
+    vae, config = vae_from_checkpoint(ckpt)
+    assert config["network"] == "gated"
+    assert sum(isinstance(m, GatedDense) for m in vae.modules()) == 2 * len(config["hidden"])
+    saved = read_checkpoint(ckpt)["model"]
+    for name, value in vae.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    # a configuration naming an unknown network is refused with the known names
+    meta = read_checkpoint(ckpt)
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(
+        bad,
+        model=vae,
+        guide=vae.guide,
+        optimizer=None,
+        epoch=meta["epoch"],
+        extra={"extra": {"config": {**config, "network": "transformer"}}},
+    )
+    with pytest.raises(ValueError, match="transformer.*gated, mlp"):
+        vae_from_checkpoint(bad)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
-from pyro_lvm.nn import mlp
+from pyro_lvm.nn import NetworkFactory, mlp
 from pyro_lvm.plates import data_plate
 
 __all__ = ["AmortizedGaussianGuide"]
@@ -34,6 +34,7 @@ class AmortizedGaussianGuide(PyroModule):
     :param encoder: optional network mapping ``x`` to ``2 * z_dim`` features (loc, raw scale).
     :param min_scale: σ_min, keeps q from collapsing to a point.
     :param num_data: dataset size, needed when the guide is called with ``idx``.
+    :param network: builds the default encoder, ``network(x_dim, hidden, 2 * z_dim)``.
     """
 
     def __init__(
@@ -44,10 +45,11 @@ class AmortizedGaussianGuide(PyroModule):
         encoder: nn.Module | None = None,
         min_scale: float = 1e-4,
         num_data: int | None = None,
+        network: NetworkFactory = mlp,
     ):
         super().__init__()
         self.x_dim, self.z_dim, self.min_scale, self.num_data = x_dim, z_dim, min_scale, num_data
-        self.encoder = mlp(x_dim, hidden, 2 * z_dim) if encoder is None else encoder
+        self.encoder = network(x_dim, hidden, 2 * z_dim) if encoder is None else encoder
 
     def params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The variational parameters (loc, scale) = f_λ(x), each of shape ``(..., z_dim)``."""

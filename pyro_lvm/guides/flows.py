@@ -14,7 +14,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.nn import PyroModule
 from torch import nn
 
-from pyro_lvm.nn import mlp
+from pyro_lvm.nn import NetworkFactory, mlp
 from pyro_lvm.plates import data_plate
 
 __all__ = ["FLOWS", "AmortizedFlowGuide", "FlowPosterior", "Sylvester"]
@@ -223,6 +223,7 @@ class AmortizedFlowGuide(PyroModule):
     :param encoder: optional network mapping x to ``2 * z_dim + context_dim`` features.
     :param min_scale: lower bound on the base standard deviation.
     :param num_data: dataset size, needed when called with ``idx``.
+    :param network: builds the default encoder, ``network(x_dim, hidden, out)``.
     """
 
     def __init__(
@@ -237,6 +238,7 @@ class AmortizedFlowGuide(PyroModule):
         encoder: nn.Module | None = None,
         min_scale: float = 1e-4,
         num_data: int | None = None,
+        network: NetworkFactory = mlp,
     ):
         super().__init__()
         if flow not in FLOWS:
@@ -249,7 +251,7 @@ class AmortizedFlowGuide(PyroModule):
         self.x_dim, self.z_dim, self.flow, self.num_flows = x_dim, z_dim, flow, num_flows
         self.context_dim, self.min_scale, self.num_data = context_dim, min_scale, num_data
         out = 2 * z_dim + context_dim
-        self.encoder = mlp(x_dim, hidden, out) if encoder is None else encoder
+        self.encoder = network(x_dim, hidden, out) if encoder is None else encoder
         self.flows = nn.ModuleList(
             FLOWS[flow](z_dim, context_dim, flow_hidden) for _ in range(num_flows)
         )

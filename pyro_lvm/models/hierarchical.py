@@ -13,7 +13,7 @@ from torch import nn
 
 from pyro_lvm.models.priors import StandardNormalPrior
 from pyro_lvm.models.vae import observation_distribution
-from pyro_lvm.nn import mlp
+from pyro_lvm.nn import NetworkFactory, mlp
 from pyro_lvm.plates import data_plate
 
 __all__ = ["HierarchicalGuide", "HierarchicalVAE"]
@@ -48,6 +48,7 @@ class HierarchicalGuide(PyroModule):
     :param hidden: hidden widths of both encoder networks.
     :param min_scale: lower bound on the standard deviations.
     :param num_data: dataset size, needed when called with ``idx``.
+    :param network: builds both encoders, ``network(in, hidden, out)``.
     """
 
     def __init__(
@@ -58,12 +59,13 @@ class HierarchicalGuide(PyroModule):
         hidden: Sequence[int] = (300,),
         min_scale: float = 1e-4,
         num_data: int | None = None,
+        network: NetworkFactory = mlp,
     ):
         super().__init__()
         self.x_dim, self.z1_dim, self.z2_dim = x_dim, z1_dim, z2_dim
         self.min_scale, self.num_data = min_scale, num_data
-        self.encoder2 = mlp(x_dim, hidden, 2 * z2_dim)
-        self.encoder1 = mlp(x_dim + z2_dim, hidden, 2 * z1_dim)
+        self.encoder2 = network(x_dim, hidden, 2 * z2_dim)
+        self.encoder1 = network(x_dim + z2_dim, hidden, 2 * z1_dim)
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         """q(z2 | x): batch shape ``x.shape[:-1]``, event shape ``(z2_dim,)``."""
@@ -102,6 +104,8 @@ class HierarchicalVAE(PyroModule):
     :param guide: a guide with sites ``"z2"``, ``"z1"``; a :class:`HierarchicalGuide` by default.
     :param min_scale: lower bound on the standard deviations.
     :param num_data: dataset size, needed when called with ``idx``.
+    :param network: builds every network (and the default guide's), ``network(in, hidden, out)``;
+        e.g. :func:`~pyro_lvm.nn.gated_mlp` for the VampPrior paper's gated layers.
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class HierarchicalVAE(PyroModule):
         guide: nn.Module | None = None,
         min_scale: float = 1e-3,
         num_data: int | None = None,
+        network: NetworkFactory = mlp,
     ):
         super().__init__()
         if likelihood not in ("bernoulli", "gaussian"):
@@ -125,9 +130,11 @@ class HierarchicalVAE(PyroModule):
         self.likelihood, self.min_scale = likelihood, min_scale
         out = x_dim if likelihood == "bernoulli" else 2 * x_dim
         self.prior = StandardNormalPrior(z2_dim) if prior is None else prior
-        self.p_z1 = mlp(z2_dim, hidden, 2 * z1_dim)
-        self.decoder = mlp(z1_dim + z2_dim, list(reversed(tuple(hidden))), out)
-        self.guide = HierarchicalGuide(x_dim, z1_dim, z2_dim, hidden) if guide is None else guide
+        self.p_z1 = network(z2_dim, hidden, 2 * z1_dim)
+        self.decoder = network(z1_dim + z2_dim, list(reversed(tuple(hidden))), out)
+        if guide is None:
+            guide = HierarchicalGuide(x_dim, z1_dim, z2_dim, hidden, network=network)
+        self.guide = guide
         self.num_data = num_data
 
     @property

@@ -14,7 +14,7 @@ from torch import nn
 
 from pyro_lvm.guides.amortized import AmortizedGaussianGuide
 from pyro_lvm.models.priors import StandardNormalPrior
-from pyro_lvm.nn import mlp
+from pyro_lvm.nn import NetworkFactory, mlp
 from pyro_lvm.plates import data_plate
 
 __all__ = ["VAE", "observation_distribution"]
@@ -60,6 +60,8 @@ class VAE(PyroModule):
         :class:`~pyro_lvm.guides.AmortizedGaussianGuide` by default.
     :param min_scale: lower bound on the Gaussian decoder's standard deviation.
     :param num_data: dataset size, needed when called with ``idx`` (kept in sync with the guide).
+    :param network: builds the decoder and the default encoder, ``network(in, hidden, out)``;
+        e.g. :func:`~pyro_lvm.nn.gated_mlp` for the VampPrior paper's gated layers.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class VAE(PyroModule):
         guide: nn.Module | None = None,
         min_scale: float = 1e-3,
         num_data: int | None = None,
+        network: NetworkFactory = mlp,
     ):
         super().__init__()
         if likelihood not in ("bernoulli", "gaussian"):
@@ -79,9 +82,11 @@ class VAE(PyroModule):
         self.x_dim, self.z_dim, self.hidden = x_dim, z_dim, tuple(hidden)
         self.likelihood, self.min_scale = likelihood, min_scale
         out = x_dim if likelihood == "bernoulli" else 2 * x_dim
-        self.decoder = mlp(z_dim, list(reversed(self.hidden)), out)
+        self.decoder = network(z_dim, list(reversed(self.hidden)), out)
         self.prior = StandardNormalPrior(z_dim) if prior is None else prior
-        self.guide = AmortizedGaussianGuide(x_dim, z_dim, self.hidden) if guide is None else guide
+        if guide is None:
+            guide = AmortizedGaussianGuide(x_dim, z_dim, self.hidden, network=network)
+        self.guide = guide
         self.num_data = num_data
 
     @property

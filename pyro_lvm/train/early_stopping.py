@@ -35,6 +35,8 @@ class EarlyStopping:
     :param patience: epochs without improvement before stopping (``None``: never stop, only
         keep the best).
     :param min_delta: the improvement in nats per data point that counts as one.
+    :param min_epochs: never stop before this many epochs, e.g. the length of a KL warm-up,
+        during which the bound of the annealed objective's parameters moves for other reasons.
 
     Example::
 
@@ -50,14 +52,17 @@ class EarlyStopping:
         path: str | os.PathLike,
         patience: int | None = None,
         min_delta: float = 0.0,
+        min_epochs: int = 0,
     ):
         if patience is not None and int(patience) < 1:
             raise ValueError(f"patience must be a positive integer or None, got {patience}")
+        if int(min_epochs) != min_epochs or min_epochs < 0:
+            raise ValueError(f"min_epochs must be a non-negative integer, got {min_epochs}")
         if not (min_delta >= 0 and math.isfinite(min_delta)):
             raise ValueError(f"min_delta must be finite and non-negative, got {min_delta}")
         self.model, self.guide, self.path = model, guide, Path(path)
         self.patience = None if patience is None else int(patience)
-        self.min_delta = float(min_delta)
+        self.min_delta, self.min_epochs = float(min_delta), int(min_epochs)
         #: the best validation bound so far (per data point) and the epoch that reached it
         self.best, self.best_epoch = -math.inf, 0
         if self.path.exists():
@@ -85,7 +90,9 @@ class EarlyStopping:
                 history=history,
                 extra={"early_stopping": {"best_valid_elbo": value}},
             )
-        return self.patience is not None and history.epochs - self.best_epoch >= self.patience
+        if self.patience is None or history.epochs < self.min_epochs:
+            return False
+        return history.epochs - self.best_epoch >= self.patience
 
     def restore(self) -> int:
         """Load the best snapshot into the model and guide; returns its epoch.

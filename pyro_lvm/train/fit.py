@@ -124,6 +124,7 @@ def fit(
     num_epochs: int = 10,
     batch_size: int = 100,
     valid_data: torch.Tensor | None = None,
+    valid_loss: str | ELBO | None = None,
     seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
@@ -161,6 +162,10 @@ def fit(
     :param num_epochs: total number of epochs (a resumed run continues up to this number).
     :param batch_size: minibatch size (the last minibatch of an epoch may be smaller).
     :param valid_data: optional validation set.
+    :param valid_loss: the estimator of the validation bound (a name, with ``num_particles``
+        particles, or an instance); by default the training ``loss``. Pass the plain bound when
+        training with a surrogate, e.g. ``loss=KLWeightedELBO(base, schedule)`` with
+        ``valid_loss=base``, so that early stopping compares the same bound in every epoch.
     :param seed: seeds Pyro's generators at the start of a fresh run, and the minibatch order.
     :param checkpoint: file written atomically (see :func:`save_checkpoint`) after every
         epoch; never overwritten with non-finite parameters.
@@ -201,6 +206,12 @@ def fit(
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint path to resume from")
     estimator, loss_name = _resolve_loss(loss, num_particles)
+    if valid_loss is None:
+        valid_estimator = estimator
+    elif isinstance(valid_loss, ELBO):
+        valid_estimator = valid_loss
+    else:
+        valid_estimator = _resolve_loss(valid_loss, num_particles)[0]
     if optimizer is None:
         optimizer = pyro.optim.Adam({"lr": 1e-3})
     if not isinstance(optimizer, PyroOptim):
@@ -285,7 +296,7 @@ def fit(
             history.epoch_losses.append(total / seen)
             if valid_data is not None:
                 history.valid_elbos.append(
-                    _valid_elbo(estimator, model, guide, valid_data, int(batch_size))
+                    _valid_elbo(valid_estimator, model, guide, valid_data, int(batch_size))
                 )
             history.epochs = epoch + 1
             history.seconds += time.perf_counter() - tic

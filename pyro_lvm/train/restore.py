@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_lvm.models import VAE
+from pyro_lvm.nn import NETWORKS
 from pyro_lvm.train.checkpoint import load_checkpoint, read_checkpoint
 
 __all__ = ["vae_config", "vae_from_checkpoint"]
@@ -39,15 +40,23 @@ def vae_config(path: str | os.PathLike) -> dict[str, Any]:
 def vae_from_checkpoint(path: str | os.PathLike) -> tuple[VAE, dict[str, Any]]:
     """Build the :class:`~pyro_lvm.models.VAE` a checkpoint describes and load its weights.
 
-    The VAE (with its default amortized guide) is put in eval mode; random generators are left
-    alone. Returns ``(vae, config)``.
+    The VAE (with its default amortized guide, both built by the factory ``config["network"]``
+    names in :data:`~pyro_lvm.nn.NETWORKS`, ``"mlp"`` when absent) is put in eval mode; random
+    generators are left alone. Returns ``(vae, config)``.
     """
     config = vae_config(path)
+    network = config.get("network", "mlp")
+    if network not in NETWORKS:
+        raise ValueError(
+            f"checkpoint {path} names network {network!r}, which this version does not know; "
+            f"known: {', '.join(sorted(NETWORKS))}"
+        )
     vae = VAE(
         x_dim=config["x_dim"],
         z_dim=config["z_dim"],
         hidden=tuple(config["hidden"]),
         likelihood=config.get("likelihood", "bernoulli"),
+        network=NETWORKS[network],
     )
     load_checkpoint(path, model=vae, guide=vae.guide, restore_rng=False)
     vae.eval()

@@ -37,6 +37,15 @@ def test_saves_the_best_epoch_and_stops_after_patience(tmp_path):
     assert again(_history(curve + [-7.1]))  # epoch 8, three after the best: stop
 
 
+def test_min_epochs_holds_off_stopping_but_not_saving(tmp_path):
+    vae = _vae()
+    stop = EarlyStopping(vae, vae.guide, tmp_path / "best.pt", patience=1, min_epochs=4)
+    curve = [-10.0, -11.0, -12.0, -9.0, -9.5]
+    decisions = [stop(_history(curve[:n])) for n in range(1, len(curve) + 1)]
+    assert decisions == [False, False, False, False, True]
+    assert stop.best_epoch == 4
+
+
 def test_restore_brings_back_the_best_parameters(tmp_path):
     vae = _vae()
     stop = EarlyStopping(vae, vae.guide, tmp_path / "best.pt")
@@ -77,6 +86,8 @@ def test_bad_input_is_named(tmp_path):
         EarlyStopping(vae, vae.guide, tmp_path / "b.pt", patience=0)
     with pytest.raises(ValueError, match="min_delta"):
         EarlyStopping(vae, vae.guide, tmp_path / "b.pt", min_delta=-1.0)
+    with pytest.raises(ValueError, match="min_epochs"):
+        EarlyStopping(vae, vae.guide, tmp_path / "b.pt", min_epochs=-1)
     stop = EarlyStopping(vae, vae.guide, tmp_path / "b.pt")
     with pytest.raises(ValueError, match="valid_data"):
         stop(_history([]))

@@ -156,6 +156,32 @@ def test_history_bookkeeping_and_callbacks(tmp_path):
     assert FitHistory.from_dict(history.to_dict()) == history
 
 
+class _ConstantBound(pyro.infer.Trace_ELBO):
+    """A stand-in estimator whose loss is 2.5 nats per data point."""
+
+    def loss(self, model, guide, x, *args, **kwargs):
+        return 2.5 * x.shape[0]
+
+
+def test_the_validation_bound_uses_valid_loss():
+    x = _binary_data(40)
+    history = fit(
+        *_vae_pair(0),
+        x[:30],
+        valid_data=x[30:],
+        valid_loss=_ConstantBound(),
+        num_epochs=2,
+        batch_size=10,
+        progress=False,
+    )
+    assert history.valid_elbos == [-2.5, -2.5]
+    # by default the training estimator scores the validation set
+    default = fit(*_vae_pair(0), x[:30], valid_data=x[30:], num_epochs=1, progress=False)
+    assert default.valid_elbos[0] != -2.5 and math.isfinite(default.valid_elbos[0])
+    with pytest.raises(ValueError, match="no-such-bound"):  # a name goes to make_estimator
+        fit(*_vae_pair(0), x[:30], valid_data=x[30:], valid_loss="no-such-bound", progress=False)
+
+
 def test_num_data_is_set_checked_and_subsampling_is_enforced():
     x = _binary_data(30)
     vae = VAE(8, 2, hidden=(12,))
