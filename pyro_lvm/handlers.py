@@ -180,6 +180,13 @@ class KLWeightedELBO(ELBO):
         )
         self.base, self.messenger = base, KLWeightMessenger(beta, sites)
 
+    @property
+    def traceable(self) -> bool:
+        """``False`` for a schedule: a traced loss would freeze β at its value when traced, so
+        :class:`~pyro_lvm.train.FastSVI` and ``fit`` run this estimator eagerly. A constant β
+        (and the wrapped estimator's own traceability) keeps the traced path."""
+        return not callable(self.messenger.beta) and getattr(self.base, "traceable", True)
+
     def _wrap(self, model, guide):
         return self.messenger(model), self.messenger(guide)
 

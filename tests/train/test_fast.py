@@ -12,6 +12,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_lvm.elbo import ESTIMATORS, make_estimator
+from pyro_lvm.handlers import KLWeightedELBO, kl_weight
 from pyro_lvm.models import VAE
 from pyro_lvm.train.fast import FastSVI
 
@@ -301,3 +302,53 @@ def test_bad_arguments_raise():
     lean_state = FastSVI(vae, vae.guide, adam, Trace_ELBO()).get_state()
     with pytest.raises(ValueError, match="same optimizer"):
         FastSVI(vae, vae.guide, sched, Trace_ELBO()).set_state(lean_state)
+
+
+def _kl_schedule_run(cls, by_hand, change_before, **kw):
+    """Seven steps whose KL weight β drops from 1 to 0.5 just before step ``change_before``:
+    with ``by_hand`` the model and guide are wrapped with ``kl_weight``, else the estimator is
+    a ``KLWeightedELBO``."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    vae = VAE(10, 2, (8,), num_data=N)
+    state = {"beta": 1.0}
+
+    def beta():
+        return state["beta"]
+
+    if by_hand:
+        model, guide, loss = kl_weight(vae, beta), kl_weight(vae.guide, beta), Trace_ELBO()
+    else:
+        model, guide, loss = vae, vae.guide, KLWeightedELBO(Trace_ELBO(), beta)
+    svi = cls(model, guide, pyro.optim.Adam({"lr": 0.05}), loss, **kw)
+    losses = []
+    for step, (x, idx) in enumerate(_batches(), start=1):
+        if step == change_before:
+            state["beta"] = 0.5
+        losses.append(svi.step(x, idx))
+    return losses, svi
+
+
+def test_a_kl_schedule_estimator_is_never_traced():
+    assert KLWeightedELBO(Trace_ELBO(), 0.5).traceable
+    assert not KLWeightedELBO(Trace_ELBO(), lambda: 0.5).traceable
+    assert not KLWeightedELBO(make_estimator("hmc-refined"), 0.5).traceable
+    expected, _ = _kl_schedule_run(SVI, by_hand=False, change_before=5)
+    got, svi = _kl_schedule_run(FastSVI, by_hand=False, change_before=5)
+    assert "traceable = False" in svi.jit_reason and svi.traced_steps == 0
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-10, atol=0)
+
+
+def test_a_trace_that_froze_a_schedule_is_dropped_at_the_next_check():
+    # steps: 1 record, 2 trace, 3 verify, 4-5 traced, 6 check (β changed before it), 7 eager
+    expected, _ = _kl_schedule_run(SVI, by_hand=True, change_before=6)
+    got, svi = _kl_schedule_run(FastSVI, by_hand=True, change_before=6, check_every=3)
+    assert svi.traced_steps == 2 and "stopped matching" in svi.jit_reason
+    assert svi.fallback_reason is None
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-10, atol=0)
+    # a change between checks is seen at the next one; step 5 ran on the stale trace (β = 1)
+    stale, svi = _kl_schedule_run(FastSVI, by_hand=True, change_before=5, check_every=3)
+    fresh, _ = _kl_schedule_run(SVI, by_hand=True, change_before=5)
+    assert svi.traced_steps == 2 and "stopped matching" in svi.jit_reason
+    assert stale[4] == pytest.approx(expected[4], rel=1e-10)
+    assert stale[4] != pytest.approx(fresh[4], rel=1e-6)
