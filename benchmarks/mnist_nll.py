@@ -18,7 +18,7 @@ machine.
 The VampPrior paper's recipe (gated dense layers, 100 epochs of linear KL warm-up, Adam lr
 5e-4, patience 50 counted after the warm-up; the validation bound is always the plain one):
 
-    python benchmarks/mnist_nll.py --config vae --gated --warmup-epochs 100 --lr 5e-4 \
+    python benchmarks/mnist_nll.py --config vae --network gated --warmup-epochs 100 --lr 5e-4 \
         --patience 50 --epochs 2000 --out runs/mnist_nll_recipe
 
 ``--smoke`` trains every configuration for one epoch on the bundled 8x8 digits (or a slice of
@@ -46,7 +46,7 @@ from pyro_lvm.evaluate.collapse import active_units
 from pyro_lvm.guides import AmortizedFlowGuide, AmortizedGaussianGuide
 from pyro_lvm.handlers import KLWeightedELBO
 from pyro_lvm.models import VAE, HierarchicalVAE, VampPrior
-from pyro_lvm.nn import NetworkFactory, gated_mlp, mlp
+from pyro_lvm.nn import NETWORKS, NetworkFactory, mlp
 from pyro_lvm.train import EarlyStopping, fit, read_checkpoint
 
 #: configuration -> (estimator name, particles, published NLL in nats with its source).
@@ -160,7 +160,7 @@ def run_config(
         args.num_pseudo,
         args.num_flows,
         init,
-        network=gated_mlp if args.gated else mlp,
+        network=NETWORKS[args.network],
     )
     guide = model.guide
     ckpt = out / f"{name}.pt"
@@ -283,9 +283,10 @@ def main(argv=None) -> int:
     p.add_argument("--num-flows", type=int, default=10)
     p.add_argument("--warmup-epochs", type=int, default=0, help="linear KL warm-up length")
     p.add_argument(
-        "--gated",
-        action="store_true",
-        help="gated dense hidden layers (the VampPrior paper's networks) instead of ReLU",
+        "--network",
+        default="mlp",
+        choices=sorted(NETWORKS),
+        help="hidden layers: 'mlp' (ReLU) or 'gated' (GatedDense, the VampPrior paper's)",
     )
     p.add_argument(
         "--patience",
@@ -326,7 +327,7 @@ def main(argv=None) -> int:
         "architecture": {
             "z_dim": args.z_dim,
             "hidden": args.hidden,
-            "activation": "GatedDense" if args.gated else "ReLU",
+            "activation": "GatedDense" if args.network == "gated" else "ReLU",
             "num_pseudo": args.num_pseudo,
             "num_flows": args.num_flows,
         },

@@ -41,3 +41,17 @@ def test_a_second_config_run_keeps_the_first_and_resumes(tmp_path, monkeypatch):
     _run(monkeypatch, "--out", str(out), "--config", "vae")
     again = json.loads((out / "vae.json").read_text())
     assert again["epochs"] == first["epochs"] == 1
+
+
+def test_the_papers_recipe_runs_gated_with_warm_up(tmp_path, monkeypatch, capsys):
+    from pyro_lvm.train import read_checkpoint
+
+    out = tmp_path / "nll"
+    recipe = ["--network", "gated", "--warmup-epochs", "4", "--patience", "1"]
+    _run(monkeypatch, "--out", str(out), "--config", "vae", *recipe)
+    r = json.loads((out / "vae.json").read_text())
+    assert r["architecture"]["activation"] == "GatedDense" and r["warmup_epochs"] == 4
+    assert "elbo, gated units, KL warm-up 4 ep" in capsys.readouterr().out
+    saved = read_checkpoint(out / "vae.pt")
+    assert saved["metadata"]["fit"]["loss"] == "KLWeightedELBO"  # trained on the annealed bound
+    assert len(saved["history"]["valid_elbos"]) == 1
