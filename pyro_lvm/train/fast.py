@@ -68,10 +68,10 @@ class FastSVI:
     .. warning:: Tracing and verification run the model and guide a few extra times (once
         per new input signature), so Python side effects in them repeat. A traced step runs
         no Python code of the model, guide or estimator: state an estimator updates in
-        Python (running averages, a KL weight schedule) is frozen, which the verification
-        usually detects, or else the next ``check_every`` step; pass ``jit=False`` for such
-        estimators or for models whose structure depends on random draws (changes are
-        otherwise caught only at the next ``check_every`` step).
+        Python (running averages, a KL weight schedule) is frozen: the verification catches
+        what already differs when the trace is built, the next ``check_every`` step what
+        changes later. Pass ``jit=False`` for such estimators or for models whose structure
+        depends on random draws.
 
     **Exact resume.** The mode of a step (record, compile, verify, traced or eager) is a pure
     function of the global step count, of how many times its input signature was seen and of
