@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from pyro.infer import ELBO, Trace_ELBO
@@ -49,11 +50,16 @@ class KLWeightMessenger(Messenger):
         if not callable(beta):
             _check_beta(beta)
         self.beta, self.sites = beta, None if sites is None else set(sites)
+        # a tensor that stands in for the schedule while a loss is traced (see KLWeightedELBO)
+        self._beta_input: torch.Tensor | None = None
 
     def _process_message(self, msg) -> None:
         if msg["type"] != "sample" or msg["is_observed"]:
             return
         if self.sites is not None and msg["name"] not in self.sites:
+            return
+        if self._beta_input is not None:
+            msg["scale"] = self._beta_input * msg["scale"]
             return
         beta = self.beta() if callable(self.beta) else self.beta
         if is_validation_enabled():
@@ -182,10 +188,36 @@ class KLWeightedELBO(ELBO):
 
     @property
     def traceable(self) -> bool:
-        """``False`` for a schedule: a traced loss would freeze β at its value when traced, so
-        :class:`~pyro_lvm.train.FastSVI` and ``fit`` run this estimator eagerly. A constant β
-        (and the wrapped estimator's own traceability) keeps the traced path."""
-        return not callable(self.messenger.beta) and getattr(self.base, "traceable", True)
+        """Whether the wrapped estimator can be traced. A schedule's β is not frozen by a trace:
+        it enters the traced loss as a tensor input (:meth:`trace_inputs`)."""
+        return getattr(self.base, "traceable", True)
+
+    def trace_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The current β as a 0-dim tensor when β is a schedule, else ``()``.
+
+        :class:`~pyro_lvm.train.FastSVI` reads these before every traced step and passes them
+        to the traced loss, which reads them through :meth:`using_trace_inputs`; so a traced
+        loss follows the schedule instead of keeping the β it was traced with.
+        """
+        beta = self.messenger.beta
+        if not callable(beta):
+            return ()
+        value = beta()
+        _check_beta(value)
+        return (torch.tensor(float(value), dtype=torch.get_default_dtype()),)
+
+    @contextmanager
+    def using_trace_inputs(self, values: Sequence[torch.Tensor]) -> Iterator[None]:
+        """Weigh the latent sites by ``values[0]`` (a tensor β) instead of the schedule."""
+        if not values:
+            yield
+            return
+        (beta,) = values
+        self.messenger._beta_input = beta
+        try:
+            yield
+        finally:
+            self.messenger._beta_input = None
 
     def _wrap(self, model, guide):
         return self.messenger(model), self.messenger(guide)

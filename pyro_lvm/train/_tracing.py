@@ -19,7 +19,9 @@ __all__ = [
     "input_key",
     "perturbed",
     "tensors_agree",
+    "trace_inputs",
     "traceable_torch_item",
+    "using_trace_inputs",
 ]
 
 
@@ -65,6 +67,24 @@ def traceable_torch_item(loss: ELBO) -> Iterator[None]:
     finally:
         for m in swapped:
             m.torch_item = torch_item
+
+
+def trace_inputs(loss: ELBO) -> tuple[torch.Tensor, ...]:
+    """The tensors ``loss`` reads afresh at every step (``loss.trace_inputs()``, e.g. the
+    current β of a KL schedule), which a traced loss must take as inputs; ``()`` if none."""
+    get = getattr(loss, "trace_inputs", None)
+    return () if get is None else tuple(get())
+
+
+@contextmanager
+def using_trace_inputs(loss: ELBO, values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Make ``loss`` read ``values`` (the traced function's inputs) instead of computing them."""
+    use = getattr(loss, "using_trace_inputs", None)
+    if use is None or not values:
+        yield
+        return
+    with use(values):
+        yield
 
 
 def input_key(args: tuple, kwargs: dict) -> str:

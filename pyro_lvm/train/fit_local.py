@@ -23,7 +23,9 @@ from pyro_lvm.train._tracing import (
     input_key,
     perturbed,
     tensors_agree,
+    trace_inputs,
     traceable_torch_item,
+    using_trace_inputs,
 )
 
 __all__ = ["LocalOptResult", "LocalFitHistory", "optimize_local", "fit_local"]
@@ -102,7 +104,8 @@ class _TracedInnerLoss:
     def _inputs(self, names: list[str]) -> tuple:
         store = dict(pyro.get_param_store().named_parameters())
         args = (self.x,) if self.idx is None else (self.x, self.idx)
-        return (*self.leaves.values(), *(store[n] for n in names), *args)
+        extra = trace_inputs(self.estimator)  # e.g. a KL schedule's current β
+        return (*self.leaves.values(), *(store[n] for n in names), *args, *extra)
 
     def traced(self) -> torch.Tensor | None:
         """The traced objective, or ``None`` when this signature runs eagerly."""
@@ -133,13 +136,14 @@ class _TracedInnerLoss:
         names = list(rec.params)
         inputs = self._inputs(names)
         n_leaves = len(self.leaves)
+        data_end = n_leaves + len(names) + (1 if self.idx is None else 2)
 
         def fn(*args):
-            with ignore_jit_warnings():
+            with ignore_jit_warnings(), using_trace_inputs(self.estimator, args[data_end:]):
                 leaves = dict(zip(self.leaves, args[:n_leaves], strict=True))
-                rest = args[n_leaves + len(names) :]
+                data = args[n_leaves + len(names) : data_end]
                 with self.guide.local_override(**leaves):
-                    return self.estimator.differentiable_loss(self.model, self.guide, *rest)
+                    return self.estimator.differentiable_loss(self.model, self.guide, *data)
 
         try:
             with (

@@ -329,13 +329,20 @@ def _kl_schedule_run(cls, by_hand, change_before, **kw):
     return losses, svi
 
 
-def test_a_kl_schedule_estimator_is_never_traced():
-    assert KLWeightedELBO(Trace_ELBO(), 0.5).traceable
-    assert not KLWeightedELBO(Trace_ELBO(), lambda: 0.5).traceable
+def test_a_kl_schedule_estimator_is_traced_with_beta_as_an_input():
+    assert KLWeightedELBO(Trace_ELBO(), 0.5).trace_inputs() == ()
+    (beta,) = KLWeightedELBO(Trace_ELBO(), lambda: 0.25).trace_inputs()
+    assert beta.shape == () and float(beta) == 0.25
+    assert KLWeightedELBO(Trace_ELBO(), lambda: 0.5).traceable
     assert not KLWeightedELBO(make_estimator("hmc-refined"), 0.5).traceable
+    # steps: 1 record, 2 trace, 3 verify, 4-7 traced; β drops to 0.5 before step 5
     expected, _ = _kl_schedule_run(SVI, by_hand=False, change_before=5)
     got, svi = _kl_schedule_run(FastSVI, by_hand=False, change_before=5)
-    assert "traceable = False" in svi.jit_reason and svi.traced_steps == 0
+    assert svi.jit_reason is None and svi.traced_steps == 4
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-10, atol=0)
+    # the check step (here step 6, after the change) finds the trace still in agreement
+    got, svi = _kl_schedule_run(FastSVI, by_hand=False, change_before=5, check_every=3)
+    assert svi.jit_reason is None and svi.traced_steps == 3
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-10, atol=0)
 
 
@@ -352,3 +359,46 @@ def test_a_trace_that_froze_a_schedule_is_dropped_at_the_next_check():
     assert svi.traced_steps == 2 and "stopped matching" in svi.jit_reason
     assert stale[4] == pytest.approx(expected[4], rel=1e-10)
     assert stale[4] != pytest.approx(fresh[4], rel=1e-6)
+
+
+@pytest.mark.parametrize("offset, kept", [(0.5, True), (2.0, False)])
+def test_the_check_tolerance_scales_with_the_verified_loss(monkeypatch, offset, kept):
+    """Rounding differs between trace and eager by ~ε times the loss's *terms*; when they
+    cancel, |loss| shrinks but the difference does not. The check's tolerance is relative to
+    the larger of |loss| now and |loss| at verification, and that scale is saved."""
+    from pyro_lvm.train._tracing import default_rtol
+
+    # steps: 1 record, 2 trace, 3 verify, 4-5 traced, 6 check
+    batches = list(_batches())[:6]
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    vae = VAE(10, 2, (8,), num_data=N)
+    svi = FastSVI(vae, vae.guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO(), check_every=3)
+    for x, idx in batches[:5]:
+        svi.step(x, idx)
+    (key,) = svi._check_scale
+    scale = svi._check_scale[key]
+    rtol = default_rtol(torch.get_default_dtype())
+    assert scale > 0 and svi.traced_steps == 2
+    # the trace is off by `offset` times the check's tolerance, rtol × (verified |loss|),
+    # which is far above rtol × |loss| for a loss near zero
+    run_traced = svi._run_traced
+    monkeypatch.setattr(FastSVI, "_eager", lambda self, a, k, validate: (0.0, _recording(self)))
+    monkeypatch.setattr(
+        svi, "_run_traced", lambda key, args: run_traced(key, args) * 0 + offset * rtol * scale
+    )
+    svi.step(*batches[5])
+    assert (svi.jit_reason is None) == kept
+    if kept:
+        assert svi.get_state()["schedule"]["check_scale"] == {key: scale}
+
+
+def _recording(svi):
+    """A Recorder whose sites and parameters match the object's first step."""
+    from pyro_lvm.train._tracing import Recorder
+
+    rec = Recorder().__enter__()
+    rec.__exit__(None, None, None)
+    (structure,) = svi._structure.values()
+    rec.sites, rec.params = list(structure), dict(svi._params)
+    return rec

@@ -192,3 +192,35 @@ def test_inner_trace_cache_is_bounded():
     entries = _TracedInnerLoss._cache[estimator]
     assert len(entries) == _TracedInnerLoss.max_entries
     assert all(entry[0] is not None for entry in entries.values())
+
+
+def test_inner_trace_follows_a_kl_schedule():
+    """A scheduled β enters the traced inner loss as an input: after β changes, the reused
+    trace gives the eager loop's leaves and loss (a frozen β would not)."""
+    from pyro_lvm.handlers import KLWeightedELBO
+    from pyro_lvm.models import VAE
+    from pyro_lvm.train.fit_local import _TracedInnerLoss
+
+    n, idx = 12, torch.tensor([0, 3, 4, 7, 9])
+    pyro.set_rng_seed(0)
+    vae = VAE(6, 2, (5,), num_data=n)
+    x = torch.bernoulli(torch.full((n, 6), 0.4))[idx]
+    results = {}
+    for jit in (False, True):
+        state = {"beta": 1.0}
+        estimator = KLWeightedELBO(pyro.infer.Trace_ELBO(num_particles=2), lambda: state["beta"])
+        pyro.set_rng_seed(1)
+        guide = LocalGaussianGuide(n, 2, name=f"kl_local_{jit}")
+        losses = []
+        for beta in (1.0, 0.2):  # the second call reuses the first call's trace
+            state["beta"] = beta
+            res = optimize_local(vae, guide, x, idx, estimator, max_steps=5, tol=0.0, jit=jit)
+            losses.append(res.loss)
+        results[jit] = (guide.params(), losses)
+        entries = _TracedInnerLoss._cache.get(estimator, {})
+        assert (len(entries) == 1 and next(iter(entries.values()))[0] is not None) == jit
+    (eager, eager_losses), (traced, traced_losses) = results[False], results[True]
+    assert traced_losses == pytest.approx(eager_losses, rel=1e-9)
+    assert eager_losses[1] != pytest.approx(eager_losses[0], rel=1e-5)
+    for key in eager:
+        torch.testing.assert_close(traced[key], eager[key], rtol=1e-9, atol=1e-12)
