@@ -1,5 +1,7 @@
 """The per-datapoint SVI algorithm: frozen θ, masking, warm starts, θ steps, discrete latents."""
 
+import functools
+
 import pyro
 import pytest
 import torch
@@ -208,7 +210,9 @@ def test_inner_trace_follows_a_kl_schedule():
     results = {}
     for jit in (False, True):
         state = {"beta": 1.0}
-        estimator = KLWeightedELBO(pyro.infer.Trace_ELBO(num_particles=2), lambda: state["beta"])
+        estimator = KLWeightedELBO(
+            pyro.infer.Trace_ELBO(num_particles=2), functools.partial(state.__getitem__, "beta")
+        )
         pyro.set_rng_seed(1)
         guide = LocalGaussianGuide(n, 2, name=f"kl_local_{jit}")
         losses = []
