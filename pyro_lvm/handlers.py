@@ -168,7 +168,10 @@ class KLWeightedELBO(ELBO):
 
     Equivalent to wrapping the model and guide by hand (see :class:`KLWeightMessenger`), but
     the model and guide stay plain modules, so training loops that checkpoint their state
-    dicts (e.g. :func:`pyro_lvm.train.fit` with ``loss=KLWeightedELBO(...)``) keep working.
+    dicts (e.g. :func:`pyro_lvm.train.fit` with ``loss=KLWeightedELBO(...)``) keep working,
+    and a schedule's β reaches a traced loss as a tensor input (:meth:`trace_inputs`), so
+    ``fit``'s traced step follows the schedule (wrapped by hand, β is frozen in a trace until
+    :class:`~pyro_lvm.train.FastSVI`'s periodic check drops it).
 
     :param base: the wrapped estimator (its particles and plate settings are reused).
     :param beta: a float or a schedule (zero-argument callable).

@@ -61,7 +61,8 @@ class FastSVI:
        used; a mismatch (e.g. a value that went through ``float()``, which a trace freezes)
        keeps the eager lean path and logs why. Every ``check_every``-th traced step runs
        eagerly instead, re-checking the structure and comparing the trace with the eager
-       loss again (a trace that drifted, e.g. past a KL schedule's change, is dropped). The
+       loss again, to ``rtol`` times the larger of |loss| now and at verification (a trace
+       that drifted, e.g. past a KL schedule's change, is dropped). The
        trace runs without the JIT's optimizing executor
        (``torch.jit.optimized_execution(False)``): its differentiable subgraphs swap eager
        autograd kernels for slower symbolic gradients (a K=1 MNIST step
