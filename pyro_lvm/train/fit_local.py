@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from pyro_lvm.train._tracing import (
 )
 
 __all__ = ["LocalOptResult", "LocalFitHistory", "optimize_local", "fit_local"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,7 +86,11 @@ class _TracedInnerLoss:
     under one random state at the current leaves and at perturbed ones (as
     :class:`~pyro_lvm.train.fast.FastSVI` verifies its traces); a failure keeps the eager
     path for that signature. Tracing and verification are dry runs: the random state and
-    the leaves are restored.
+    the leaves are restored. The first inner step of every later call runs eagerly and
+    compares the reused trace's value with the eager one under the same random state (a
+    forward pass): a trace that drifted since it was verified (a Python number it froze has
+    changed, e.g. a KL weight applied by hand with :func:`~pyro_lvm.handlers.kl_weight`) is
+    dropped and the reason logged.
     """
 
     _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -101,6 +108,29 @@ class _TracedInnerLoss:
         with self.guide.local_override(**self.leaves):
             return self.estimator.differentiable_loss(self.model, self.guide, self.x, self.idx)
 
+    def checked_eager(self) -> torch.Tensor:
+        """The eager objective; a reused trace is first compared with it (same random state,
+        forward only) and dropped if it no longer agrees."""
+        entry = self.entry
+        if entry is None or entry[0] is None:
+            return self.eager()
+        rng = pyro.util.get_rng_state()
+        with torch.no_grad():
+            traced = self.traced()
+        pyro.util.set_rng_state(rng)
+        eager = self.eager()
+        rtol = default_rtol(eager.dtype)
+        # the tolerance scales with |objective| when the trace was verified (see FastSVI)
+        scale = max(abs(float(eager)), entry[3])
+        if abs(float(traced) - float(eager)) > rtol * scale:
+            logger.info(
+                "optimize_local: the traced inner loss of %s no longer matches the eager one "
+                "(a Python value it froze has changed); this signature now runs eagerly",
+                type(self.estimator).__name__,
+            )
+            self.entry = self._cache[self.estimator][self.key] = (None, [], entry[2], 0.0)
+        return eager
+
     def _inputs(self, names: list[str]) -> tuple:
         store = dict(pyro.get_param_store().named_parameters())
         args = (self.x,) if self.idx is None else (self.x, self.idx)
@@ -116,7 +146,7 @@ class _TracedInnerLoss:
             self.entry = entries[self.key] = self._compile()
             while len(entries) > self.max_entries:  # drop the oldest: it holds a model alive
                 del entries[next(iter(entries))]
-        compiled, names, _ = self.entry
+        compiled, names = self.entry[:2]
         if compiled is None:
             return None
         # without the optimizing executor, whose symbolic gradients are slower than eager
@@ -128,7 +158,7 @@ class _TracedInnerLoss:
         if not all(torch.is_tensor(v) for v in (self.x, *self.leaves.values())) or (
             self.idx is not None and not torch.is_tensor(self.idx)
         ):
-            return None, [], None
+            return None, [], None, 0.0
         rng = pyro.util.get_rng_state()
         with Recorder() as rec, torch.no_grad():
             self.eager()
@@ -153,17 +183,20 @@ class _TracedInnerLoss:
             ):
                 compiled = torch.jit.trace(fn, inputs, check_trace=False)
         except Exception:  # any tracing failure keeps the eager path
-            return None, [], None
+            return None, [], None, 0.0
         finally:
             pyro.util.set_rng_state(rng)
-        self.entry = (compiled, names, (self.model, self.guide))
-        return self.entry if self._verify() else (None, [], (self.model, self.guide))
+        self.entry = (compiled, names, (self.model, self.guide), 0.0)
+        scale = self._verify()
+        if scale is None:
+            return None, [], (self.model, self.guide), 0.0
+        return compiled, names, (self.model, self.guide), scale
 
-    def _verify(self) -> bool:
-        """Traced and eager objective and leaf gradients agree under one random state, at a
-        moved φ and at the current one."""
+    def _verify(self) -> float | None:
+        """Whether traced and eager objective and leaf gradients agree under one random state,
+        at a moved φ and at the current one: |objective| at the current φ if so, else None."""
         leaves = list(self.leaves.values())
-        ok = True
+        ok, scale = True, 0.0
         try:
             for moved in (True, False):
                 with perturbed(leaves if moved else [], shift=0.1):
@@ -177,9 +210,10 @@ class _TracedInnerLoss:
                     eager_grads = torch.autograd.grad(eager, leaves)
                     rtol = default_rtol(eager.dtype)
                     ok &= tensors_agree(traced, eager, grads, eager_grads, rtol)
+                    scale = abs(float(eager))
         except Exception:
             ok = False
-        return ok
+        return scale if ok else None
 
 
 def optimize_local(
@@ -251,8 +285,8 @@ def optimize_local(
     objective = None
     inner = _TracedInnerLoss(estimator, model, guide, x, idx, leaves)
     for step in range(int(max_steps)):
-        if step == 0:  # checks shapes and supports as the user asked; later steps skip it
-            objective = inner.eager()
+        if step == 0:  # checks shapes and supports as the user asked (and a reused trace)
+            objective = inner.checked_eager() if jit else inner.eager()
         else:
             with pyro.validation_enabled(False):
                 objective = inner.traced() if jit else None

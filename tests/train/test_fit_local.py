@@ -228,3 +228,37 @@ def test_inner_trace_follows_a_kl_schedule():
     assert eager_losses[1] != pytest.approx(eager_losses[0], rel=1e-5)
     for key in eager:
         torch.testing.assert_close(traced[key], eager[key], rtol=1e-9, atol=1e-12)
+
+
+def test_a_reused_inner_trace_that_froze_a_value_is_dropped():
+    """A weight on log p(z) applied by hand is a Python number a trace freezes; the first step
+    (eager) of the next call compares the reused trace with it and drops it, so the inner
+    loop gives the eager loop's leaves and loss."""
+    from pyro_lvm.handlers import kl_weight
+    from pyro_lvm.models import VAE
+    from pyro_lvm.train.fit_local import _TracedInnerLoss
+
+    n, idx = 12, torch.tensor([0, 3, 4, 7, 9])
+    pyro.set_rng_seed(0)
+    vae = VAE(6, 2, (5,), num_data=n)
+    x = torch.bernoulli(torch.full((n, 6), 0.4))[idx]
+    results = {}
+    for jit in (False, True):
+        state = {"beta": 1.0}
+        beta = functools.partial(state.__getitem__, "beta")
+        estimator = pyro.infer.Trace_ELBO(num_particles=2)
+        pyro.set_rng_seed(1)
+        guide = LocalGaussianGuide(n, 2, name=f"hand_kl_{jit}")
+        model = kl_weight(vae, beta)  # weighs log p(z) only; enough to move the loss
+        losses = []
+        for b in (1.0, 0.2):
+            state["beta"] = b
+            res = optimize_local(model, guide, x, idx, estimator, max_steps=5, tol=0.0, jit=jit)
+            losses.append(res.loss)
+        results[jit] = (guide.params(), losses)
+    (eager, eager_losses), (traced, traced_losses) = results[False], results[True]
+    (entry,) = _TracedInnerLoss._cache[estimator].values()
+    assert entry[0] is None  # dropped at the second call's first step
+    assert traced_losses == pytest.approx(eager_losses, rel=1e-9)
+    for key in eager:
+        torch.testing.assert_close(traced[key], eager[key], rtol=1e-9, atol=1e-12)
