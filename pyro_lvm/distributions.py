@@ -7,8 +7,74 @@ import math
 import torch
 from pyro.distributions import Categorical, Normal, TorchDistribution
 from torch.distributions import constraints
+from torch.distributions.utils import _standard_normal
 
-__all__ = ["DiagonalNormalMixture"]
+__all__ = ["DiagonalNormalMixture", "PathwiseNormal", "StandardNormal"]
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class StandardNormal(Normal):
+    r"""N(0, 1) scored as :math:`\log p(z) = -z^2/2 - \log\sqrt{2\pi}`.
+
+    ``Normal(zeros, ones)`` with a log-density of two elementwise ops instead of the generic
+    formula's seven (which square, divide by and take the log of the unit scale), fewer
+    again in the backward pass; it matters in a traced K = 1 training step, where such
+    small ops are a visible share of the time (benchmarks/RESULTS.md, section 2). Construct it
+    as ``StandardNormal(zeros, ones)``; with validation on, ``log_prob`` checks that ``loc``
+    is 0 and ``scale`` is 1. Everything else (sampling, KL divergences, ``expand``) is
+    ``Normal``'s.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+            if not (bool((self.loc == 0).all()) and bool((self.scale == 1).all())):
+                raise ValueError(
+                    "StandardNormal needs loc = 0 and scale = 1; use pyro.distributions.Normal "
+                    "for any other parameters"
+                )
+        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
+        return (-0.5 * value.square() - _LOG_SQRT_2PI).expand(shape)
+
+
+class PathwiseNormal(Normal):
+    r"""A Normal whose reparameterized sample is scored through its own noise.
+
+    ``rsample`` draws :math:`z = \mu + \sigmaarepsilon` exactly as ``Normal`` does (same
+    random stream) and remembers ε; ``log_prob`` of *that* tensor is then
+
+    .. math:: \log q(z) = -	frac12 arepsilon^2 - \log\sigma - \log\sqrt{2\pi},
+
+    equal in value to Normal's :math:`-(z-\mu)^2 / 2\sigma^2 - \log\sigma - \log\sqrt{2\pi}`
+    and in its total derivative with respect to (μ, σ) through the sample path, which is what
+    a pathwise ELBO or IWAE gradient needs (the two terms of ∂/∂μ cancel exactly; those of
+    ∂/∂σ leave :math:`-1/\sigma`). It costs three ops instead of seven, and the backward
+    pass fewer again. Any other value, and a copy of the distribution (e.g.
+    ``pyro.distributions.util.detach``, which STL and DReG use to score with stopped
+    parameters: its remembered sample is a detached copy, never the live one), takes
+    ``Normal``'s formula, so the partial derivative with respect to the sample is kept
+    wherever an estimator asks for it.
+
+    .. warning:: ``log_prob(z)`` of the remembered sample does not depend on z as a tensor:
+        differentiating it with respect to z alone (with μ and σ held) gives zero. Estimators
+        that need that partial must score a detached copy, as STL and DReG do.
+    """
+
+    def rsample(self, sample_shape: torch.Size | tuple = ()) -> torch.Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
+        eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
+        value = self.loc + eps * self.scale
+        self._pathwise = (value, eps)
+        return value
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        remembered = getattr(self, "_pathwise", None)
+        if remembered is None or value is not remembered[0]:
+            return super().log_prob(value)
+        if self._validate_args:
+            self._validate_sample(value)
+        return -0.5 * remembered[1].square() - self.scale.log() - _LOG_SQRT_2PI
 
 
 class DiagonalNormalMixture(TorchDistribution):

@@ -22,8 +22,12 @@ def data_plate(x: torch.Tensor, idx: torch.Tensor | None = None, num_data: int |
     :raises ValueError: on an ``idx`` whose length differs from ``len(x)``, or a missing
         ``num_data``.
     """
+    # sizes as Python ints: under torch.jit.trace a shape read is a traced tensor, and a
+    # tensor size makes Pyro build the plate's scale as a tensor in every traced step (a
+    # few ops per site, and a multiply of each log-density even when the scale is 1)
     if idx is None:
-        return pyro.plate("data", x.shape[0], dim=-1)
+        n = int(x.shape[0])
+        return pyro.plate("data", n, subsample_size=n, dim=-1)
     idx = torch.as_tensor(idx, dtype=torch.long, device=x.device)
     if idx.dim() != 1 or idx.shape[0] != x.shape[0]:
         raise ValueError(
@@ -35,4 +39,4 @@ def data_plate(x: torch.Tensor, idx: torch.Tensor | None = None, num_data: int |
             "idx was given but num_data is unknown: construct the model and guide with "
             "num_data=len(dataset) (or set .num_data) so the plate can scale the minibatch"
         )
-    return pyro.plate("data", num_data, subsample=idx, dim=-1)
+    return pyro.plate("data", num_data, subsample=idx, subsample_size=int(idx.shape[0]), dim=-1)

@@ -1,11 +1,13 @@
-"""DiagonalNormalMixture: equals MixtureSameFamily on every score, shape and moment."""
+"""DiagonalNormalMixture equals MixtureSameFamily on every score, shape and moment;
+StandardNormal and PathwiseNormal equal Normal in value and gradient wherever they are used."""
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.distributions.util import detach
 
-from pyro_lvm.distributions import DiagonalNormalMixture
+from pyro_lvm.distributions import DiagonalNormalMixture, PathwiseNormal, StandardNormal
 
 K, D = 7, 3
 
@@ -92,3 +94,93 @@ def test_bad_shapes_raise():
         DiagonalNormalMixture(torch.zeros(K), torch.zeros(K, D), torch.ones(K, D + 1))
     with pytest.raises(ValueError, match="logits"):
         DiagonalNormalMixture(torch.zeros(K + 1), torch.zeros(K, D), torch.ones(K, D))
+
+
+def _loc_scale(shape=(4, 3)):
+    g = torch.Generator().manual_seed(3)
+    loc = torch.randn(shape, generator=g, dtype=torch.float64).requires_grad_()
+    scale = (torch.rand(shape, generator=g, dtype=torch.float64) + 0.2).requires_grad_()
+    return loc, scale
+
+
+@pytest.mark.parametrize("sample_shape", [(), (5,)])
+def test_pathwise_normal_scores_its_sample_like_normal(sample_shape):
+    """Same draws as Normal; the log-density of its own sample equals Normal's in value and in
+    the total gradient w.r.t. (loc, scale) through the sample path."""
+    loc, scale = _loc_scale()
+    values, grads = [], []
+    for cls in (PathwiseNormal, dist.Normal):
+        torch.manual_seed(0)
+        d = cls(loc, scale)
+        z = d.rsample(sample_shape)
+        lp = d.log_prob(z)
+        values.append((z, lp))
+        grads.append(
+            torch.autograd.grad(
+                (lp * torch.arange(lp.numel()).reshape(lp.shape)).sum(),
+                (loc, scale),
+                allow_unused=True,  # the remembered sample's density has no loc in it
+            )
+        )
+    (z, lp), (z_ref, lp_ref) = values
+    assert torch.equal(z, z_ref)
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-12, atol=1e-12)
+    for g, h in zip(*grads, strict=True):
+        g = torch.zeros_like(h) if g is None else g  # ∂/∂loc: zero for both
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-12)
+
+
+def test_pathwise_normal_scores_other_values_and_stopped_copies_like_normal():
+    """Any tensor but the remembered sample, and a detached copy (STL's and DReG's stopped
+    q), get Normal's formula, so the partial derivative w.r.t. the value is kept."""
+    loc, scale = _loc_scale()
+    d = PathwiseNormal(loc, scale)
+    z = d.rsample()
+    ref = dist.Normal(loc, scale)
+    other = z * 1.0  # equal values, another tensor
+    torch.testing.assert_close(d.log_prob(other), ref.log_prob(other), rtol=1e-12, atol=0)
+    (g,) = torch.autograd.grad(d.log_prob(other).sum(), other, retain_graph=True)
+    (h,) = torch.autograd.grad(ref.log_prob(other).sum(), other, retain_graph=True)
+    torch.testing.assert_close(g, h, rtol=1e-12, atol=0)
+    assert g.abs().sum() > 0
+    stopped = detach(d).log_prob(z)  # what STL scores
+    stopped_ref = dist.Normal(loc.detach(), scale.detach()).log_prob(z)
+    torch.testing.assert_close(stopped, stopped_ref, rtol=1e-12, atol=0)
+    g = torch.autograd.grad(stopped.sum(), (loc, scale), retain_graph=True)
+    h = torch.autograd.grad(stopped_ref.sum(), (loc, scale))
+    for a, b in zip(g, h, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+        assert a.abs().sum() > 0  # the path term, which the remembered-sample formula drops
+
+
+def test_pathwise_normal_expands_and_plays_in_pyro_traces():
+    loc, scale = _loc_scale((3,))
+    d = PathwiseNormal(loc, scale).expand((2, 3))
+    assert type(d) is PathwiseNormal and d.batch_shape == (2, 3)
+    trace = pyro.poutine.trace(lambda: pyro.sample("z", PathwiseNormal(loc, scale))).get_trace()
+    site = trace.nodes["z"]
+    torch.testing.assert_close(
+        site["fn"].log_prob(site["value"]), dist.Normal(loc, scale).log_prob(site["value"])
+    )
+    q, p = PathwiseNormal(loc, scale), StandardNormal(torch.zeros(3), torch.ones(3))
+    torch.testing.assert_close(
+        torch.distributions.kl_divergence(q, p),
+        torch.distributions.kl_divergence(dist.Normal(loc, scale), dist.Normal(0.0, 1.0)),
+    )
+
+
+@pytest.mark.parametrize("value_shape", [(3,), (5, 3), (2, 5, 3)])
+def test_standard_normal_equals_normal(value_shape):
+    p = StandardNormal(torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    ref = dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0)
+    z = torch.randn(value_shape, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(p.log_prob(z), ref.log_prob(z), rtol=1e-12, atol=1e-12)
+    (g,) = torch.autograd.grad(p.log_prob(z).sum(), z)
+    torch.testing.assert_close(g, -z.detach(), rtol=1e-12, atol=0)
+    assert p.log_prob(torch.zeros(())).shape == (3,)
+
+
+def test_standard_normal_refuses_other_parameters_when_validating():
+    with pyro.validation_enabled(True):
+        with pytest.raises(ValueError, match="loc = 0 and scale = 1"):
+            StandardNormal(torch.zeros(2), 2 * torch.ones(2)).log_prob(torch.zeros(2))

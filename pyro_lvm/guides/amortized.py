@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
+from pyro_lvm.distributions import PathwiseNormal
 from pyro_lvm.nn import NetworkFactory, mlp
 from pyro_lvm.plates import data_plate
 
@@ -65,7 +66,7 @@ class AmortizedGaussianGuide(PyroModule):
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         """q(z | x) as a distribution with batch shape ``x.shape[:-1]`` and event ``(z_dim,)``."""
         loc, scale = self.params(x)
-        return dist.Normal(loc, scale).to_event(1)
+        return PathwiseNormal(loc, scale).to_event(1)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """The guide: sample ``"z"`` from q(z | x) inside the ``"data"`` plate."""

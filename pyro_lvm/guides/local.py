@@ -12,6 +12,7 @@ from pyro import poutine
 from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints, transform_to
 
+from pyro_lvm.distributions import PathwiseNormal
 from pyro_lvm.plates import data_plate
 
 __all__ = ["LocalGuide", "LocalGaussianGuide", "LocalBernoulliGuide"]
@@ -187,7 +188,7 @@ class LocalGaussianGuide(LocalGuide):
         self.scale = PyroParam(scale, constraint=constraints.positive, event_dim=self.event_dim)
 
     def distribution(self, loc: torch.Tensor, scale: torch.Tensor) -> dist.Distribution:
-        return dist.Normal(loc, scale).to_event(self.event_dim)
+        return PathwiseNormal(loc, scale).to_event(self.event_dim)
 
 
 class LocalBernoulliGuide(LocalGuide):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
+from pyro_lvm.distributions import PathwiseNormal
 from pyro_lvm.models.priors import StandardNormalPrior
 from pyro_lvm.models.vae import observation_distribution
 from pyro_lvm.nn import NetworkFactory, mlp
@@ -21,7 +22,8 @@ __all__ = ["HierarchicalGuide", "HierarchicalVAE"]
 
 def _gaussian(out: torch.Tensor, min_scale: float) -> dist.Distribution:
     loc, raw_scale = out.chunk(2, dim=-1)
-    return dist.Normal(loc, F.softplus(raw_scale) + min_scale).to_event(1)
+    # pathwise scoring where this is a guide's sample; a model's p(z1 | z2) is scored as usual
+    return PathwiseNormal(loc, F.softplus(raw_scale) + min_scale).to_event(1)
 
 
 def _cat(*tensors: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule
 
-from pyro_lvm.distributions import DiagonalNormalMixture
+from pyro_lvm.distributions import DiagonalNormalMixture, StandardNormal
 
 __all__ = ["MixtureOfGaussiansPrior", "StandardNormalPrior", "VampPrior"]
 
@@ -26,7 +26,7 @@ class StandardNormalPrior(PyroModule):
         self.register_buffer("_zeros", torch.zeros(z_dim))
 
     def forward(self) -> dist.Distribution:
-        return dist.Normal(self._zeros, torch.ones_like(self._zeros)).to_event(1)
+        return StandardNormal(self._zeros, torch.ones_like(self._zeros)).to_event(1)
 
 
 class MixtureOfGaussiansPrior(PyroModule):
@@ -134,7 +134,7 @@ class VampPrior(PyroModule):
 def _is_diagonal_normal(d: dist.Distribution) -> bool:
     return (
         isinstance(d, dist.Independent)
-        and type(d.base_dist) in (dist.Normal, torch.distributions.Normal)
+        and isinstance(d.base_dist, torch.distributions.Normal)
         and d.reinterpreted_batch_ndims == 1
         and d.base_dist.loc.dim() == 2
         and d.base_dist.loc.shape == d.base_dist.scale.shape
