@@ -7,7 +7,6 @@ import math
 import torch
 from pyro.distributions import Categorical, Normal, TorchDistribution
 from torch.distributions import constraints
-from torch.distributions.utils import _standard_normal
 
 __all__ = ["DiagonalNormalMixture", "PathwiseNormal", "StandardNormal"]
 
@@ -41,10 +40,10 @@ class StandardNormal(Normal):
 class PathwiseNormal(Normal):
     r"""A Normal whose reparameterized sample is scored through its own noise.
 
-    ``rsample`` draws :math:`z = \mu + \sigmaarepsilon` exactly as ``Normal`` does (same
-    random stream) and remembers ε; ``log_prob`` of *that* tensor is then
+    ``rsample`` draws :math:`z = \mu + \sigma\varepsilon` with the same random numbers as
+    ``Normal`` and remembers ε; ``log_prob`` of *that* tensor is then
 
-    .. math:: \log q(z) = -	frac12 arepsilon^2 - \log\sigma - \log\sqrt{2\pi},
+    .. math:: \log q(z) = -\tfrac12 \varepsilon^2 - \log\sigma - \log\sqrt{2\pi},
 
     equal in value to Normal's :math:`-(z-\mu)^2 / 2\sigma^2 - \log\sigma - \log\sqrt{2\pi}`
     and in its total derivative with respect to (μ, σ) through the sample path, which is what
@@ -63,7 +62,10 @@ class PathwiseNormal(Normal):
 
     def rsample(self, sample_shape: torch.Size | tuple = ()) -> torch.Tensor:
         shape = self._extended_shape(torch.Size(sample_shape))
-        eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
+        # the draws of Normal.rsample (torch's _standard_normal is ``empty(shape).normal_()``);
+        # under torch.jit.trace that helper switches to ``normal(zeros, ones)``, two
+        # allocations and a slower kernel per step, which a trace keyed by shape never needs
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         value = self.loc + eps * self.scale
         self._pathwise = (value, eps)
         return value
