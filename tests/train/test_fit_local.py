@@ -196,47 +196,16 @@ def test_inner_trace_cache_is_bounded():
     assert all(entry[0] is not None for entry in entries.values())
 
 
-def test_inner_trace_follows_a_kl_schedule():
-    """A scheduled β enters the traced inner loss as an input: after β changes, the reused
-    trace gives the eager loop's leaves and loss (a frozen β would not)."""
-    from pyro_lvm.handlers import KLWeightedELBO
+def _inner_runs_as_beta_changes(by_hand: bool):
+    """``optimize_local`` twice on one minibatch, β = 1 then 0.2, eagerly and traced.
+
+    With ``by_hand`` the model is wrapped with ``kl_weight`` (a Python number a trace
+    freezes; it weighs log p(z) only, enough to move the loss), else the estimator is a
+    scheduled ``KLWeightedELBO``. Returns ``{jit: (guide params, losses)}`` and the traced
+    run's estimator.
+    """
+    from pyro_lvm.handlers import KLWeightedELBO, kl_weight
     from pyro_lvm.models import VAE
-    from pyro_lvm.train.fit_local import _TracedInnerLoss
-
-    n, idx = 12, torch.tensor([0, 3, 4, 7, 9])
-    pyro.set_rng_seed(0)
-    vae = VAE(6, 2, (5,), num_data=n)
-    x = torch.bernoulli(torch.full((n, 6), 0.4))[idx]
-    results = {}
-    for jit in (False, True):
-        state = {"beta": 1.0}
-        estimator = KLWeightedELBO(
-            pyro.infer.Trace_ELBO(num_particles=2), functools.partial(state.__getitem__, "beta")
-        )
-        pyro.set_rng_seed(1)
-        guide = LocalGaussianGuide(n, 2, name=f"kl_local_{jit}")
-        losses = []
-        for beta in (1.0, 0.2):  # the second call reuses the first call's trace
-            state["beta"] = beta
-            res = optimize_local(vae, guide, x, idx, estimator, max_steps=5, tol=0.0, jit=jit)
-            losses.append(res.loss)
-        results[jit] = (guide.params(), losses)
-        entries = _TracedInnerLoss._cache.get(estimator, {})
-        assert (len(entries) == 1 and next(iter(entries.values()))[0] is not None) == jit
-    (eager, eager_losses), (traced, traced_losses) = results[False], results[True]
-    assert traced_losses == pytest.approx(eager_losses, rel=1e-9)
-    assert eager_losses[1] != pytest.approx(eager_losses[0], rel=1e-5)
-    for key in eager:
-        torch.testing.assert_close(traced[key], eager[key], rtol=1e-9, atol=1e-12)
-
-
-def test_a_reused_inner_trace_that_froze_a_value_is_dropped():
-    """A weight on log p(z) applied by hand is a Python number a trace freezes; the first step
-    (eager) of the next call compares the reused trace with it and drops it, so the inner
-    loop gives the eager loop's leaves and loss."""
-    from pyro_lvm.handlers import kl_weight
-    from pyro_lvm.models import VAE
-    from pyro_lvm.train.fit_local import _TracedInnerLoss
 
     n, idx = 12, torch.tensor([0, 3, 4, 7, 9])
     pyro.set_rng_seed(0)
@@ -247,18 +216,40 @@ def test_a_reused_inner_trace_that_froze_a_value_is_dropped():
         state = {"beta": 1.0}
         beta = functools.partial(state.__getitem__, "beta")
         estimator = pyro.infer.Trace_ELBO(num_particles=2)
+        model = kl_weight(vae, beta) if by_hand else vae
+        if not by_hand:
+            estimator = KLWeightedELBO(estimator, beta)
         pyro.set_rng_seed(1)
-        guide = LocalGaussianGuide(n, 2, name=f"hand_kl_{jit}")
-        model = kl_weight(vae, beta)  # weighs log p(z) only; enough to move the loss
+        guide = LocalGaussianGuide(n, 2, name=f"beta_{by_hand}_{jit}")
         losses = []
-        for b in (1.0, 0.2):
+        for b in (1.0, 0.2):  # the second call reuses the first call's trace
             state["beta"] = b
             res = optimize_local(model, guide, x, idx, estimator, max_steps=5, tol=0.0, jit=jit)
             losses.append(res.loss)
         results[jit] = (guide.params(), losses)
     (eager, eager_losses), (traced, traced_losses) = results[False], results[True]
-    (entry,) = _TracedInnerLoss._cache[estimator].values()
-    assert entry[0] is None  # dropped at the second call's first step
     assert traced_losses == pytest.approx(eager_losses, rel=1e-9)
+    assert eager_losses[1] != pytest.approx(eager_losses[0], rel=1e-5)
     for key in eager:
         torch.testing.assert_close(traced[key], eager[key], rtol=1e-9, atol=1e-12)
+    return estimator
+
+
+def test_inner_trace_follows_a_kl_schedule():
+    """A scheduled β enters the traced inner loss as an input: after β changes, the reused
+    trace gives the eager loop's leaves and loss (a frozen β would not)."""
+    from pyro_lvm.train.fit_local import _TracedInnerLoss
+
+    estimator = _inner_runs_as_beta_changes(by_hand=False)
+    (entry,) = _TracedInnerLoss._cache[estimator].values()
+    assert entry[0] is not None  # kept, and it followed the schedule
+
+
+def test_a_reused_inner_trace_that_froze_a_value_is_dropped():
+    """A weight applied by hand is frozen in a trace; the first (eager) step of the next call
+    compares the reused trace with it and drops it, so the loop matches the eager one."""
+    from pyro_lvm.train.fit_local import _TracedInnerLoss
+
+    estimator = _inner_runs_as_beta_changes(by_hand=True)
+    (entry,) = _TracedInnerLoss._cache[estimator].values()
+    assert entry[0] is None  # dropped at the second call's first step
