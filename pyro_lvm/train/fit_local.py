@@ -121,8 +121,9 @@ class _TracedInnerLoss:
         eager = self.eager()
         rtol = default_rtol(eager.dtype)
         # the tolerance scales with |objective| when the trace was verified (see FastSVI)
-        scale = max(abs(float(eager)), entry[3])
-        if abs(float(traced) - float(eager)) > rtol * scale:
+        value = float(eager.detach())
+        scale = max(abs(value), entry[3])
+        if abs(float(traced) - value) > rtol * scale:
             logger.info(
                 "optimize_local: the traced inner loss of %s no longer matches the eager one "
                 "(a Python value it froze has changed); this signature now runs eagerly",
@@ -210,7 +211,7 @@ class _TracedInnerLoss:
                     eager_grads = torch.autograd.grad(eager, leaves)
                     rtol = default_rtol(eager.dtype)
                     ok &= tensors_agree(traced, eager, grads, eager_grads, rtol)
-                    scale = abs(float(eager))
+                    scale = abs(float(eager.detach()))
         except Exception:
             ok = False
         return scale if ok else None
