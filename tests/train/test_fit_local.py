@@ -131,16 +131,22 @@ def test_inner_loop_benchmark_smoke(tmp_path, monkeypatch):
     assert all(v > 0 for v in rates.values()) and result["seed"] == 0
 
 
-@pytest.mark.parametrize("name", ["elbo", "iwae-dreg", "score-function"])
-def test_traced_inner_loop_matches_the_eager_one(name):
-    from pyro_lvm.elbo import make_estimator
+def _small_vae_and_batch():
+    """A 6-2-5 VAE over 12 data points and a minibatch of 5 of them (seeded)."""
     from pyro_lvm.models import VAE
-    from pyro_lvm.train.fit_local import _TracedInnerLoss
 
     n, idx = 12, torch.tensor([0, 3, 4, 7, 9])
     pyro.set_rng_seed(0)
     vae = VAE(6, 2, (5,), num_data=n)
-    x = torch.bernoulli(torch.full((n, 6), 0.4))[idx]
+    return n, idx, vae, torch.bernoulli(torch.full((n, 6), 0.4))[idx]
+
+
+@pytest.mark.parametrize("name", ["elbo", "iwae-dreg", "score-function"])
+def test_traced_inner_loop_matches_the_eager_one(name):
+    from pyro_lvm.elbo import make_estimator
+    from pyro_lvm.train.fit_local import _TracedInnerLoss
+
+    n, idx, vae, x = _small_vae_and_batch()
     results = {}
     for jit in (False, True):
         estimator = make_estimator(name, 3)
@@ -205,12 +211,8 @@ def _inner_runs_as_beta_changes(by_hand: bool):
     run's estimator.
     """
     from pyro_lvm.handlers import KLWeightedELBO, kl_weight
-    from pyro_lvm.models import VAE
 
-    n, idx = 12, torch.tensor([0, 3, 4, 7, 9])
-    pyro.set_rng_seed(0)
-    vae = VAE(6, 2, (5,), num_data=n)
-    x = torch.bernoulli(torch.full((n, 6), 0.4))[idx]
+    n, idx, vae, x = _small_vae_and_batch()
     results = {}
     for jit in (False, True):
         state = {"beta": 1.0}
