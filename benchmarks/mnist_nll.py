@@ -21,6 +21,11 @@ The VampPrior paper's recipe (gated dense layers, 100 epochs of linear KL warm-u
     python benchmarks/mnist_nll.py --config vae --network gated --warmup-epochs 100 --lr 5e-4 \
         --patience 50 --epochs 2000 --out runs/mnist_nll_recipe
 
+The paper's networks also clip the log-variance of every Gaussian head to [-6, 2] (Hardtanh)
+and its pseudo-inputs to [0, 1], and its optimizer divides each parameter's gradient by its
+norm before Adam ("AdamNormGrad"); ``--paper-heads`` and ``--optimizer adam-normgrad`` add
+these (``runs/...`` folders must not mix them: a resume with other choices is refused).
+
 ``--smoke`` trains every configuration for one epoch on the bundled 8x8 digits (or a slice of
 MNIST with ``--smoke-mnist``) with K = 20 and small networks: a check that the script runs.
 """
@@ -47,7 +52,13 @@ from pyro_lvm.guides import AmortizedFlowGuide, AmortizedGaussianGuide
 from pyro_lvm.handlers import KLWeightedELBO
 from pyro_lvm.models import VAE, HierarchicalVAE, VampPrior
 from pyro_lvm.nn import NETWORKS, NetworkFactory, mlp
-from pyro_lvm.train import EarlyStopping, fit, read_checkpoint
+from pyro_lvm.train import EarlyStopping, fit, normalized_gradient_adam, read_checkpoint
+
+#: the VampPrior paper's Hardtanh bounds: log-variances of Gaussian heads, binary pseudo-inputs
+PAPER_LOG_VAR_RANGE, PAPER_PSEUDO_INPUT_RANGE = (-6.0, 2.0), (0.0, 1.0)
+
+#: ``--optimizer`` choices: name -> pyro.optim factory of ``{"lr": ...}``
+OPTIMIZERS = {"adam": pyro.optim.Adam, "adam-normgrad": normalized_gradient_adam}
 
 #: configuration -> (estimator name, particles, published NLL in nats with its source).
 CONFIGS: dict[str, dict] = {
@@ -88,19 +99,41 @@ def build(
     num_flows: int,
     init: torch.Tensor,
     network: NetworkFactory = mlp,
+    paper_heads: bool = False,
 ):
     """The model (with its guide as ``.guide``) of configuration ``name``; ``network`` builds
-    every encoder and decoder (:func:`~pyro_lvm.nn.gated_mlp` for the VampPrior paper's)."""
+    every encoder and decoder (:func:`~pyro_lvm.nn.gated_mlp` for the VampPrior paper's).
+
+    ``paper_heads`` clips the Gaussian heads' log-variances to [-6, 2] and the pseudo-inputs to
+    [0, 1], as the VampPrior paper's Hardtanh layers do (not defined for the flow guide).
+    """
+    log_var_range = PAPER_LOG_VAR_RANGE if paper_heads else None
+    vamp_range = PAPER_PSEUDO_INPUT_RANGE if paper_heads else None
     if name in ("vae", "iwae-k50"):
-        return VAE(x_dim, z_dim, hidden=hidden, network=network)
+        guide = AmortizedGaussianGuide(
+            x_dim, z_dim, hidden, network=network, log_var_range=log_var_range
+        )
+        return VAE(x_dim, z_dim, hidden=hidden, guide=guide, network=network)
     if name == "vae-vamp":
-        guide = AmortizedGaussianGuide(x_dim, z_dim, hidden, network=network)
-        prior = VampPrior(guide.posterior, x_dim, init=init[:num_pseudo])
+        guide = AmortizedGaussianGuide(
+            x_dim, z_dim, hidden, network=network, log_var_range=log_var_range
+        )
+        prior = VampPrior(
+            guide.posterior, x_dim, init=init[:num_pseudo], pseudo_input_range=vamp_range
+        )
         return VAE(x_dim, z_dim, hidden=hidden, prior=prior, guide=guide, network=network)
     if name == "hvae-vamp":
-        hvae = HierarchicalVAE(x_dim, z_dim, z_dim, hidden=hidden, network=network)
-        hvae.prior = VampPrior(hvae.guide.posterior, x_dim, init=init[:num_pseudo])
+        hvae = HierarchicalVAE(
+            x_dim, z_dim, z_dim, hidden=hidden, network=network, log_var_range=log_var_range
+        )
+        hvae.prior = VampPrior(
+            hvae.guide.posterior, x_dim, init=init[:num_pseudo], pseudo_input_range=vamp_range
+        )
         return hvae
+    if paper_heads:
+        raise ValueError(
+            f"--paper-heads is defined for the Gaussian guides, not for {name!r}; drop the flag"
+        )
     if name == "vae-flow":
         guide = AmortizedFlowGuide(
             x_dim,
@@ -161,9 +194,13 @@ def run_config(
         args.num_flows,
         init,
         network=NETWORKS[args.network],
+        paper_heads=args.paper_heads,
     )
     guide = model.guide
     ckpt = out / f"{name}.pt"
+    # choices a checkpoint's shapes do not reveal; older checkpoints predate both (defaults)
+    recipe = {"paper_heads": args.paper_heads, "optimizer": args.optimizer}
+    _check_resume(ckpt, recipe)
     done = read_checkpoint(ckpt)["epoch"] if ckpt.exists() else 0
     steps_per_epoch = math.ceil(train.shape[0] / args.batch_size)
     state = {"epoch": done}
@@ -196,7 +233,7 @@ def run_config(
         train,
         loss=loss,
         num_particles=particles,
-        optimizer=pyro.optim.Adam({"lr": args.lr}),
+        optimizer=OPTIMIZERS[args.optimizer]({"lr": args.lr}),
         num_epochs=args.epochs,
         batch_size=args.batch_size,
         valid_data=valid,
@@ -206,7 +243,7 @@ def run_config(
         resume=ckpt.exists(),
         progress=not args.smoke,
         callbacks=[next_epoch, stopper],
-        extra={"config": name},
+        extra={"config": name, **recipe},
     )
     best_epoch = stopper.restore()
     t0 = time.perf_counter()
@@ -239,8 +276,27 @@ def run_config(
         "loss": cfg["loss"],
         "num_particles": cfg["K"],
         "warmup_epochs": args.warmup_epochs,
+        "paper_heads": args.paper_heads,  # the optimizer's name is in setup["optimizer"]
         "published": cfg["published"],
     }
+
+
+def _check_resume(ckpt: Path, recipe: dict) -> None:
+    """Refuse to resume ``ckpt`` with choices other than the ones it was trained with."""
+    if not ckpt.exists():
+        return
+    extra = (read_checkpoint(ckpt).get("metadata") or {}).get("extra") or {}
+    saved = {
+        "paper_heads": extra.get("paper_heads", False),
+        "optimizer": extra.get("optimizer", "adam"),
+    }
+    diff = {k: (saved[k], v) for k, v in recipe.items() if saved[k] != v}
+    if diff:
+        told = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise SystemExit(
+            f"{ckpt} was trained with other choices ({told}); resume with the checkpoint's "
+            "choices or pass another --out"
+        )
 
 
 def table(results: dict) -> str:
@@ -257,6 +313,11 @@ def table(results: dict) -> str:
             objective += ", gated units"
         if r.get("warmup_epochs"):
             objective += f", KL warm-up {r['warmup_epochs']} ep"
+        if r.get("paper_heads"):
+            objective += ", Hardtanh heads"
+        optimizer = r.get("optimizer", {}).get("name", "adam").lower()
+        if optimizer != "adam":
+            objective += f", {optimizer}"
         threads = r.get("machine", {}).get("torch_threads", "?")
         lines.append(
             f"| {name} | {objective} | {r['nll']:.2f} ± {r['nll_se']:.2f} | {r['epochs']} | "
@@ -294,6 +355,18 @@ def main(argv=None) -> int:
         default=20,
         help="stop after this many epochs without a better validation bound",
     )
+    p.add_argument(
+        "--paper-heads",
+        action="store_true",
+        help="clip Gaussian heads' log-variances to [-6, 2] and pseudo-inputs to [0, 1] "
+        "(the VampPrior paper's Hardtanh layers)",
+    )
+    p.add_argument(
+        "--optimizer",
+        default="adam",
+        choices=sorted(OPTIMIZERS),
+        help="'adam-normgrad': Adam on per-tensor normalized gradients (the VampPrior paper's)",
+    )
     p.add_argument("--eval-samples", type=int, default=5000, help="K of the IS estimate")
     p.add_argument("--test-points", type=int, default=0, help="score the first N (0: all)")
     p.add_argument("--data-chunk", type=int, default=100)
@@ -312,6 +385,8 @@ def main(argv=None) -> int:
     for n in names:
         if n not in CONFIGS:
             p.error(f"unknown config {n!r}; choose from {sorted(CONFIGS)} or 'all'")
+    if args.paper_heads and "vae-flow" in names:
+        p.error("--paper-heads is defined for the Gaussian guides, not for vae-flow")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
@@ -331,7 +406,7 @@ def main(argv=None) -> int:
             "num_pseudo": args.num_pseudo,
             "num_flows": args.num_flows,
         },
-        "optimizer": {"name": "Adam", "lr": args.lr, "batch_size": args.batch_size},
+        "optimizer": {"name": args.optimizer, "lr": args.lr, "batch_size": args.batch_size},
         "seed": args.seed,
         "smoke": args.smoke,
         "machine": {

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["NETWORKS", "GatedDense", "NetworkFactory", "SplitHead", "gated_mlp", "mlp"]
+__all__ = [
+    "NETWORKS",
+    "GatedDense",
+    "NetworkFactory",
+    "SplitHead",
+    "gated_mlp",
+    "gaussian_scale",
+    "mlp",
+]
 
 #: ``network(in_dim, hidden, out_dim) -> nn.Module``: how models and guides build their nets.
 NetworkFactory = Callable[[int, Sequence[int], int], nn.Module]
@@ -81,6 +90,51 @@ def gated_mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential
 
 #: network factories by the name a checkpoint's configuration stores (``config["network"]``)
 NETWORKS: dict[str, NetworkFactory] = {"mlp": mlp, "gated": gated_mlp}
+
+
+def gaussian_scale(
+    raw: torch.Tensor,
+    min_scale: float = 0.0,
+    log_var_range: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    r"""A Gaussian's standard deviation from a network's unconstrained output ``raw``.
+
+    .. math::
+
+        \sigma = \mathrm{softplus}(\rho) + \sigma_{\min}
+        \quad\text{or, with } (a, b) = \texttt{log\_var\_range},\quad
+        \sigma = \exp\bigl(\tfrac12 \operatorname{clamp}(\rho, a, b)\bigr).
+
+    The second form reads ρ as the log-variance and clips it, as the VampPrior paper's networks
+    do with a Hardtanh(−6, 2) head (Tomczak & Welling 2018, arXiv:1705.07120; σ ∈ [0.050, 2.72]).
+    ``σ_min`` applies to the softplus form only. ``torch.clamp`` passes the gradient at the
+    bounds themselves (Hardtanh does not); inside them both are the identity.
+
+    >>> gaussian_scale(torch.tensor([-10.0, 0.0, 10.0]), log_var_range=(-6.0, 2.0))
+    tensor([0.0498, 1.0000, 2.7183])
+    """
+    if log_var_range is None:
+        return torch.nn.functional.softplus(raw) + min_scale
+    low, high = log_var_range
+    return torch.exp(0.5 * raw.clamp(low, high))
+
+
+def check_log_var_range(log_var_range: tuple[float, float] | None) -> tuple[float, float] | None:
+    """Validate a ``log_var_range`` argument: ``None`` or two finite floats ``low < high``."""
+    if log_var_range is None:
+        return None
+    try:
+        low, high = (float(v) for v in log_var_range)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"log_var_range must be None or a pair (low, high), got {log_var_range!r}"
+        ) from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(
+            f"log_var_range must be finite with low < high, got ({low}, {high}); "
+            "the VampPrior paper uses (-6.0, 2.0)"
+        )
+    return low, high
 
 
 class SplitHead(nn.Module):

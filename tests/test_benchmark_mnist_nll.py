@@ -55,3 +55,33 @@ def test_the_papers_recipe_runs_gated_with_warm_up(tmp_path, monkeypatch, capsys
     saved = read_checkpoint(out / "vae.pt")
     assert saved["metadata"]["fit"]["loss"] == "KLWeightedELBO"  # trained on the annealed bound
     assert len(saved["history"]["valid_elbos"]) == 1
+
+
+def test_the_papers_heads_and_optimizer_are_recorded_and_not_mixed_on_resume(
+    tmp_path, monkeypatch, capsys
+):
+    from pyro_lvm.train import read_checkpoint
+
+    out = tmp_path / "nll"
+    paper = ["--paper-heads", "--optimizer", "adam-normgrad"]
+    _run(monkeypatch, "--out", str(out), "--config", "hvae-vamp", *paper)
+    r = json.loads((out / "hvae-vamp.json").read_text())
+    assert r["paper_heads"] and r["optimizer"]["name"] == "adam-normgrad"
+    assert "elbo, Hardtanh heads, adam-normgrad" in capsys.readouterr().out
+    extra = read_checkpoint(out / "hvae-vamp.pt")["metadata"]["extra"]
+    assert extra == {"config": "hvae-vamp", "paper_heads": True, "optimizer": "adam-normgrad"}
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [str(SCRIPT), "--smoke", "--out", str(out), "--config", "hvae-vamp", "--epochs", "2"],
+    )
+    with pytest.raises(SystemExit, match="trained with other choices .*paper_heads"):
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [str(SCRIPT), "--smoke", "--config", "vae-flow", "--paper-heads", "--out", str(out)],
+    )
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert stop.value.code == 2 and "not for vae-flow" in capsys.readouterr().err

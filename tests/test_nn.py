@@ -37,3 +37,21 @@ def test_gated_mlp_layout():
     assert net(torch.zeros(4, 5)).shape == (4, 2)
     with pytest.raises(ValueError, match="hidden"):
         gated_mlp(3, [0], 2)
+
+
+def test_gaussian_scale_softplus_and_clipped_log_variance():
+    from pyro_lvm.nn import check_log_var_range, gaussian_scale
+
+    raw = torch.tensor([-9.0, -6.0, -1.0, 0.0, 2.0, 5.0], requires_grad=True)
+    torch.testing.assert_close(gaussian_scale(raw, 1e-3), torch.nn.functional.softplus(raw) + 1e-3)
+    sigma = gaussian_scale(raw, 1e-3, (-6.0, 2.0))  # σ_min plays no part in this form
+    expected = torch.tensor([-6.0, -6.0, -1.0, 0.0, 2.0, 2.0]).mul(0.5).exp()
+    torch.testing.assert_close(sigma, expected)
+    assert sigma.min().item() == pytest.approx(0.0498, abs=1e-4)
+    (grad,) = torch.autograd.grad(sigma.sum(), raw)
+    # dσ/dρ = σ / 2 inside the range and at its bounds, 0 beyond them
+    torch.testing.assert_close(grad, torch.tensor([0.0, 1, 1, 1, 1, 0]) * expected / 2)
+    assert check_log_var_range([-6, 2]) == (-6.0, 2.0) and check_log_var_range(None) is None
+    for bad in [(2.0, -6.0), (1.0, 1.0), (float("nan"), 1.0), (0.0, float("inf")), "ab", 3]:
+        with pytest.raises(ValueError, match="log_var_range"):
+            check_log_var_range(bad)

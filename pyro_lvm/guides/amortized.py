@@ -7,12 +7,11 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_lvm.distributions import PathwiseNormal
-from pyro_lvm.nn import NetworkFactory, mlp
+from pyro_lvm.nn import NetworkFactory, check_log_var_range, gaussian_scale, mlp
 from pyro_lvm.plates import data_plate
 
 __all__ = ["AmortizedGaussianGuide"]
@@ -24,7 +23,8 @@ class AmortizedGaussianGuide(PyroModule):
     .. math::
 
         (\mu, \rho) = f_\lambda(x), \qquad q_\lambda(z \mid x) = \mathcal N(\mu, \mathrm{diag}\,
-        \sigma^2), \quad \sigma = \mathrm{softplus}(\rho) + \sigma_{\min}.
+        \sigma^2), \quad \sigma = \mathrm{softplus}(\rho) + \sigma_{\min}
+        \ \text{or} \ \sigma = \exp\bigl(\tfrac12 \operatorname{clamp}(\rho, a, b)\bigr).
 
     Amortization replaces per-datapoint parameters φ^i with one regression ``x ↦ φ``
     (Kingma & Welling 2014, arXiv:1312.6114; Rezende et al. 2014, arXiv:1401.4082).
@@ -33,9 +33,12 @@ class AmortizedGaussianGuide(PyroModule):
     :param z_dim: latent dimension.
     :param hidden: hidden widths of the default MLP encoder.
     :param encoder: optional network mapping ``x`` to ``2 * z_dim`` features (loc, raw scale).
-    :param min_scale: σ_min, keeps q from collapsing to a point.
+    :param min_scale: σ_min, keeps q from collapsing to a point (softplus form only).
     :param num_data: dataset size, needed when the guide is called with ``idx``.
     :param network: builds the default encoder, ``network(x_dim, hidden, 2 * z_dim)``.
+    :param log_var_range: ``(a, b)`` reads the raw scale as a log-variance clipped to [a, b],
+        the VampPrior paper's Hardtanh head (``(-6.0, 2.0)`` there); see
+        :func:`~pyro_lvm.nn.gaussian_scale`. ``None`` (default): softplus + σ_min.
     """
 
     def __init__(
@@ -47,9 +50,11 @@ class AmortizedGaussianGuide(PyroModule):
         min_scale: float = 1e-4,
         num_data: int | None = None,
         network: NetworkFactory = mlp,
+        log_var_range: tuple[float, float] | None = None,
     ):
         super().__init__()
         self.x_dim, self.z_dim, self.min_scale, self.num_data = x_dim, z_dim, min_scale, num_data
+        self.log_var_range = check_log_var_range(log_var_range)
         self.encoder = network(x_dim, hidden, 2 * z_dim) if encoder is None else encoder
 
     def params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +66,7 @@ class AmortizedGaussianGuide(PyroModule):
                 f"scale), got {out.shape[-1]}"
             )
         loc, raw_scale = out.split(self.z_dim, dim=-1)
-        return loc, F.softplus(raw_scale) + self.min_scale
+        return loc, gaussian_scale(raw_scale, self.min_scale, self.log_var_range)
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         """q(z | x) as a distribution with batch shape ``x.shape[:-1]`` and event ``(z_dim,)``."""

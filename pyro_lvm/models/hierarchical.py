@@ -7,23 +7,24 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_lvm.distributions import PathwiseNormal
 from pyro_lvm.models.priors import StandardNormalPrior
 from pyro_lvm.models.vae import observation_distribution
-from pyro_lvm.nn import NetworkFactory, mlp
+from pyro_lvm.nn import NetworkFactory, check_log_var_range, gaussian_scale, mlp
 from pyro_lvm.plates import data_plate
 
 __all__ = ["HierarchicalGuide", "HierarchicalVAE"]
 
 
-def _gaussian(out: torch.Tensor, min_scale: float) -> dist.Distribution:
+def _gaussian(
+    out: torch.Tensor, min_scale: float, log_var_range: tuple[float, float] | None
+) -> dist.Distribution:
     loc, raw_scale = out.chunk(2, dim=-1)
     # pathwise scoring where this is a guide's sample; a model's p(z1 | z2) is scored as usual
-    return PathwiseNormal(loc, F.softplus(raw_scale) + min_scale).to_event(1)
+    return PathwiseNormal(loc, gaussian_scale(raw_scale, min_scale, log_var_range)).to_event(1)
 
 
 def _cat(*tensors: torch.Tensor) -> torch.Tensor:
@@ -48,9 +49,11 @@ class HierarchicalGuide(PyroModule):
     :param z1_dim: dimension of the lower latent z1.
     :param z2_dim: dimension of the top latent z2.
     :param hidden: hidden widths of both encoder networks.
-    :param min_scale: lower bound on the standard deviations.
+    :param min_scale: lower bound on the standard deviations (softplus form only).
     :param num_data: dataset size, needed when called with ``idx``.
     :param network: builds both encoders, ``network(in, hidden, out)``.
+    :param log_var_range: ``(a, b)``: both q's read their raw scale as a log-variance clipped to
+        [a, b] (the VampPrior paper's ``(-6.0, 2.0)``); see :func:`~pyro_lvm.nn.gaussian_scale`.
     """
 
     def __init__(
@@ -62,20 +65,22 @@ class HierarchicalGuide(PyroModule):
         min_scale: float = 1e-4,
         num_data: int | None = None,
         network: NetworkFactory = mlp,
+        log_var_range: tuple[float, float] | None = None,
     ):
         super().__init__()
         self.x_dim, self.z1_dim, self.z2_dim = x_dim, z1_dim, z2_dim
         self.min_scale, self.num_data = min_scale, num_data
+        self.log_var_range = check_log_var_range(log_var_range)
         self.encoder2 = network(x_dim, hidden, 2 * z2_dim)
         self.encoder1 = network(x_dim + z2_dim, hidden, 2 * z1_dim)
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         """q(z2 | x): batch shape ``x.shape[:-1]``, event shape ``(z2_dim,)``."""
-        return _gaussian(self.encoder2(x), self.min_scale)
+        return _gaussian(self.encoder2(x), self.min_scale, self.log_var_range)
 
     def posterior1(self, x: torch.Tensor, z2: torch.Tensor) -> dist.Distribution:
         """q(z1 | x, z2)."""
-        return _gaussian(self.encoder1(_cat(x, z2)), self.min_scale)
+        return _gaussian(self.encoder1(_cat(x, z2)), self.min_scale, self.log_var_range)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """Sample ``"z2"`` then ``"z1"`` inside the ``"data"`` plate; returns z1."""
@@ -104,10 +109,12 @@ class HierarchicalVAE(PyroModule):
     :param likelihood: ``"bernoulli"`` or ``"gaussian"``.
     :param prior: a module whose ``forward()`` returns p(z2); N(0, I) by default.
     :param guide: a guide with sites ``"z2"``, ``"z1"``; a :class:`HierarchicalGuide` by default.
-    :param min_scale: lower bound on the standard deviations.
+    :param min_scale: lower bound on the standard deviations (softplus form only).
     :param num_data: dataset size, needed when called with ``idx``.
     :param network: builds every network (and the default guide's), ``network(in, hidden, out)``;
         e.g. :func:`~pyro_lvm.nn.gated_mlp` for the VampPrior paper's gated layers.
+    :param log_var_range: ``(a, b)``: p(z1 | z2) and the default guide's q's read their raw
+        scale as a log-variance clipped to [a, b], the VampPrior paper's ``(-6.0, 2.0)``.
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class HierarchicalVAE(PyroModule):
         min_scale: float = 1e-3,
         num_data: int | None = None,
         network: NetworkFactory = mlp,
+        log_var_range: tuple[float, float] | None = None,
     ):
         super().__init__()
         if likelihood not in ("bernoulli", "gaussian"):
@@ -130,12 +138,15 @@ class HierarchicalVAE(PyroModule):
             raise ValueError(f"dimensions must be positive, got {x_dim}, {z1_dim}, {z2_dim}")
         self.x_dim, self.z1_dim, self.z2_dim = x_dim, z1_dim, z2_dim
         self.likelihood, self.min_scale = likelihood, min_scale
+        self.log_var_range = check_log_var_range(log_var_range)
         out = x_dim if likelihood == "bernoulli" else 2 * x_dim
         self.prior = StandardNormalPrior(z2_dim) if prior is None else prior
         self.p_z1 = network(z2_dim, hidden, 2 * z1_dim)
         self.decoder = network(z1_dim + z2_dim, list(reversed(tuple(hidden))), out)
         if guide is None:
-            guide = HierarchicalGuide(x_dim, z1_dim, z2_dim, hidden, network=network)
+            guide = HierarchicalGuide(
+                x_dim, z1_dim, z2_dim, hidden, network=network, log_var_range=log_var_range
+            )
         self.guide = guide
         self.num_data = num_data
 
@@ -149,6 +160,10 @@ class HierarchicalVAE(PyroModule):
         if hasattr(self.guide, "num_data"):
             self.guide.num_data = value
 
+    def conditional_prior(self, z2: torch.Tensor) -> dist.Distribution:
+        """p_θ(z1 | z2), a diagonal Gaussian with event shape ``(z1_dim,)``."""
+        return _gaussian(self.p_z1(z2), self.min_scale, self.log_var_range)
+
     def decode(self, z1: torch.Tensor, z2: torch.Tensor) -> dist.Distribution:
         """p_θ(x | z1, z2) with event shape ``(x_dim,)``."""
         return observation_distribution(self.decoder(_cat(z1, z2)), self.likelihood, self.min_scale)
@@ -161,7 +176,7 @@ class HierarchicalVAE(PyroModule):
             )
         with data_plate(x, idx, self.num_data):
             z2 = pyro.sample("z2", self.prior())
-            z1 = pyro.sample("z1", _gaussian(self.p_z1(z2), self.min_scale))
+            z1 = pyro.sample("z1", self.conditional_prior(z2))
             pyro.sample("x", self.decode(z1, z2), obs=x)
         return z1
 
@@ -169,6 +184,6 @@ class HierarchicalVAE(PyroModule):
     def sample(self, n: int, mean: bool = True) -> torch.Tensor:
         """Ancestral samples (their Bernoulli/Gaussian means when ``mean``)."""
         z2 = self.prior().sample((n,))
-        z1 = _gaussian(self.p_z1(z2), self.min_scale).sample()
+        z1 = self.conditional_prior(z2).sample()
         px = self.decode(z1, z2)
         return px.mean if mean else px.sample()

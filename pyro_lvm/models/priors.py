@@ -88,6 +88,12 @@ class VampPrior(PyroModule):
     :param num_pseudo: number of pseudo-inputs K.
     :param init: optional ``(K, x_dim)`` initial pseudo-inputs (e.g. random training points);
         by default N(0.5, 0.01²) as in the paper's binary-data experiments.
+    :param pseudo_input_range: ``(low, high)`` clips the pseudo-inputs to the data's range
+        before they reach the encoder, u_k = clamp(w_k, low, high), as the paper's Hardtanh(0, 1)
+        does for binary images; ``None`` (default) leaves them unconstrained. Unlike Hardtanh,
+        the clamp passes the gradient *at* the bounds, so pseudo-inputs initialized at training
+        images (pixels exactly 0 or 1) can still move inward; one pushed past a bound stops
+        there. ``init`` must lie within the range.
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class VampPrior(PyroModule):
         x_dim: int,
         num_pseudo: int = 500,
         init: torch.Tensor | None = None,
+        pseudo_input_range: tuple[float, float] | None = None,
     ):
         super().__init__()
         if not callable(posterior) or isinstance(posterior, torch.nn.Module):
@@ -111,12 +118,31 @@ class VampPrior(PyroModule):
             init = 0.5 + 0.01 * torch.randn(num_pseudo, x_dim)
         if init.dim() != 2 or init.shape[-1] != x_dim:
             raise ValueError(f"init must have shape (num_pseudo, {x_dim}), got {tuple(init.shape)}")
+        if pseudo_input_range is not None:
+            low, high = (float(v) for v in pseudo_input_range)
+            if not low < high:
+                raise ValueError(f"pseudo_input_range needs low < high, got ({low}, {high})")
+            if init.min().item() < low or init.max().item() > high:
+                raise ValueError(
+                    f"init lies in [{init.min().item():.3g}, {init.max().item():.3g}], outside "
+                    f"pseudo_input_range ({low}, {high}), where the clamp would pass no gradient; "
+                    "rescale init into the range"
+                )
+            pseudo_input_range = (low, high)
         object.__setattr__(self, "_posterior", posterior)
         self.x_dim, self.num_pseudo = x_dim, init.shape[0]
+        self.pseudo_input_range = pseudo_input_range
         self.pseudo_inputs = torch.nn.Parameter(init.detach().clone())
 
+    @property
+    def inputs(self) -> torch.Tensor:
+        """The pseudo-inputs u_1..u_K the encoder sees: ``pseudo_inputs`` clipped to the range."""
+        if self.pseudo_input_range is None:
+            return self.pseudo_inputs
+        return self.pseudo_inputs.clamp(*self.pseudo_input_range)
+
     def forward(self) -> dist.Distribution:
-        components = self._posterior(self.pseudo_inputs)
+        components = self._posterior(self.inputs)
         if tuple(components.batch_shape) != (self.num_pseudo,) or len(components.event_shape) != 1:
             raise ValueError(
                 f"posterior(pseudo_inputs) must have batch shape ({self.num_pseudo},) and event "

@@ -12,6 +12,7 @@ from pyro_lvm.train.fast import FastSVI
 from pyro_lvm.train.fit import NonFiniteLossError, fit
 from pyro_lvm.train.fit_local import LocalFitHistory, LocalOptResult, fit_local, optimize_local
 from pyro_lvm.train.history import FitHistory
+from pyro_lvm.train.optim import NormalizedGradientAdam, normalized_gradient_adam
 from pyro_lvm.train.restore import vae_config, vae_from_checkpoint
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "FastSVI",
     "FitHistory",
     "NonFiniteLossError",
+    "NormalizedGradientAdam",
     "atomic_save",
     "fit",
     "fit_local",
@@ -27,6 +29,7 @@ __all__ = [
     "LocalFitHistory",
     "LocalOptResult",
     "load_checkpoint",
+    "normalized_gradient_adam",
     "read_checkpoint",
     "save_checkpoint",
     "vae_config",

@@ -87,3 +87,28 @@ def test_bad_inputs_raise():
         HierarchicalVAE(X_DIM, likelihood="poisson")
     with pytest.raises(ValueError, match="x_dim"):
         _make("standard")(torch.zeros(2, X_DIM + 1))
+
+
+def test_clipped_log_variance_heads():
+    """With log_var_range, p(z1|z2), q(z2|x) and q(z1|x,z2) have σ = exp(clamp(ρ, a, b) / 2)."""
+    torch.manual_seed(0)
+    hvae = HierarchicalVAE(X_DIM, Z1, Z2, hidden=(8,), log_var_range=(-6.0, 2.0))
+    guide = hvae.guide
+    assert guide.log_var_range == (-6.0, 2.0)
+    with torch.no_grad():  # push some raw outputs past both bounds
+        hvae.p_z1[-1].bias.copy_(torch.tensor([0.0] * Z1 + [-50.0, 50.0, 0.3]))
+    x, z2 = torch.rand(4, X_DIM), torch.randn(4, Z2)
+
+    def expected(net, inp):
+        return net(inp).chunk(2, -1)[1].clamp(-6.0, 2.0).mul(0.5).exp()
+
+    p1 = hvae.conditional_prior(z2).base_dist
+    torch.testing.assert_close(p1.scale, expected(hvae.p_z1, z2))
+    assert p1.scale[:, 0].max() <= 0.0498 and p1.scale[:, 1].min() >= 2.718
+    torch.testing.assert_close(guide.posterior(x).base_dist.scale, expected(guide.encoder2, x))
+    torch.testing.assert_close(
+        guide.posterior1(x, z2).base_dist.scale,
+        expected(guide.encoder1, torch.cat([x, z2], -1)),
+    )
+    with pytest.raises(ValueError, match="low < high"):
+        HierarchicalVAE(X_DIM, Z1, Z2, log_var_range=(2.0, -6.0))

@@ -119,3 +119,26 @@ def test_vamp_prior_scores_diagonal_encoders_fast_and_others_as_a_mixture():
     torch.testing.assert_close(fast.log_prob(z), reference.log_prob(z))
     slow = VampPrior(full, X_DIM, num_pseudo=4)()
     assert isinstance(slow, dist.MixtureSameFamily) and slow.log_prob(z).shape == (6,)
+
+
+def test_vamp_prior_clips_pseudo_inputs_and_still_moves_those_at_the_bounds():
+    guide = AmortizedGaussianGuide(X_DIM, Z_DIM, hidden=(8,))
+    init = torch.bernoulli(torch.full((4, X_DIM), 0.5), generator=torch.Generator().manual_seed(0))
+    prior = VampPrior(guide.posterior, X_DIM, init=init, pseudo_input_range=(0.0, 1.0))
+    z = torch.randn(9, Z_DIM)
+    prior().log_prob(z).sum().backward()
+    # training images are exactly 0 or 1: Hardtanh would pass no gradient there, the clamp does
+    assert (prior.pseudo_inputs.grad != 0).all()
+    with torch.no_grad():
+        prior.pseudo_inputs[0, 0] = -3.0
+        prior.pseudo_inputs[1, 1] = 7.0
+    u = prior.inputs
+    assert u[0, 0] == 0.0 and u[1, 1] == 1.0 and torch.equal(u[2:], prior.pseudo_inputs[2:])
+    manual = torch.logsumexp(guide.posterior(u).log_prob(z[:, None]), -1) - math.log(4)
+    torch.testing.assert_close(prior().log_prob(z), manual)
+    with pytest.raises(ValueError, match="outside pseudo_input_range"):
+        VampPrior(guide.posterior, X_DIM, init=init + 0.5, pseudo_input_range=(0.0, 1.0))
+    with pytest.raises(ValueError, match="low < high"):
+        VampPrior(guide.posterior, X_DIM, init=init, pseudo_input_range=(1.0, 0.0))
+    unclipped = VampPrior(guide.posterior, X_DIM, init=init)
+    assert unclipped.inputs is unclipped.pseudo_inputs
