@@ -26,6 +26,10 @@ and its pseudo-inputs to [0, 1], and its optimizer divides each parameter's grad
 norm before Adam ("AdamNormGrad"); ``--paper-heads`` and ``--optimizer adam-normgrad`` add
 these (``runs/...`` folders must not mix them: a resume with other choices is refused).
 
+``--device cuda`` trains and scores on an accelerator (the permutations and pseudo-input
+draws stay on the CPU, so the data order matches a CPU run; the samples come from the CUDA
+generator, so the figures do not).
+
 ``--smoke`` trains every configuration for one epoch on the bundled 8x8 digits (or a slice of
 MNIST with ``--smoke-mnist``) with K = 20 and small networks: a check that the script runs.
 """
@@ -184,7 +188,8 @@ def run_config(
     cfg = CONFIGS[name]
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    init = train[torch.randperm(train.shape[0])[: args.num_pseudo]]
+    # drawn on the CPU, so a run on an accelerator starts from the same pseudo-inputs
+    init = train[torch.randperm(train.shape[0], device="cpu")[: args.num_pseudo]]
     model = build(
         name,
         train.shape[1],
@@ -318,10 +323,12 @@ def table(results: dict) -> str:
         optimizer = r.get("optimizer", {}).get("name", "adam").lower()
         if optimizer != "adam":
             objective += f", {optimizer}"
-        threads = r.get("machine", {}).get("torch_threads", "?")
+        machine = r.get("machine", {})
+        where = machine.get("device", "cpu")
+        where = f"{machine.get('torch_threads', '?')} thr" if where == "cpu" else where
         lines.append(
             f"| {name} | {objective} | {r['nll']:.2f} ± {r['nll_se']:.2f} | {r['epochs']} | "
-            f"{r['train_seconds'] / 60:.1f} min ({threads} thr) | {r['eval_seconds'] / 60:.1f} min "
+            f"{r['train_seconds'] / 60:.1f} min ({where}) | {r['eval_seconds'] / 60:.1f} min "
             f"| {r['active_units']} | {pub} |"
         )
     return "\n".join(lines)
@@ -373,6 +380,11 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where to train and score: 'cpu', 'cuda' or 'cuda:N' (torch.set_default_device)",
+    )
     p.add_argument("--out", default="runs/mnist_nll")
     p.add_argument("--smoke", action="store_true", help="1 epoch, tiny nets, K=20, digits")
     p.add_argument("--smoke-mnist", action="store_true", help="smoke on an MNIST slice")
@@ -389,6 +401,14 @@ def main(argv=None) -> int:
         p.error("--paper-heads is defined for the Gaussian guides, not for vae-flow")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        p.error(f"--device {args.device!r}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch.cuda.is_available() is False on this machine")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: only 'cpu' and 'cuda' runs are supported")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.smoke:
@@ -397,6 +417,11 @@ def main(argv=None) -> int:
         # (the smoke run may share a test process, whose global state it leaves alone).
         torch.set_flush_denormal(True)
     train, valid, test, data_name = _data(args)
+    if device.type == "cuda":
+        # every tensor the run creates (parameters, samples, indices) lands on the accelerator;
+        # the process is the script's own, as with torch.set_flush_denormal above
+        torch.set_default_device(device)
+        train, valid, test = (t.to(device) for t in (train, valid, test))
     setup = {
         "data": data_name,
         "architecture": {
@@ -414,6 +439,7 @@ def main(argv=None) -> int:
             "processor": platform.processor(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         },
         "versions": {
             "torch": torch.__version__,

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist_nll.py"
 
@@ -85,3 +86,36 @@ def test_the_papers_heads_and_optimizer_are_recorded_and_not_mixed_on_resume(
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(SCRIPT), run_name="__main__")
     assert stop.value.code == 2 and "not for vae-flow" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA; see the next test")
+def test_a_cuda_run_without_cuda_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(
+        sys, "argv", [str(SCRIPT), "--smoke", "--device", "cuda", "--out", str(tmp_path)]
+    )
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert stop.value.code == 2 and "torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_smoke_on_cuda_records_the_device_and_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "nll"
+    try:
+        _run(monkeypatch, "--out", str(out), "--config", "vae-vamp", "--device", "cuda")
+        _run(
+            monkeypatch,
+            "--out",
+            str(out),
+            "--config",
+            "vae-vamp",
+            "--device",
+            "cuda",
+            "--epochs",
+            "2",
+        )
+    finally:
+        torch.set_default_device("cpu")  # the script sets it for its own process
+    r = json.loads((out / "vae-vamp.json").read_text())
+    assert r["machine"]["device"] == torch.cuda.get_device_name(0) and r["epochs"] == 2
+    assert 0 < r["nll"] < 100

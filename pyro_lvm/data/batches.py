@@ -112,13 +112,17 @@ class Minibatches:
         return math.ceil(self.num_data / self.batch_size)
 
     def permutation(self, epoch: int | None = None) -> torch.Tensor:
-        """The order of the rows in ``epoch`` (default: the current one), a ``LongTensor``."""
+        """The order of the rows in ``epoch`` (default: the current one), a CPU ``LongTensor``.
+
+        Drawn on the CPU whatever ``torch.set_default_device`` says, so an accelerator run
+        visits the rows in the same order as a CPU run.
+        """
         epoch = self._epoch if epoch is None else _non_negative_int("epoch", epoch)
         if not self.shuffle:
-            return torch.arange(self.num_data)
+            return torch.arange(self.num_data, device="cpu")
         state = np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)
-        gen = torch.Generator().manual_seed(int(state[0]))
-        return torch.randperm(self.num_data, generator=gen)
+        gen = torch.Generator(device="cpu").manual_seed(int(state[0]))
+        return torch.randperm(self.num_data, generator=gen, device="cpu")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         perm = self.permutation().to(self.x.device)

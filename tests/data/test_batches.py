@@ -74,6 +74,17 @@ def test_order_is_a_pure_function_of_seed_and_epoch():
     assert not torch.equal(Minibatches(x, 10, seed=4).permutation(0), run[0])
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_the_order_is_drawn_on_the_cpu_whatever_the_default_device(shuffle):
+    """An accelerator run (``torch.set_default_device("cuda")``) visits rows in the CPU order;
+    the "meta" device stands in for the accelerator, since it cannot draw numbers at all."""
+    batches = Minibatches(data(), 10, seed=3, shuffle=shuffle)
+    expected = batches.permutation(1)
+    with torch.device("meta"):
+        order = batches.permutation(1)
+    assert order.device.type == "cpu" and torch.equal(order, expected)
+
+
 def test_interrupted_pass_does_not_advance_the_epoch():
     batches = Minibatches(data(), 10)
     for _ in batches:
