@@ -205,8 +205,7 @@ def run_config(
     ckpt = out / f"{name}.pt"
     # choices a checkpoint's shapes do not reveal; older checkpoints predate both (defaults)
     recipe = {"paper_heads": args.paper_heads, "optimizer": args.optimizer}
-    _check_resume(ckpt, recipe)
-    done = read_checkpoint(ckpt)["epoch"] if ckpt.exists() else 0
+    done = _epochs_done(ckpt, recipe)
     steps_per_epoch = math.ceil(train.shape[0] / args.batch_size)
     state = {"epoch": done}
 
@@ -286,11 +285,13 @@ def run_config(
     }
 
 
-def _check_resume(ckpt: Path, recipe: dict) -> None:
-    """Refuse to resume ``ckpt`` with choices other than the ones it was trained with."""
+def _epochs_done(ckpt: Path, recipe: dict) -> int:
+    """Epochs ``ckpt`` holds (0 when absent); refuse to resume it with other choices than the
+    ones it was trained with."""
     if not ckpt.exists():
-        return
-    extra = (read_checkpoint(ckpt).get("metadata") or {}).get("extra") or {}
+        return 0
+    saved_state = read_checkpoint(ckpt)
+    extra = (saved_state.get("metadata") or {}).get("extra") or {}
     saved = {
         "paper_heads": extra.get("paper_heads", False),
         "optimizer": extra.get("optimizer", "adam"),
@@ -302,6 +303,7 @@ def _check_resume(ckpt: Path, recipe: dict) -> None:
             f"{ckpt} was trained with other choices ({told}); resume with the checkpoint's "
             "choices or pass another --out"
         )
+    return saved_state["epoch"]
 
 
 def table(results: dict) -> str:
@@ -319,7 +321,7 @@ def table(results: dict) -> str:
         if r.get("warmup_epochs"):
             objective += f", KL warm-up {r['warmup_epochs']} ep"
         if r.get("paper_heads"):
-            objective += ", Hardtanh heads"
+            objective += ", clipped heads"
         optimizer = r.get("optimizer", {}).get("name", "adam").lower()
         if optimizer != "adam":
             objective += f", {optimizer}"

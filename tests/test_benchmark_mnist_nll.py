@@ -68,7 +68,7 @@ def test_the_papers_heads_and_optimizer_are_recorded_and_not_mixed_on_resume(
     _run(monkeypatch, "--out", str(out), "--config", "hvae-vamp", *paper)
     r = json.loads((out / "hvae-vamp.json").read_text())
     assert r["paper_heads"] and r["optimizer"]["name"] == "adam-normgrad"
-    assert "elbo, Hardtanh heads, adam-normgrad" in capsys.readouterr().out
+    assert "elbo, clipped heads, adam-normgrad" in capsys.readouterr().out
     extra = read_checkpoint(out / "hvae-vamp.pt")["metadata"]["extra"]
     assert extra == {"config": "hvae-vamp", "paper_heads": True, "optimizer": "adam-normgrad"}
     monkeypatch.setattr(
