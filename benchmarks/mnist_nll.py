@@ -24,7 +24,10 @@ The VampPrior paper's recipe (gated dense layers, 100 epochs of linear KL warm-u
 The paper's networks also clip the log-variance of every Gaussian head to [-6, 2] (Hardtanh)
 and its pseudo-inputs to [0, 1], and its optimizer divides each parameter's gradient by its
 norm before Adam ("AdamNormGrad"); ``--paper-heads`` and ``--optimizer adam-normgrad`` add
-these (``runs/...`` folders must not mix them: a resume with other choices is refused).
+these. Its two-layer model gives x (or z1) and z2 their own first gated layer before a joint
+one (``--input-merge branch``, hvae-vamp only), and it initialises every linear layer
+He-normal (``--init he``). ``runs/...`` folders must not mix these choices: a resume with
+other ones than the checkpoint's is refused.
 
 ``--device cuda`` trains and scores on an accelerator (the permutations and pseudo-input
 draws stay on the CPU, so the data order matches a CPU run; the samples come from the CUDA
@@ -55,7 +58,7 @@ from pyro_lvm.evaluate.collapse import active_units
 from pyro_lvm.guides import AmortizedFlowGuide, AmortizedGaussianGuide
 from pyro_lvm.handlers import KLWeightedELBO
 from pyro_lvm.models import VAE, HierarchicalVAE, VampPrior
-from pyro_lvm.nn import NETWORKS, NetworkFactory, mlp
+from pyro_lvm.nn import NETWORKS, NetworkFactory, he_init_, mlp
 from pyro_lvm.train import EarlyStopping, fit, normalized_gradient_adam, read_checkpoint
 
 #: the VampPrior paper's Hardtanh bounds: log-variances of Gaussian heads, binary pseudo-inputs
@@ -101,16 +104,53 @@ def build(
     hidden: tuple[int, ...],
     num_pseudo: int,
     num_flows: int,
-    init: torch.Tensor,
+    init_inputs: torch.Tensor,
     network: NetworkFactory = mlp,
     paper_heads: bool = False,
+    input_merge: str = "concat",
+    init: str = "default",
 ):
     """The model (with its guide as ``.guide``) of configuration ``name``; ``network`` builds
     every encoder and decoder (:func:`~pyro_lvm.nn.gated_mlp` for the VampPrior paper's).
 
     ``paper_heads`` clips the Gaussian heads' log-variances to [-6, 2] and the pseudo-inputs to
     [0, 1], as the VampPrior paper's Hardtanh layers do (not defined for the flow guide).
+    ``input_merge="branch"`` gives the HVAE's two-input networks a first layer per input (the
+    paper's; HVAE only); ``init="he"`` re-initialises every linear layer He-normal (the paper's).
     """
+    if input_merge != "concat" and name != "hvae-vamp":
+        raise ValueError(f"input_merge={input_merge!r} is defined for hvae-vamp, not {name!r}")
+    model = _build(
+        name,
+        x_dim,
+        z_dim,
+        hidden,
+        num_pseudo,
+        num_flows,
+        init_inputs,
+        network,
+        paper_heads,
+        input_merge,
+    )
+    if init == "he":
+        he_init_(model)  # the guide is a submodule; pseudo-inputs are not linear layers
+    elif init != "default":
+        raise ValueError(f"init must be 'default' or 'he', got {init!r}")
+    return model
+
+
+def _build(
+    name,
+    x_dim,
+    z_dim,
+    hidden,
+    num_pseudo,
+    num_flows,
+    init_inputs,
+    network,
+    paper_heads,
+    input_merge,
+):
     log_var_range = PAPER_LOG_VAR_RANGE if paper_heads else None
     vamp_range = PAPER_PSEUDO_INPUT_RANGE if paper_heads else None
     if name in ("vae", "iwae-k50"):
@@ -123,15 +163,24 @@ def build(
             x_dim, z_dim, hidden, network=network, log_var_range=log_var_range
         )
         prior = VampPrior(
-            guide.posterior, x_dim, init=init[:num_pseudo], pseudo_input_range=vamp_range
+            guide.posterior, x_dim, init=init_inputs[:num_pseudo], pseudo_input_range=vamp_range
         )
         return VAE(x_dim, z_dim, hidden=hidden, prior=prior, guide=guide, network=network)
     if name == "hvae-vamp":
         hvae = HierarchicalVAE(
-            x_dim, z_dim, z_dim, hidden=hidden, network=network, log_var_range=log_var_range
+            x_dim,
+            z_dim,
+            z_dim,
+            hidden=hidden,
+            network=network,
+            log_var_range=log_var_range,
+            input_merge=input_merge,
         )
         hvae.prior = VampPrior(
-            hvae.guide.posterior, x_dim, init=init[:num_pseudo], pseudo_input_range=vamp_range
+            hvae.guide.posterior,
+            x_dim,
+            init=init_inputs[:num_pseudo],
+            pseudo_input_range=vamp_range,
         )
         return hvae
     if paper_heads:
@@ -189,7 +238,7 @@ def run_config(
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     # drawn on the CPU, so a run on an accelerator starts from the same pseudo-inputs
-    init = train[torch.randperm(train.shape[0], device="cpu")[: args.num_pseudo]]
+    pseudo_init = train[torch.randperm(train.shape[0], device="cpu")[: args.num_pseudo]]
     model = build(
         name,
         train.shape[1],
@@ -197,14 +246,21 @@ def run_config(
         tuple(args.hidden),
         args.num_pseudo,
         args.num_flows,
-        init,
+        pseudo_init,
         network=NETWORKS[args.network],
         paper_heads=args.paper_heads,
+        input_merge=args.input_merge,
+        init=args.init,
     )
     guide = model.guide
     ckpt = out / f"{name}.pt"
     # choices a checkpoint's shapes do not reveal; older checkpoints predate both (defaults)
-    recipe = {"paper_heads": args.paper_heads, "optimizer": args.optimizer}
+    recipe = {
+        "paper_heads": args.paper_heads,
+        "optimizer": args.optimizer,
+        "input_merge": args.input_merge,
+        "init": args.init,
+    }
     done = _epochs_done(ckpt, recipe)
     steps_per_epoch = math.ceil(train.shape[0] / args.batch_size)
     state = {"epoch": done}
@@ -281,6 +337,8 @@ def run_config(
         "num_particles": cfg["K"],
         "warmup_epochs": args.warmup_epochs,
         "paper_heads": args.paper_heads,  # the optimizer's name is in setup["optimizer"]
+        "input_merge": args.input_merge,
+        "init": args.init,
         "published": cfg["published"],
     }
 
@@ -295,6 +353,8 @@ def _epochs_done(ckpt: Path, recipe: dict) -> int:
     saved = {
         "paper_heads": extra.get("paper_heads", False),
         "optimizer": extra.get("optimizer", "adam"),
+        "input_merge": extra.get("input_merge", "concat"),
+        "init": extra.get("init", "default"),
     }
     diff = {k: (saved[k], v) for k, v in recipe.items() if saved[k] != v}
     if diff:
@@ -322,6 +382,10 @@ def table(results: dict) -> str:
             objective += f", KL warm-up {r['warmup_epochs']} ep"
         if r.get("paper_heads"):
             objective += ", clipped heads"
+        if r.get("input_merge", "concat") != "concat":
+            objective += f", {r['input_merge']} inputs"
+        if r.get("init", "default") != "default":
+            objective += f", {r['init']} init"
         optimizer = r.get("optimizer", {}).get("name", "adam").lower()
         if optimizer != "adam":
             objective += f", {optimizer}"
@@ -376,6 +440,19 @@ def main(argv=None) -> int:
         choices=sorted(OPTIMIZERS),
         help="'adam-normgrad': Adam on per-tensor normalized gradients (the VampPrior paper's)",
     )
+    p.add_argument(
+        "--input-merge",
+        default="concat",
+        choices=("concat", "branch"),
+        help="hvae-vamp's q(z1|x,z2) and p(x|z1,z2): 'branch' gives each input its own first "
+        "layer before a joint one (the VampPrior paper's)",
+    )
+    p.add_argument(
+        "--init",
+        default="default",
+        choices=("default", "he"),
+        help="'he': He-normal weights in every linear layer (the VampPrior paper's)",
+    )
     p.add_argument("--eval-samples", type=int, default=5000, help="K of the IS estimate")
     p.add_argument("--test-points", type=int, default=0, help="score the first N (0: all)")
     p.add_argument("--data-chunk", type=int, default=100)
@@ -401,6 +478,8 @@ def main(argv=None) -> int:
             p.error(f"unknown config {n!r}; choose from {sorted(CONFIGS)} or 'all'")
     if args.paper_heads and "vae-flow" in names:
         p.error("--paper-heads is defined for the Gaussian guides, not for vae-flow")
+    if args.input_merge != "concat" and names != ["hvae-vamp"]:
+        p.error("--input-merge branch is defined for hvae-vamp only; pass --config hvae-vamp")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:

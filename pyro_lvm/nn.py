@@ -10,11 +10,15 @@ from torch import nn
 
 __all__ = [
     "NETWORKS",
+    "BranchJoint",
     "GatedDense",
     "NetworkFactory",
     "SplitHead",
+    "broadcast_cat",
     "gated_mlp",
     "gaussian_scale",
+    "he_init_",
+    "hidden_layer",
     "mlp",
 ]
 
@@ -90,6 +94,96 @@ def gated_mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential
 
 #: network factories by the name a checkpoint's configuration stores (``config["network"]``)
 NETWORKS: dict[str, NetworkFactory] = {"mlp": mlp, "gated": gated_mlp}
+
+
+def hidden_layer(network: NetworkFactory, in_dim: int, out_dim: int) -> nn.Module:
+    """One hidden layer of the kind ``network`` builds (with its activation or gate).
+
+    Built as ``network(in_dim, [out_dim], out_dim)`` without its output layer, so it works for
+    any factory that, like :func:`mlp` and :func:`gated_mlp`, returns an ``nn.Sequential``
+    whose last module is the output ``nn.Linear``.
+
+    >>> [type(m).__name__ for m in hidden_layer(mlp, 40, 300)]
+    ['Linear', 'ReLU']
+    >>> [type(m).__name__ for m in hidden_layer(gated_mlp, 40, 300)]
+    ['GatedDense']
+    """
+    net = network(in_dim, [out_dim], out_dim)
+    if not (isinstance(net, nn.Sequential) and len(net) > 1 and isinstance(net[-1], nn.Linear)):
+        raise TypeError(
+            f"{getattr(network, '__name__', network)!r} did not return an nn.Sequential ending in "
+            "its output nn.Linear, so its hidden layer cannot be taken apart; use "
+            "input_merge='concat' or a factory built like pyro_lvm.nn.mlp"
+        )
+    return net[:-1]
+
+
+def broadcast_cat(*tensors: torch.Tensor) -> torch.Tensor:
+    """Concatenate along the last dim after broadcasting the batch dims (particles vs data)."""
+    batch = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
+    return torch.cat([t.expand(*batch, t.shape[-1]) for t in tensors], dim=-1)
+
+
+class BranchJoint(nn.Module):
+    r"""A network of several inputs: each through its own hidden layer, then a joint network.
+
+    .. math::
+
+        f(a, b) = g\bigl([h_a(a), h_b(b)]\bigr), \qquad
+        h_a, h_b: \text{one hidden layer of width } w_1, \quad
+        g = \texttt{network}(2 w_1, (w_2, \dots), \text{out}),
+
+    as in the VampPrior paper's two-layer model, whose q(z₁ | x, z₂) and p(x | z₁, z₂) pass
+    x (or z₁) and z₂ through separate gated layers of 300 units before a joint gated layer
+    (Tomczak & Welling 2018, arXiv:1705.07120; ``models/HVAE_2level.py`` of its code). The
+    depth equals ``network(sum(in_dims), hidden, out_dim)``'s; the first layer's weight is
+    block-diagonal and the second layer is ``len(in_dims)`` times wider. Each branch runs on its
+    input's own batch shape, so a data-only input (x) is not repeated over particles before its
+    first layer; the features are broadcast when they are joined.
+
+    >>> net = BranchJoint((784, 40), [300, 300], 80, gated_mlp)
+    >>> net(torch.zeros(5, 784), torch.zeros(3, 5, 40)).shape
+    torch.Size([3, 5, 80])
+    """
+
+    def __init__(
+        self,
+        in_dims: Sequence[int],
+        hidden: Sequence[int],
+        out_dim: int,
+        network: NetworkFactory = mlp,
+    ):
+        super().__init__()
+        if len(hidden) < 1:
+            raise ValueError("BranchJoint needs at least one hidden width for its branch layers")
+        if len(in_dims) < 2:
+            raise ValueError(f"BranchJoint joins two or more inputs, got in_dims={in_dims!r}")
+        self.in_dims = tuple(int(d) for d in in_dims)
+        width = int(hidden[0])
+        self.branches = nn.ModuleList(hidden_layer(network, d, width) for d in self.in_dims)
+        self.joint = network(width * len(self.in_dims), hidden[1:], out_dim)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if len(inputs) != len(self.in_dims):
+            raise ValueError(f"expected {len(self.in_dims)} inputs, got {len(inputs)}")
+        return self.joint(
+            broadcast_cat(*(b(x) for b, x in zip(self.branches, inputs, strict=True)))
+        )
+
+
+def he_init_(module: nn.Module) -> nn.Module:
+    r"""He-normal initialisation, in place, of the weight of every ``nn.Linear`` in ``module``.
+
+    :math:`W_{ij} \sim \mathcal N(0, 2 / \text{fan\_in})` (He et al. 2015, arXiv:1502.01852)
+    through ``torch.nn.init.kaiming_normal_``; biases keep PyTorch's default. The VampPrior
+    paper's code initialises every linear layer so (``utils/nn.py``: ``he_init``), where
+    PyTorch's default is Kaiming-uniform with a = √5 (variance 1 / (3 fan_in)). Returns
+    ``module``.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+    return module
 
 
 def gaussian_scale(

@@ -70,7 +70,13 @@ def test_the_papers_heads_and_optimizer_are_recorded_and_not_mixed_on_resume(
     assert r["paper_heads"] and r["optimizer"]["name"] == "adam-normgrad"
     assert "elbo, clipped heads, adam-normgrad" in capsys.readouterr().out
     extra = read_checkpoint(out / "hvae-vamp.pt")["metadata"]["extra"]
-    assert extra == {"config": "hvae-vamp", "paper_heads": True, "optimizer": "adam-normgrad"}
+    assert extra == {
+        "config": "hvae-vamp",
+        "paper_heads": True,
+        "optimizer": "adam-normgrad",
+        "input_merge": "concat",
+        "init": "default",
+    }
     monkeypatch.setattr(
         sys,
         "argv",
@@ -86,6 +92,37 @@ def test_the_papers_heads_and_optimizer_are_recorded_and_not_mixed_on_resume(
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(SCRIPT), run_name="__main__")
     assert stop.value.code == 2 and "not for vae-flow" in capsys.readouterr().err
+
+
+def test_the_papers_branch_layers_and_he_init_are_recorded_and_not_mixed(
+    tmp_path, monkeypatch, capsys
+):
+    from pyro_lvm.train import read_checkpoint
+
+    out = tmp_path / "nll"
+    paper = ["--input-merge", "branch", "--init", "he"]
+    _run(monkeypatch, "--out", str(out), "--config", "hvae-vamp", *paper)
+    r = json.loads((out / "hvae-vamp.json").read_text())
+    assert r["input_merge"] == "branch" and r["init"] == "he"
+    assert "elbo, branch inputs, he init" in capsys.readouterr().out
+    saved = read_checkpoint(out / "hvae-vamp.pt")
+    assert saved["metadata"]["extra"]["input_merge"] == "branch"
+    assert any(".branches." in k for k in saved["model"])  # the branch layers were trained
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [str(SCRIPT), "--smoke", "--out", str(out), "--config", "hvae-vamp", "--epochs", "2"],
+    )
+    with pytest.raises(SystemExit, match="input_merge: checkpoint 'branch', now 'concat'"):
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [str(SCRIPT), "--smoke", "--config", "vae", "--input-merge", "branch", "--out", str(out)],
+    )
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert stop.value.code == 2 and "hvae-vamp only" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA; see the next test")

@@ -55,3 +55,61 @@ def test_gaussian_scale_softplus_and_clipped_log_variance():
     for bad in [(2.0, -6.0), (1.0, 1.0), (float("nan"), 1.0), (0.0, float("inf")), "ab", 3]:
         with pytest.raises(ValueError, match="log_var_range"):
             check_log_var_range(bad)
+
+
+def test_hidden_layer_is_the_factorys_layer_without_its_output():
+    from pyro_lvm.nn import hidden_layer
+
+    relu = hidden_layer(mlp, 5, 3)
+    assert [type(m) for m in relu] == [torch.nn.Linear, torch.nn.ReLU]
+    gated = hidden_layer(gated_mlp, 5, 3)
+    assert [type(m) for m in gated] == [GatedDense] and gated(torch.zeros(2, 5)).shape == (2, 3)
+
+    def opaque(in_dim, hidden, out_dim):  # a factory whose layers cannot be taken apart
+        return torch.nn.Linear(in_dim, out_dim)
+
+    with pytest.raises(TypeError, match="input_merge='concat'"):
+        hidden_layer(opaque, 5, 3)
+
+
+def test_branch_joint_computes_each_branch_then_the_joint_network():
+    """f(a, b) = joint([h_a(a), h_b(b)]), with a data-only input broadcast over particles."""
+    from pyro_lvm.nn import BranchJoint
+
+    torch.manual_seed(0)
+    net = BranchJoint((5, 2), [4, 3], 6, gated_mlp)
+    a, b = torch.randn(7, 5), torch.randn(10, 7, 2)  # a: (data,), b: (particles, data)
+    out = net(a, b)
+    h_a, h_b = net.branches[0](a), net.branches[1](b)
+    expected = net.joint(torch.cat([h_a.expand(10, 7, 4), h_b], -1))
+    torch.testing.assert_close(out, expected)
+    assert out.shape == (10, 7, 6)
+    assert [type(m) for m in net.joint] == [GatedDense, torch.nn.Linear]
+    assert net.joint[0].in_dim == 8  # two branches of width 4
+    # the first layer is block-diagonal: a's output does not depend on b through the branches
+    a.requires_grad_(True)
+    (g,) = torch.autograd.grad(net.branches[0](a).sum(), a)
+    assert g.shape == a.shape
+    with pytest.raises(ValueError, match="expected 2 inputs"):
+        net(a)
+    with pytest.raises(ValueError, match="hidden width"):
+        BranchJoint((5, 2), [], 6)
+    with pytest.raises(ValueError, match="two or more"):
+        BranchJoint((5,), [4], 6)
+
+
+def test_he_init_draws_every_linear_weight_with_variance_two_over_fan_in():
+    from pyro_lvm.nn import he_init_
+
+    torch.manual_seed(0)
+    net = gated_mlp(400, [600, 500], 300)
+    biases = [m.bias.clone() for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert he_init_(net) is net
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    for layer, bias in zip(linears, biases, strict=True):
+        w = layer.weight
+        # sample variance of n = w.numel() normal draws: standard error var * sqrt(2 / n)
+        expected = 2.0 / w.shape[1]
+        assert abs(w.var().item() - expected) < 5 * expected * (2.0 / w.numel()) ** 0.5
+        assert abs(w.mean().item()) < 5 * (expected / w.numel()) ** 0.5
+        assert torch.equal(layer.bias, bias)  # biases keep PyTorch's default

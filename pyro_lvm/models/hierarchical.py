@@ -13,7 +13,14 @@ from torch import nn
 from pyro_lvm.distributions import PathwiseNormal
 from pyro_lvm.models.priors import StandardNormalPrior
 from pyro_lvm.models.vae import observation_distribution
-from pyro_lvm.nn import NetworkFactory, check_log_var_range, gaussian_scale, mlp
+from pyro_lvm.nn import (
+    BranchJoint,
+    NetworkFactory,
+    broadcast_cat,
+    check_log_var_range,
+    gaussian_scale,
+    mlp,
+)
 from pyro_lvm.plates import data_plate
 
 __all__ = ["HierarchicalGuide", "HierarchicalVAE"]
@@ -27,10 +34,36 @@ def _gaussian(
     return PathwiseNormal(loc, gaussian_scale(raw_scale, min_scale, log_var_range)).to_event(1)
 
 
-def _cat(*tensors: torch.Tensor) -> torch.Tensor:
-    """Concatenate along the last dim after broadcasting the batch dims (particles vs data)."""
-    batch = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
-    return torch.cat([t.expand(*batch, t.shape[-1]) for t in tensors], dim=-1)
+#: how a network of two inputs (q(z1 | x, z2), p(x | z1, z2)) takes them
+INPUT_MERGES = ("concat", "branch")
+
+
+def _check_input_merge(input_merge: str) -> str:
+    if input_merge not in INPUT_MERGES:
+        raise ValueError(
+            f"input_merge must be one of {INPUT_MERGES}, got {input_merge!r}: 'concat' runs one "
+            "network on the concatenated inputs, 'branch' gives each input its own first layer "
+            "(the VampPrior paper's)"
+        )
+    return input_merge
+
+
+def _two_input_network(
+    network: NetworkFactory,
+    in_dims: tuple[int, int],
+    hidden: Sequence[int],
+    out_dim: int,
+    input_merge: str,
+) -> nn.Module:
+    if input_merge == "branch":
+        return BranchJoint(in_dims, hidden, out_dim, network)
+    return network(sum(in_dims), hidden, out_dim)
+
+
+def _apply_two_input(net: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # a concat network is the plain ``network(...)`` (its parameter names unchanged since the
+    # first checkpoints); a BranchJoint takes the inputs apart
+    return net(a, b) if isinstance(net, BranchJoint) else net(broadcast_cat(a, b))
 
 
 class HierarchicalGuide(PyroModule):
@@ -54,6 +87,9 @@ class HierarchicalGuide(PyroModule):
     :param network: builds both encoders, ``network(in, hidden, out)``.
     :param log_var_range: ``(a, b)``: both q's read their raw scale as a log-variance clipped to
         [a, b] (the VampPrior paper's ``(-6.0, 2.0)``); see :func:`~pyro_lvm.nn.gaussian_scale`.
+    :param input_merge: how q(z1 | x, z2) takes its two inputs: ``"concat"`` (one network on
+        [x, z2]) or ``"branch"`` (x and z2 each through their own first hidden layer, then a
+        joint network: :class:`~pyro_lvm.nn.BranchJoint`, the VampPrior paper's).
     """
 
     def __init__(
@@ -66,13 +102,17 @@ class HierarchicalGuide(PyroModule):
         num_data: int | None = None,
         network: NetworkFactory = mlp,
         log_var_range: tuple[float, float] | None = None,
+        input_merge: str = "concat",
     ):
         super().__init__()
         self.x_dim, self.z1_dim, self.z2_dim = x_dim, z1_dim, z2_dim
         self.min_scale, self.num_data = min_scale, num_data
         self.log_var_range = check_log_var_range(log_var_range)
+        self.input_merge = _check_input_merge(input_merge)
         self.encoder2 = network(x_dim, hidden, 2 * z2_dim)
-        self.encoder1 = network(x_dim + z2_dim, hidden, 2 * z1_dim)
+        self.encoder1 = _two_input_network(
+            network, (x_dim, z2_dim), hidden, 2 * z1_dim, input_merge
+        )
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         """q(z2 | x): batch shape ``x.shape[:-1]``, event shape ``(z2_dim,)``."""
@@ -80,7 +120,8 @@ class HierarchicalGuide(PyroModule):
 
     def posterior1(self, x: torch.Tensor, z2: torch.Tensor) -> dist.Distribution:
         """q(z1 | x, z2)."""
-        return _gaussian(self.encoder1(_cat(x, z2)), self.min_scale, self.log_var_range)
+        out = _apply_two_input(self.encoder1, x, z2)
+        return _gaussian(out, self.min_scale, self.log_var_range)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """Sample ``"z2"`` then ``"z1"`` inside the ``"data"`` plate; returns z1."""
@@ -115,6 +156,9 @@ class HierarchicalVAE(PyroModule):
         e.g. :func:`~pyro_lvm.nn.gated_mlp` for the VampPrior paper's gated layers.
     :param log_var_range: ``(a, b)``: p(z1 | z2) and the default guide's q's read their raw
         scale as a log-variance clipped to [a, b], the VampPrior paper's ``(-6.0, 2.0)``.
+    :param input_merge: how p(x | z1, z2) and the default guide's q(z1 | x, z2) take their two
+        inputs: ``"concat"`` or ``"branch"`` (the VampPrior paper's; see
+        :class:`~pyro_lvm.nn.BranchJoint`).
     """
 
     def __init__(
@@ -130,6 +174,7 @@ class HierarchicalVAE(PyroModule):
         num_data: int | None = None,
         network: NetworkFactory = mlp,
         log_var_range: tuple[float, float] | None = None,
+        input_merge: str = "concat",
     ):
         super().__init__()
         if likelihood not in ("bernoulli", "gaussian"):
@@ -139,13 +184,22 @@ class HierarchicalVAE(PyroModule):
         self.x_dim, self.z1_dim, self.z2_dim = x_dim, z1_dim, z2_dim
         self.likelihood, self.min_scale = likelihood, min_scale
         self.log_var_range = check_log_var_range(log_var_range)
+        self.input_merge = _check_input_merge(input_merge)
         out = x_dim if likelihood == "bernoulli" else 2 * x_dim
         self.prior = StandardNormalPrior(z2_dim) if prior is None else prior
         self.p_z1 = network(z2_dim, hidden, 2 * z1_dim)
-        self.decoder = network(z1_dim + z2_dim, list(reversed(tuple(hidden))), out)
+        self.decoder = _two_input_network(
+            network, (z1_dim, z2_dim), list(reversed(tuple(hidden))), out, input_merge
+        )
         if guide is None:
             guide = HierarchicalGuide(
-                x_dim, z1_dim, z2_dim, hidden, network=network, log_var_range=log_var_range
+                x_dim,
+                z1_dim,
+                z2_dim,
+                hidden,
+                network=network,
+                log_var_range=log_var_range,
+                input_merge=input_merge,
             )
         self.guide = guide
         self.num_data = num_data
@@ -166,7 +220,8 @@ class HierarchicalVAE(PyroModule):
 
     def decode(self, z1: torch.Tensor, z2: torch.Tensor) -> dist.Distribution:
         """p_θ(x | z1, z2) with event shape ``(x_dim,)``."""
-        return observation_distribution(self.decoder(_cat(z1, z2)), self.likelihood, self.min_scale)
+        out = _apply_two_input(self.decoder, z1, z2)
+        return observation_distribution(out, self.likelihood, self.min_scale)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """The model: ``z2 ~ p(z2)``, ``z1 ~ p(z1 | z2)``, ``x ~ p(x | z1, z2)``."""
