@@ -14,6 +14,7 @@ __all__ = [
     "GatedDense",
     "NetworkFactory",
     "SplitHead",
+    "apply_to_concat",
     "broadcast_cat",
     "gated_mlp",
     "gaussian_scale",
@@ -124,6 +125,33 @@ def broadcast_cat(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat([t.expand(*batch, t.shape[-1]) for t in tensors], dim=-1)
 
 
+def apply_to_concat(net: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    r"""``net(broadcast_cat(*inputs))`` without repeating an input over the broadcast dims.
+
+    When one input has fewer batch elements than their broadcast (x of shape (N, D) beside z of
+    shape (S, N, d): the data shared by S particles) and ``net`` is an ``nn.Sequential`` whose
+    first layer is an ``nn.Linear`` or a :class:`GatedDense`, that layer's affine map is split
+    into one block per input, :math:`W [a; b] + c = W_a a + W_b b + c`, so ``W_a a`` is computed
+    once per data point rather than once per particle. Otherwise (equal batch shapes, as in
+    single-particle training, or any other network) it is exactly ``net(broadcast_cat(...))``.
+    The two agree to floating-point rounding.
+    """
+    batch = torch.broadcast_shapes(*(t.shape[:-1] for t in inputs))
+    first = net[0] if isinstance(net, nn.Sequential) and len(net) > 0 else None
+    linear = first.linear if isinstance(first, GatedDense) else first
+    repeated = any(t.shape[:-1].numel() < batch.numel() for t in inputs)
+    if not (repeated and isinstance(linear, nn.Linear)):
+        return net(broadcast_cat(*inputs))
+    blocks = linear.weight.split([t.shape[-1] for t in inputs], dim=1)
+    pre = sum(nn.functional.linear(t, w) for t, w in zip(inputs, blocks, strict=True))
+    if linear.bias is not None:
+        pre = pre + linear.bias
+    if isinstance(first, GatedDense):
+        value, gate = pre.chunk(2, dim=-1)
+        pre = value * torch.sigmoid(gate)
+    return net[1:](pre)
+
+
 class BranchJoint(nn.Module):
     r"""A network of several inputs: each through its own hidden layer, then a joint network.
 
@@ -138,8 +166,8 @@ class BranchJoint(nn.Module):
     (Tomczak & Welling 2018, arXiv:1705.07120; ``models/HVAE_2level.py`` of its code). The
     depth equals ``network(sum(in_dims), hidden, out_dim)``'s; the first layer's weight is
     block-diagonal and the second layer is ``len(in_dims)`` times wider. Each branch runs on its
-    input's own batch shape, so a data-only input (x) is not repeated over particles before its
-    first layer; the features are broadcast when they are joined.
+    input's own batch shape, and the joint network takes the features through
+    :func:`apply_to_concat`, so a data-only input (x) is not repeated over particles.
 
     >>> net = BranchJoint((784, 40), [300, 300], 80, gated_mlp)
     >>> net(torch.zeros(5, 784), torch.zeros(3, 5, 40)).shape

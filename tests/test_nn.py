@@ -113,3 +113,29 @@ def test_he_init_draws_every_linear_weight_with_variance_two_over_fan_in():
         assert abs(w.var().item() - expected) < 5 * expected * (2.0 / w.numel()) ** 0.5
         assert abs(w.mean().item()) < 5 * (expected / w.numel()) ** 0.5
         assert torch.equal(layer.bias, bias)  # biases keep PyTorch's default
+
+
+@pytest.mark.parametrize("factory", [mlp, gated_mlp])
+def test_apply_to_concat_equals_the_network_on_the_broadcast_concatenation(factory):
+    """x shared by particles: W [x; z] + c = W_x x + W_z z + c, with x's block computed once."""
+    from pyro_lvm.nn import apply_to_concat, broadcast_cat
+
+    torch.manual_seed(0)
+    net = factory(5 + 3, [4, 6], 2)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(10, 7, 3, dtype=torch.float64, requires_grad=True)
+    net = net.double()
+    split = apply_to_concat(net, x, z)
+    plain = net(broadcast_cat(x, z))
+    assert split.shape == plain.shape == (10, 7, 2)
+    torch.testing.assert_close(split, plain, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(split.sum(), [x, z, *net.parameters()])
+    expected = torch.autograd.grad(plain.sum(), [x, z, *net.parameters()])
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    # equal batch shapes (single-particle training): exactly the plain call
+    z1 = z[0].detach()
+    assert torch.equal(apply_to_concat(net, x, z1), net(torch.cat([x, z1], -1)))
+    # a network that is not a Sequential of an affine first layer: the plain call
+    opaque = torch.nn.Linear(8, 2).double()
+    torch.testing.assert_close(apply_to_concat(opaque, x, z), opaque(broadcast_cat(x, z)))

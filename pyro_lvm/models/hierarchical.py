@@ -16,7 +16,7 @@ from pyro_lvm.models.vae import observation_distribution
 from pyro_lvm.nn import (
     BranchJoint,
     NetworkFactory,
-    broadcast_cat,
+    apply_to_concat,
     check_log_var_range,
     gaussian_scale,
     mlp,
@@ -62,8 +62,9 @@ def _two_input_network(
 
 def _apply_two_input(net: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # a concat network is the plain ``network(...)`` (its parameter names unchanged since the
-    # first checkpoints); a BranchJoint takes the inputs apart
-    return net(a, b) if isinstance(net, BranchJoint) else net(broadcast_cat(a, b))
+    # first checkpoints), applied without repeating x over particles; a BranchJoint takes the
+    # inputs apart itself
+    return net(a, b) if isinstance(net, BranchJoint) else apply_to_concat(net, a, b)
 
 
 class HierarchicalGuide(PyroModule):
