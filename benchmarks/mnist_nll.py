@@ -26,8 +26,9 @@ and its pseudo-inputs to [0, 1], and its optimizer divides each parameter's grad
 norm before Adam ("AdamNormGrad"); ``--paper-heads`` and ``--optimizer adam-normgrad`` add
 these. Its two-layer model gives x (or z1) and z2 their own first gated layer before a joint
 one (``--input-merge branch``, hvae-vamp only), and it initialises every linear layer
-He-normal (``--init he``). ``runs/...`` folders must not mix these choices: a resume with
-other ones than the checkpoint's is refused.
+He-normal (``--init he``); by default its pseudo-inputs start near 0.05 rather than at
+training images (``--pseudo-init random``). ``runs/...`` folders must not mix these
+choices: a resume with other ones than the checkpoint's is refused.
 
 ``--device cuda`` trains and scores on an accelerator (the permutations and pseudo-input
 draws stay on the CPU, so the data order matches a CPU run; the samples come from the CUDA
@@ -63,6 +64,9 @@ from pyro_lvm.train import EarlyStopping, fit, normalized_gradient_adam, read_ch
 
 #: the VampPrior paper's Hardtanh bounds: log-variances of Gaussian heads, binary pseudo-inputs
 PAPER_LOG_VAR_RANGE, PAPER_PSEUDO_INPUT_RANGE = (-6.0, 2.0), (0.0, 1.0)
+
+#: the paper code's random pseudo-inputs for static MNIST: mean and standard deviation
+PAPER_PSEUDO_INPUT_INIT = (0.05, 0.01)
 
 #: ``--optimizer`` choices: name -> pyro.optim factory of ``{"lr": ...}``
 OPTIMIZERS = {"adam": pyro.optim.Adam, "adam-normgrad": normalized_gradient_adam}
@@ -238,7 +242,12 @@ def run_config(
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     # drawn on the CPU, so a run on an accelerator starts from the same pseudo-inputs
-    pseudo_init = train[torch.randperm(train.shape[0], device="cpu")[: args.num_pseudo]]
+    if args.pseudo_init == "data":  # random training images
+        pseudo_init = train[torch.randperm(train.shape[0], device="cpu")[: args.num_pseudo]]
+    else:  # the paper code's default for static MNIST: N(0.05, 0.01²), in [0, 1]
+        noise = torch.randn(args.num_pseudo, train.shape[1], device="cpu")
+        pseudo_init = (PAPER_PSEUDO_INPUT_INIT[0] + PAPER_PSEUDO_INPUT_INIT[1] * noise).clamp(0, 1)
+        pseudo_init = pseudo_init.to(train.device)
     model = build(
         name,
         train.shape[1],
@@ -260,6 +269,7 @@ def run_config(
         "optimizer": args.optimizer,
         "input_merge": args.input_merge,
         "init": args.init,
+        "pseudo_init": args.pseudo_init,
     }
     done = _epochs_done(ckpt, recipe)
     steps_per_epoch = math.ceil(train.shape[0] / args.batch_size)
@@ -339,6 +349,7 @@ def run_config(
         "paper_heads": args.paper_heads,  # the optimizer's name is in setup["optimizer"]
         "input_merge": args.input_merge,
         "init": args.init,
+        "pseudo_init": args.pseudo_init,
         "published": cfg["published"],
     }
 
@@ -355,6 +366,7 @@ def _epochs_done(ckpt: Path, recipe: dict) -> int:
         "optimizer": extra.get("optimizer", "adam"),
         "input_merge": extra.get("input_merge", "concat"),
         "init": extra.get("init", "default"),
+        "pseudo_init": extra.get("pseudo_init", "data"),
     }
     diff = {k: (saved[k], v) for k, v in recipe.items() if saved[k] != v}
     if diff:
@@ -386,6 +398,8 @@ def table(results: dict) -> str:
             objective += f", {r['input_merge']} inputs"
         if r.get("init", "default") != "default":
             objective += f", {r['init']} init"
+        if r.get("pseudo_init", "data") != "data" and "vamp" in name:
+            objective += f", {r['pseudo_init']} pseudo-inputs"
         optimizer = r.get("optimizer", {}).get("name", "adam").lower()
         if optimizer != "adam":
             objective += f", {optimizer}"
@@ -452,6 +466,13 @@ def main(argv=None) -> int:
         default="default",
         choices=("default", "he"),
         help="'he': He-normal weights in every linear layer (the VampPrior paper's)",
+    )
+    p.add_argument(
+        "--pseudo-init",
+        default="data",
+        choices=("data", "random"),
+        help="VampPrior pseudo-inputs start at random training images ('data') or at "
+        "N(0.05, 0.01^2) ('random', the paper code's default for static MNIST)",
     )
     p.add_argument("--eval-samples", type=int, default=5000, help="K of the IS estimate")
     p.add_argument("--test-points", type=int, default=0, help="score the first N (0: all)")

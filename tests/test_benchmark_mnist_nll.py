@@ -76,6 +76,7 @@ def test_the_papers_heads_and_optimizer_are_recorded_and_not_mixed_on_resume(
         "optimizer": "adam-normgrad",
         "input_merge": "concat",
         "init": "default",
+        "pseudo_init": "data",
     }
     monkeypatch.setattr(
         sys,
@@ -100,13 +101,16 @@ def test_the_papers_branch_layers_and_he_init_are_recorded_and_not_mixed(
     from pyro_lvm.train import read_checkpoint
 
     out = tmp_path / "nll"
-    paper = ["--input-merge", "branch", "--init", "he"]
+    paper = ["--input-merge", "branch", "--init", "he", "--pseudo-init", "random"]
     _run(monkeypatch, "--out", str(out), "--config", "hvae-vamp", *paper)
     r = json.loads((out / "hvae-vamp.json").read_text())
-    assert r["input_merge"] == "branch" and r["init"] == "he"
-    assert "elbo, branch inputs, he init" in capsys.readouterr().out
+    assert r["input_merge"] == "branch" and r["init"] == "he" and r["pseudo_init"] == "random"
+    assert "elbo, branch inputs, he init, random pseudo-inputs" in capsys.readouterr().out
     saved = read_checkpoint(out / "hvae-vamp.pt")
     assert saved["metadata"]["extra"]["input_merge"] == "branch"
+    # pseudo-inputs drawn near 0.05 (not binary images), moved little by one epoch at lr 5e-4
+    pseudo = saved["model"]["prior.pseudo_inputs"]
+    assert 0.0 < pseudo.mean().item() < 0.2 and pseudo.std().item() < 0.1
     assert any(".branches." in k for k in saved["model"])  # the branch layers were trained
     monkeypatch.setattr(
         sys,
