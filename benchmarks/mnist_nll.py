@@ -113,6 +113,7 @@ def build(
     paper_heads: bool = False,
     input_merge: str = "concat",
     init: str = "default",
+    flow_hidden: tuple[int, ...] | None = None,
 ):
     """The model (with its guide as ``.guide``) of configuration ``name``; ``network`` builds
     every encoder and decoder (:func:`~pyro_lvm.nn.gated_mlp` for the VampPrior paper's).
@@ -121,6 +122,8 @@ def build(
     [0, 1], as the VampPrior paper's Hardtanh layers do (not defined for the flow guide).
     ``input_merge="branch"`` gives the HVAE's two-input networks a first layer per input (the
     paper's; HVAE only); ``init="he"`` re-initialises every linear layer He-normal (the paper's).
+    ``flow_hidden`` sizes each planar layer's hypernetwork (default ``(2 * z_dim,)``); ``()``
+    makes the flow parameters affine in the encoder's output, as Rezende & Mohamed's.
     """
     if input_merge != "concat" and name != "hvae-vamp":
         raise ValueError(f"input_merge={input_merge!r} is defined for hvae-vamp, not {name!r}")
@@ -135,6 +138,7 @@ def build(
         network,
         paper_heads,
         input_merge,
+        (2 * z_dim,) if flow_hidden is None else tuple(flow_hidden),
     )
     if init == "he":
         he_init_(model)  # the guide is a submodule; pseudo-inputs are not linear layers
@@ -154,6 +158,7 @@ def _build(
     network,
     paper_heads,
     input_merge,
+    flow_hidden,
 ):
     log_var_range = PAPER_LOG_VAR_RANGE if paper_heads else None
     vamp_range = PAPER_PSEUDO_INPUT_RANGE if paper_heads else None
@@ -199,7 +204,7 @@ def _build(
             num_flows=num_flows,
             hidden=hidden,
             context_dim=2 * z_dim,
-            flow_hidden=(2 * z_dim,),
+            flow_hidden=flow_hidden,
             network=network,
         )
         return VAE(x_dim, z_dim, hidden=hidden, guide=guide, network=network)
@@ -260,6 +265,7 @@ def run_config(
         paper_heads=args.paper_heads,
         input_merge=args.input_merge,
         init=args.init,
+        flow_hidden=args.flow_hidden,
     )
     guide = model.guide
     ckpt = out / f"{name}.pt"
@@ -270,6 +276,7 @@ def run_config(
         "input_merge": args.input_merge,
         "init": args.init,
         "pseudo_init": args.pseudo_init,
+        "flow_hidden": args.flow_hidden,
     }
     done = _epochs_done(ckpt, recipe)
     steps_per_epoch = math.ceil(train.shape[0] / args.batch_size)
@@ -367,6 +374,7 @@ def _epochs_done(ckpt: Path, recipe: dict) -> int:
         "input_merge": extra.get("input_merge", "concat"),
         "init": extra.get("init", "default"),
         "pseudo_init": extra.get("pseudo_init", "data"),
+        "flow_hidden": extra.get("flow_hidden"),
     }
     diff = {k: (saved[k], v) for k, v in recipe.items() if saved[k] != v}
     if diff:
@@ -398,6 +406,8 @@ def table(results: dict) -> str:
             objective += f", {r['input_merge']} inputs"
         if r.get("init", "default") != "default":
             objective += f", {r['init']} init"
+        if r.get("architecture", {}).get("flow_hidden") == [] and "flow" in name:
+            objective += ", affine flow parameters"
         if r.get("pseudo_init", "data") != "data" and "vamp" in name:
             objective += f", {r['pseudo_init']} pseudo-inputs"
         optimizer = r.get("optimizer", {}).get("name", "adam").lower()
@@ -429,6 +439,14 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, nargs="+", default=[300, 300])
     p.add_argument("--num-pseudo", type=int, default=500)
     p.add_argument("--num-flows", type=int, default=10)
+    p.add_argument(
+        "--flow-hidden",
+        type=int,
+        nargs="*",
+        default=None,
+        help="hidden widths of each planar layer's hypernetwork (default: 2 * z-dim); no "
+        "value: flow parameters affine in the encoder's output (Rezende & Mohamed's)",
+    )
     p.add_argument("--warmup-epochs", type=int, default=0, help="linear KL warm-up length")
     p.add_argument(
         "--network",
@@ -532,6 +550,7 @@ def main(argv=None) -> int:
             "activation": "GatedDense" if args.network == "gated" else "ReLU",
             "num_pseudo": args.num_pseudo,
             "num_flows": args.num_flows,
+            "flow_hidden": args.flow_hidden,
         },
         "optimizer": {"name": args.optimizer, "lr": args.lr, "batch_size": args.batch_size},
         "seed": args.seed,

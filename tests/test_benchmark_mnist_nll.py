@@ -77,6 +77,7 @@ def test_the_papers_heads_and_optimizer_are_recorded_and_not_mixed_on_resume(
         "input_merge": "concat",
         "init": "default",
         "pseudo_init": "data",
+        "flow_hidden": None,
     }
     monkeypatch.setattr(
         sys,
@@ -127,6 +128,28 @@ def test_the_papers_branch_layers_and_he_init_are_recorded_and_not_mixed(
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(SCRIPT), run_name="__main__")
     assert stop.value.code == 2 and "hvae-vamp only" in capsys.readouterr().err
+
+
+def test_flow_parameters_affine_in_the_encoder_output(tmp_path, monkeypatch, capsys):
+    from pyro_lvm.train import read_checkpoint
+
+    out = tmp_path / "nll"
+    _run(monkeypatch, "--out", str(out), "--config", "vae-flow", "--flow-hidden")
+    r = json.loads((out / "vae-flow.json").read_text())
+    assert r["architecture"]["flow_hidden"] == []
+    assert "elbo, affine flow parameters" in capsys.readouterr().out
+    saved = read_checkpoint(out / "vae-flow.pt")
+    assert saved["metadata"]["extra"]["flow_hidden"] == []
+    # one LinearHypernet per planar layer (the smoke run has two), no hidden layer
+    weights = [k for k in saved["model"] if k.startswith("guide.flows.") and "weight" in k]
+    assert weights == ["guide.flows.0.nn.linear.weight", "guide.flows.1.nn.linear.weight"]
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [str(SCRIPT), "--smoke", "--out", str(out), "--config", "vae-flow", "--epochs", "2"],
+    )
+    with pytest.raises(SystemExit, match="flow_hidden: checkpoint \\[\\], now None"):
+        runpy.run_path(str(SCRIPT), run_name="__main__")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA; see the next test")

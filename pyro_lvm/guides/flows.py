@@ -17,20 +17,49 @@ from torch import nn
 from pyro_lvm.nn import NetworkFactory, mlp
 from pyro_lvm.plates import data_plate
 
-__all__ = ["FLOWS", "AmortizedFlowGuide", "FlowPosterior", "Sylvester"]
+__all__ = ["FLOWS", "AmortizedFlowGuide", "FlowPosterior", "LinearHypernet", "Sylvester"]
 
 _EMPTY = torch.Size()
 
 
+class LinearHypernet(nn.Module):
+    """A conditional flow's parameters as an affine function of the context, no hidden layer.
+
+    With it the encoder emits each flow's parameters directly, as in Rezende & Mohamed (2015,
+    arXiv:1505.05770), where the inference network outputs the flow parameters: our context
+    h(x) is the encoder's last linear output, so every parameter is affine in the encoder's
+    last hidden layer. Returns the parameters as a
+    tuple split by ``param_dims``, the form Pyro's ``ConditionalPlanar`` and
+    ``ConditionalRadial`` take from their ``DenseNN``.
+    """
+
+    def __init__(self, context_dim: int, param_dims: Sequence[int]):
+        super().__init__()
+        self.param_dims = [int(d) for d in param_dims]
+        self.linear = nn.Linear(context_dim, sum(self.param_dims))
+
+    def forward(self, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.linear(context).split(self.param_dims, dim=-1))
+
+
 def _planar(z_dim: int, context_dim: int, hidden: Sequence[int]) -> nn.Module:
+    if not hidden:  # Pyro's DenseNN needs a hidden layer; (bias, u, w) as in its factory
+        return T.ConditionalPlanar(LinearHypernet(context_dim, [1, z_dim, z_dim]))
     return T.conditional_planar(z_dim, context_dim, list(hidden))
 
 
 def _radial(z_dim: int, context_dim: int, hidden: Sequence[int]) -> nn.Module:
+    if not hidden:  # (x0, alpha', beta') as in Pyro's factory
+        return T.ConditionalRadial(LinearHypernet(context_dim, [z_dim, 1, 1]))
     return T.conditional_radial(z_dim, context_dim, list(hidden))
 
 
 def _iaf(z_dim: int, context_dim: int, hidden: Sequence[int]) -> nn.Module:
+    if not hidden:
+        raise ValueError(
+            "flow='iaf' needs at least one hidden width in flow_hidden: its autoregressive "
+            "network (Pyro's ConditionalAutoRegressiveNN) has no form without a hidden layer"
+        )
     return T.conditional_affine_autoregressive(z_dim, context_dim, list(hidden))
 
 
@@ -219,7 +248,9 @@ class AmortizedFlowGuide(PyroModule):
     :param num_flows: number of flow layers K (0 gives the Gaussian guide).
     :param hidden: hidden widths of the default encoder.
     :param context_dim: size of the context h(x) fed to conditional flows.
-    :param flow_hidden: hidden widths of each flow's hypernetwork.
+    :param flow_hidden: hidden widths of each flow's hypernetwork; ``()`` makes planar and radial
+        parameters affine in the context (:class:`LinearHypernet`: the encoder emits them, as
+        in Rezende & Mohamed 2015).
     :param encoder: optional network mapping x to ``2 * z_dim + context_dim`` features.
     :param min_scale: lower bound on the base standard deviation.
     :param num_data: dataset size, needed when called with ``idx``.

@@ -188,3 +188,55 @@ def test_stl_gradient_is_unbiased_on_flow_guide(flow):
     diff = projected_grads("stl") - projected_grads("elbo")  # independent runs
     mean, se = diff.mean(0), diff.std(0) / math.sqrt(diff.shape[0])
     assert (mean.abs() <= Z_CRIT * se).all(), (mean, se)
+
+
+@pytest.mark.parametrize("flow", ["planar", "radial"])
+def test_flow_parameters_affine_in_the_context(flow):
+    """flow_hidden=(): each conditional flow's parameters are one affine map of the context,
+    and the guide keeps its contract (change of variables, stopped rescoring, gradients)."""
+    from pyro_lvm.guides.flows import LinearHypernet
+
+    torch.manual_seed(0)
+    guide = AmortizedFlowGuide(
+        X_DIM, Z_DIM, flow=flow, num_flows=3, hidden=(8,), context_dim=4, flow_hidden=()
+    )
+    hyper = guide.flows[0].nn
+    assert isinstance(hyper, LinearHypernet) and hyper.linear.in_features == 4
+    context = torch.randn(5, 4)
+    params = hyper(context)
+    expected = hyper.linear(context).split(hyper.param_dims, dim=-1)
+    assert [p.shape[-1] for p in params] == hyper.param_dims
+    for got, want in zip(params, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    x = torch.bernoulli(torch.full((5, X_DIM), 0.4))
+    with torch.no_grad():  # flow parameters away from their near-identity initialization
+        for p in guide.flows.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    q = guide.posterior(x)
+    z = q.rsample()
+    z0 = q._chain[0].detach()
+
+    def push(u):
+        for t in q.transforms:
+            u = t(u)
+        return u
+
+    jac = torch.autograd.functional.jacobian(
+        lambda u: push(u.reshape(5, Z_DIM)).reshape(-1), z0.reshape(-1)
+    )
+    blocks = torch.stack(
+        [jac[i * Z_DIM : (i + 1) * Z_DIM, i * Z_DIM : (i + 1) * Z_DIM] for i in range(5)]
+    )
+    torch.testing.assert_close(
+        q.log_prob(z), q.base.log_prob(z0) - torch.linalg.slogdet(blocks).logabsdet
+    )
+    torch.testing.assert_close(detach(q).log_prob(z), q.log_prob(z).detach())
+    vae = VAE(X_DIM, Z_DIM, hidden=(8,), guide=guide)
+    _elbo().differentiable_loss(vae, vae.guide, x).backward()
+    for name, p in guide.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_iaf_without_a_hidden_layer_is_refused_by_name():
+    with pytest.raises(ValueError, match="flow='iaf' needs at least one hidden width"):
+        AmortizedFlowGuide(X_DIM, Z_DIM, flow="iaf", flow_hidden=())
