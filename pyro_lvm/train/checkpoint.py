@@ -12,6 +12,7 @@ import torch
 from pyro.optim import PyroOptim
 from torch import nn
 
+from pyro_lvm.train.estimators import get_estimator_state, set_estimator_state
 from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.state import (
     get_optimizer_state,
@@ -33,11 +34,13 @@ __all__ = [
 ]
 
 FORMAT = "pyro_lvm.checkpoint"
-VERSION = 1
+VERSION = 2
 _KEYS = {
     "format", "version", "epoch", "model", "guide", "guide_prefix", "optimizer",
-    "param_store", "rng", "history", "metadata",
+    "param_store", "rng", "history", "metadata", "estimator",
 }  # fmt: skip
+#: keys added by each version after the first (older files are read without them)
+_ADDED = {2: {"estimator"}}
 
 
 class CheckpointError(ValueError):
@@ -108,6 +111,7 @@ def save_checkpoint(
     epoch: int,
     history: FitHistory | None = None,
     extra: dict[str, Any] | None = None,
+    estimator: Any = None,
 ) -> Path:
     """Atomically write the complete training state to ``path``.
 
@@ -123,6 +127,9 @@ def save_checkpoint(
     - ``optimizer``: ``PyroOptim.get_state()`` (per-parameter torch optimizer states keyed by
       param-store name).
     - ``rng``: torch (and CUDA), NumPy and Python ``random`` states, the generators Pyro uses.
+    - ``estimator``: the state of a
+      :class:`~pyro_lvm.train.estimators.StatefulEstimator` (``state_dict()``; running
+      baselines, an adapted step size, a schedule's step count), ``None`` for a stateless one.
     - ``epoch``, ``history`` (:meth:`FitHistory.to_dict`), ``format``, ``version`` and
       ``metadata``: ``extra`` after a JSON round trip (e.g. the model configuration).
 
@@ -136,6 +143,7 @@ def save_checkpoint(
     :param epoch: number of completed epochs.
     :param history: the training history so far.
     :param extra: JSON-serializable metadata.
+    :param estimator: the training estimator, whose state (if any) is saved.
     :returns: the path written.
     :raises ValueError: when ``extra`` is not JSON-serializable or a parameter is not finite.
     """
@@ -159,6 +167,7 @@ def save_checkpoint(
         "rng": get_rng_state(),
         "history": None if history is None else history.to_dict(),
         "metadata": metadata,
+        "estimator": get_estimator_state(estimator),
     }
     for key in ("model", "guide"):
         _check_finite({f"{key}.{k}": v for k, v in (state[key] or {}).items()}, path)
@@ -167,8 +176,14 @@ def save_checkpoint(
     return path
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device | None = None
+) -> dict[str, Any]:
     """Read and validate a checkpoint without restoring anything.
+
+    Tensors are loaded onto ``map_location`` (the CPU by default),
+    except the random generator states, which stay on the CPU where torch reads them. A file
+    of an older format version gets the keys it lacks as ``None``.
 
     :raises FileNotFoundError: when ``path`` does not exist.
     :raises CheckpointError: when the file is truncated, corrupt, holds anything but tensors and
@@ -186,16 +201,34 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ) from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file")
-    if state.get("version") != VERSION:
+    version = state.get("version")
+    if not isinstance(version, int) or not 1 <= version <= VERSION:
         raise CheckpointError(
-            f"{path} has checkpoint format version {state.get('version')}; this pyro_lvm "
-            f"reads version {VERSION}"
+            f"{path} has checkpoint format version {version}; this pyro_lvm reads versions "
+            f"1 to {VERSION}"
         )
-    if set(state) != _KEYS:
-        raise CheckpointError(f"{path} lacks the keys {sorted(_KEYS - set(state))}")
+    added = set().union(*(keys for v, keys in _ADDED.items() if v > version))
+    if set(state) | added != _KEYS:
+        raise CheckpointError(f"{path} lacks the keys {sorted(_KEYS - added - set(state))}")
+    for key in added:
+        state[key] = None
+    if map_location is not None:
+        for key in ("model", "guide", "optimizer", "param_store", "estimator"):
+            state[key] = _to(state[key], torch.device(map_location))
     if not isinstance(state["epoch"], int) or state["epoch"] < 0:
         raise CheckpointError(f"{path} records an invalid epoch {state['epoch']!r}")
     return state
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor in its (nested) dicts, lists and tuples moved to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
 
 
 def _load_module(module: nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
@@ -215,6 +248,8 @@ def load_checkpoint(
     guide: Any = None,
     optimizer: PyroOptim | None = None,
     restore_rng: bool = True,
+    estimator: Any = None,
+    map_location: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` and restore it into live objects.
 
@@ -222,21 +257,31 @@ def load_checkpoint(
     ``guide`` load their state dicts (in place), the param store gets the saved values (a
     parameter already in the store is overwritten in place; a missing one is created with its
     saved constraint), the ``optimizer`` gets its per-parameter states (consumed at each
-    parameter's next step) and, with ``restore_rng``, the random generators are reset.
+    parameter's next step), the ``estimator`` its state (see
+    :func:`~pyro_lvm.train.estimators.set_estimator_state`) and, with ``restore_rng``, the
+    random generators are reset.
+
+    Values copied into live objects (modules, existing parameters, optimizer states) land on
+    those objects' devices; tensors that create something new (a parameter missing from the
+    store, estimator state) are loaded onto ``map_location``, so a checkpoint written on a GPU
+    loads on a CPU-only machine and the reverse.
 
     :param path: the checkpoint file.
     :param model: the module to restore, or ``None`` to skip.
     :param guide: the guide to restore, or ``None`` to skip.
     :param optimizer: the ``pyro.optim`` optimizer to restore, or ``None`` to skip.
     :param restore_rng: whether to reset torch, NumPy and ``random`` generators.
+    :param estimator: the estimator to restore, or ``None`` to skip.
+    :param map_location: the device of new tensors (CPU by default).
     :returns: the checkpoint dict with ``history`` as a :class:`FitHistory` (or ``None``),
         plus ``epoch`` and ``metadata``.
     :raises FileNotFoundError: when ``path`` does not exist.
     :raises CheckpointError: when the file is unreadable or of another format.
-    :raises ValueError: when a state does not fit the given objects.
+    :raises ValueError: when a state does not fit the given objects (an estimator state that
+        the given estimator cannot take included).
     """
     path = Path(path)
-    state = read_checkpoint(path)
+    state = read_checkpoint(path, map_location)
     if isinstance(model, nn.Module):
         if state["model"] is None:
             raise ValueError(f"{path} holds no model state but a model module was given")
@@ -255,6 +300,8 @@ def load_checkpoint(
         if state["optimizer"] is None:
             raise ValueError(f"{path} holds no optimizer state but an optimizer was given")
         set_optimizer_state(optimizer, state["optimizer"])
+    if estimator is not None:
+        set_estimator_state(estimator, state["estimator"], source=str(path))
     if restore_rng:
         set_rng_state(state["rng"])
     history = state["history"]

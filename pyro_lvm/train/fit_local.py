@@ -5,18 +5,15 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyro
 import pyro.optim
 import torch
-from pyro import poutine
 from pyro.infer import ELBO
-from pyro.infer.util import torch_item, zero_grads
+from pyro.infer.util import torch_item
 from pyro.util import ignore_jit_warnings
-from tqdm import tqdm
 
-from pyro_lvm.elbo import make_estimator
 from pyro_lvm.guides.local import LocalGuide
 from pyro_lvm.train._tracing import (
     Recorder,
@@ -28,8 +25,9 @@ from pyro_lvm.train._tracing import (
     traceable_torch_item,
     using_trace_inputs,
 )
+from pyro_lvm.train.estimators import resolve_estimator
 
-__all__ = ["LocalOptResult", "LocalFitHistory", "optimize_local", "fit_local"]
+__all__ = ["LocalOptResult", "optimize_local"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,30 +48,6 @@ class LocalOptResult:
     @property
     def fraction_converged(self) -> float:
         return float(self.converged.double().mean())
-
-
-@dataclass
-class LocalFitHistory:
-    """Per-epoch records of :func:`fit_local` (losses are per data point, i.e. −ELBO / N)."""
-
-    loss: list[float] = field(default_factory=list)
-    inner_steps: list[float] = field(default_factory=list)
-    fraction_converged: list[float] = field(default_factory=list)
-
-
-_NAMED_ESTIMATORS: dict[tuple[str, int], ELBO] = {}
-
-
-def _as_estimator(loss: str | ELBO, num_particles: int) -> ELBO:
-    """The ELBO itself, or one instance per (name, K), so a traced inner loss is reused."""
-    if isinstance(loss, ELBO):
-        return loss
-    if isinstance(loss, str):
-        key = (loss, int(num_particles))
-        if key not in _NAMED_ESTIMATORS:
-            _NAMED_ESTIMATORS[key] = make_estimator(loss, num_particles)
-        return _NAMED_ESTIMATORS[key]
-    raise ValueError(f"loss must be an estimator name or a pyro.infer.ELBO, got {type(loss)}")
 
 
 class _TracedInnerLoss:
@@ -253,7 +227,8 @@ def optimize_local(
     :param x: the minibatch.
     :param idx: its indices in the dataset (``None``: ``x`` is the whole dataset).
     :param loss: an estimator name of :data:`pyro_lvm.elbo.ESTIMATORS` or an ELBO instance
-        (which must implement ``differentiable_loss``).
+        (which must implement ``differentiable_loss``). A name builds a new estimator per
+        call; pass an instance to reuse one (and its traced inner loss) across calls.
     :param num_particles: particles when ``loss`` is a name.
     :param lr: Adam learning rate.
     :param max_steps: cap on the inner steps.
@@ -271,7 +246,7 @@ def optimize_local(
             f"need max_steps >= 1, lr > 0, tol >= 0 and lr_decay >= 0; got max_steps="
             f"{max_steps}, lr={lr}, tol={tol}, lr_decay={lr_decay}"
         )
-    estimator = _as_estimator(loss, num_particles)
+    estimator = resolve_estimator(loss, num_particles)[0]
     rows = slice(None) if idx is None else idx
     leaves = {
         name: guide.unconstrained(name).detach()[rows].clone().requires_grad_()
@@ -316,105 +291,10 @@ def optimize_local(
     return LocalOptResult(steps=steps, converged=~active, loss=torch_item(objective))
 
 
-def _theta_step(model, guide, x, idx, estimator, optim) -> float:
-    """One θ step at fixed φ (SVI.step with the local rows held as constants)."""
-    rows = slice(None) if idx is None else idx
-    fixed = {name: guide.unconstrained(name).detach()[rows] for name in guide.local_names}
-    with poutine.trace(param_only=True) as param_capture:
-        with guide.local_override(**fixed):
-            objective = estimator.differentiable_loss(model, guide, x, idx)
-    params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
-    objective.backward()
-    if params:
-        optim(params)
-        zero_grads(params)
-    return torch_item(objective)
+def __getattr__(name: str):
+    """``fit_local`` moved to :mod:`pyro_lvm.train.per_datapoint`; the old import path works."""
+    if name == "fit_local":
+        from pyro_lvm.train.per_datapoint import fit_local
 
-
-def fit_local(
-    model: Callable,
-    guide: LocalGuide,
-    data: torch.Tensor,
-    loss: str | ELBO = "elbo",
-    num_particles: int = 1,
-    num_epochs: int = 1,
-    batch_size: int = 100,
-    optimizer: pyro.optim.PyroOptim | None = None,
-    lr: float = 1e-3,
-    inner_lr: float = 0.05,
-    inner_max_steps: int = 100,
-    inner_tol: float = 1e-3,
-    inner_lr_decay: float = 0.0,
-    seed: int = 0,
-    progress: bool = True,
-) -> LocalFitHistory:
-    r"""The per-datapoint SVI algorithm (warm-started local optima, then a θ step).
-
-    For every minibatch :math:`B` (indices ``idx``):
-
-    1. :math:`\varphi^{i,*} \leftarrow \arg\max_{\varphi^i} \mathcal L(\theta, \varphi^i; x^i)`
-       for :math:`i \in B` by :func:`optimize_local` (θ fixed, started at the previous
-       epoch's :math:`\varphi^{i,*}`);
-    2. :math:`\theta \leftarrow \theta + \rho\, \widehat{\nabla_\theta}
-       \tfrac{N}{|B|} \sum_{i \in B} \mathcal L(\theta, \varphi^{i,*}; x^i)`.
-
-    Because φ^{i,*} is (near) optimal, step 2 follows the gradient of
-    :math:`\sum_i \max_{\varphi^i} \mathcal L` (envelope theorem), the objective of
-    variational EM (Neal & Hinton 1998; Hoffman et al. 2013, arXiv:1206.7051).
-
-    :param model: model ``model(x, idx=None)`` whose data plate has ``num_data = len(data)``.
-    :param guide: a :class:`~pyro_lvm.guides.LocalGuide` with ``num_data = len(data)``.
-    :param data: the dataset, data points along dim 0.
-    :param loss: estimator name (see :data:`pyro_lvm.elbo.ESTIMATORS`) or an ELBO instance.
-    :param num_particles: particles when ``loss`` is a name.
-    :param num_epochs: passes over the data.
-    :param batch_size: minibatch size.
-    :param optimizer: Pyro optimizer for θ (default ``pyro.optim.Adam({"lr": lr})``).
-    :param lr: θ learning rate when ``optimizer`` is not given.
-    :param inner_lr: Adam learning rate of the inner loop.
-    :param inner_max_steps: inner step cap.
-    :param inner_tol: inner relative-change tolerance.
-    :param inner_lr_decay: inner Robbins-Monro decay (see :func:`optimize_local`).
-    :param seed: seed of the minibatch order.
-    :param progress: show a tqdm bar with inner steps and the fraction converged.
-    :return: a :class:`LocalFitHistory`.
-    """
-    from pyro_lvm.data import Minibatches
-
-    if guide.num_data != len(data):
-        raise ValueError(
-            f"the guide holds {guide.num_data} rows but the data has {len(data)} points; build "
-            f"the guide with num_data=len(data)"
-        )
-    if int(num_epochs) < 0 or int(batch_size) < 1:
-        raise ValueError(
-            f"need num_epochs >= 0 and batch_size >= 1, got {num_epochs} and {batch_size}"
-        )
-    estimator = _as_estimator(loss, num_particles)
-    optim = pyro.optim.Adam({"lr": lr}) if optimizer is None else optimizer
-    history = LocalFitHistory()
-    batches = Minibatches(data, batch_size, shuffle=True, seed=seed)
-    total = num_epochs * len(batches)
-    with tqdm(total=total, disable=not progress, desc="fit_local") as bar:
-        for _ in range(int(num_epochs)):
-            epoch_loss, epoch_steps, epoch_conv, count = 0.0, 0.0, 0.0, 0
-            for xb, idx in batches:
-                res = optimize_local(
-                    model, guide, xb, idx, estimator, lr=inner_lr, max_steps=inner_max_steps,
-                    tol=inner_tol, lr_decay=inner_lr_decay,
-                )  # fmt: skip
-                value = _theta_step(model, guide, xb, idx, estimator, optim)
-                epoch_loss += value * len(idx) / len(data)
-                epoch_steps += float(res.steps.double().sum())
-                epoch_conv += float(res.converged.double().sum())
-                count += len(idx)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{value / len(data):.3f}",
-                    inner=f"{float(res.steps.double().mean()):.0f}",
-                    converged=f"{res.fraction_converged:.0%}",
-                )
-            history.loss.append(epoch_loss / len(data))
-            history.inner_steps.append(epoch_steps / count)
-            history.fraction_converged.append(epoch_conv / count)
-    return history
+        return fit_local
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,8 @@ __all__ = ["FitHistory"]
 
 @dataclass
 class FitHistory:
-    r"""What :func:`~pyro_lvm.train.fit` reports, every loss **per data point**.
+    r"""What :func:`~pyro_lvm.train.fit` and :func:`~pyro_lvm.train.fit_local` report, every
+    loss **per data point**.
 
     With the data plate subsampled by ``idx`` (see :func:`~pyro_lvm.plates.data_plate`) the
     SVI loss of a minibatch :math:`b` of size :math:`|b|` out of :math:`N` points is
@@ -37,6 +38,10 @@ class FitHistory:
     :ivar seconds: wall-clock seconds spent training (summed over resumed runs).
     :ivar num_data: the training-set size :math:`N`.
     :ivar batch_size: the minibatch size.
+    :ivar step_metrics: further per-step values by name, e.g. ``fit_local``'s
+        ``"inner_steps"`` (mean inner steps per data point of the minibatch) and
+        ``"fraction_converged"``.
+    :ivar epoch_metrics: their size-weighted means per epoch, as for ``epoch_losses``.
     """
 
     step_losses: list[float] = field(default_factory=list)
@@ -46,6 +51,8 @@ class FitHistory:
     seconds: float = 0.0
     num_data: int | None = None
     batch_size: int | None = None
+    step_metrics: dict[str, list[float]] = field(default_factory=dict)
+    epoch_metrics: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
@@ -66,10 +73,13 @@ class FitHistory:
     def from_dict(cls, state: dict[str, Any]) -> FitHistory:
         """Inverse of :meth:`to_dict`.
 
+        The metric dicts may be absent (histories written before they existed).
+
         :raises ValueError: when a key is missing or unknown.
         """
         names = {f for f in cls.__dataclass_fields__}
-        if not isinstance(state, dict) or set(state) != names:
+        optional = {"step_metrics", "epoch_metrics"}
+        if not isinstance(state, dict) or not names - optional <= set(state) <= names:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(
                 f"a FitHistory state needs exactly the keys {sorted(names)}, got {got}"
@@ -82,4 +92,23 @@ class FitHistory:
             seconds=float(state["seconds"]),
             num_data=None if state["num_data"] is None else int(state["num_data"]),
             batch_size=None if state["batch_size"] is None else int(state["batch_size"]),
+            step_metrics=_metrics(state.get("step_metrics", {})),
+            epoch_metrics=_metrics(state.get("epoch_metrics", {})),
         )
+
+    def record_step(self, loss: float, metrics: dict[str, float] | None = None) -> None:
+        """Append one step's loss per data point and its further metrics."""
+        self.step_losses.append(float(loss))
+        for name, value in (metrics or {}).items():
+            self.step_metrics.setdefault(name, []).append(float(value))
+
+    def record_epoch(self, loss: float, metrics: dict[str, float] | None = None) -> None:
+        """Append one epoch's mean loss per data point and its further metrics; count it."""
+        self.epoch_losses.append(float(loss))
+        for name, value in (metrics or {}).items():
+            self.epoch_metrics.setdefault(name, []).append(float(value))
+        self.epochs += 1
+
+
+def _metrics(state: dict[str, Any]) -> dict[str, list[float]]:
+    return {str(name): [float(v) for v in values] for name, values in state.items()}

@@ -9,7 +9,7 @@ import torch
 from pyro_lvm.evaluate import elbo_estimate
 from pyro_lvm.guides import LocalBernoulliGuide, LocalGaussianGuide
 from pyro_lvm.models import BernoulliMixture, CompletionModel, LinearGaussian
-from pyro_lvm.train.fit_local import fit_local, optimize_local
+from pyro_lvm.train import fit_local, optimize_local
 
 
 def test_inner_loop_freezes_theta_and_only_touches_idx():
@@ -71,12 +71,13 @@ def test_fit_local_increases_evidence_and_warm_starts():
         lr=0.05, inner_lr=0.1, inner_max_steps=30, inner_tol=5e-3, progress=False,
     )  # fmt: skip
     after = float(model.log_evidence(x).mean().detach())
-    assert len(hist.loss) == len(hist.inner_steps) == 3
+    inner_steps = hist.epoch_metrics["inner_steps"]
+    assert len(hist.epoch_losses) == len(inner_steps) == hist.epochs == 3
     assert after > before + 0.5
     # warm starts: later epochs need fewer inner steps than the first
-    assert hist.inner_steps[-1] < hist.inner_steps[0]
+    assert inner_steps[-1] < inner_steps[0]
     # the reported loss is a per-datapoint negative ELBO, so it bounds -log p(x)
-    assert hist.loss[-1] > -after - 0.5
+    assert hist.epoch_losses[-1] > -after - 0.5
     with pytest.raises(ValueError, match="num_data"):
         fit_local(model, LocalGaussianGuide(n + 1, 1), x, progress=False)
 

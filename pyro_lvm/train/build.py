@@ -1,0 +1,113 @@
+"""The parts of a training run that ``fit`` and ``fit_local`` assemble alike."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyro
+from pyro.infer import ELBO, SVI
+from pyro.optim import PyroOptim
+
+from pyro_lvm.train.callbacks import Callback, JSONLinesLogger, TensorBoardLogger, as_callbacks
+from pyro_lvm.train.fast import FastSVI
+from pyro_lvm.train.history import FitHistory
+from pyro_lvm.train.loop import Checkpointer
+
+__all__ = [
+    "check_counts",
+    "check_extra",
+    "check_optimizer",
+    "make_callbacks",
+    "make_stepper",
+    "start_history",
+]
+
+#: the file name of the JSON-lines metrics log in a run's ``log_dir``
+METRICS_FILE = "metrics.jsonl"
+
+
+def check_counts(num_epochs: Any, batch_size: Any) -> None:
+    """Refuse a negative or fractional ``num_epochs`` and a ``batch_size`` below 1."""
+    if int(num_epochs) != num_epochs or num_epochs < 0:
+        raise ValueError(f"num_epochs must be a non-negative integer, got {num_epochs}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+
+
+def check_extra(extra: Any) -> None:
+    """Fail now, rather than at the first checkpoint, on metadata that JSON cannot hold."""
+    try:
+        json.dumps(extra, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"extra must be JSON-serializable with finite numbers: {e}") from e
+
+
+def check_optimizer(optimizer: PyroOptim | None, lr: float = 1e-3) -> PyroOptim:
+    """``optimizer``, or ``pyro.optim.Adam({"lr": lr})`` when it is ``None``.
+
+    :raises ValueError: on anything but a ``pyro.optim.PyroOptim``.
+    """
+    if optimizer is None:
+        return pyro.optim.Adam({"lr": lr})
+    if not isinstance(optimizer, PyroOptim):
+        raise ValueError(
+            f"optimizer must be a pyro.optim.PyroOptim (e.g. pyro.optim.Adam({{'lr': 1e-3}})), "
+            f"got {type(optimizer).__name__}"
+        )
+    return optimizer
+
+
+def make_stepper(
+    model: Callable, guide: Callable, optimizer: PyroOptim, estimator: ELBO, fast: bool
+) -> tuple[Any, Any]:
+    """The object that takes steps and the one that holds the optimizer state.
+
+    ``fast``: a :class:`~pyro_lvm.train.FastSVI`, which holds its fused optimizer's state
+    itself; otherwise ``pyro.infer.SVI``, whose state is in the ``PyroOptim``.
+    """
+    if fast:
+        svi = FastSVI(model, guide, optimizer, estimator)
+        return svi, svi
+    return SVI(model, guide, optimizer, loss=estimator), optimizer
+
+
+def make_callbacks(
+    callbacks: Sequence[Callback | Callable[[FitHistory], Any]],
+    log_dir: str | os.PathLike | None,
+    tensorboard: bool,
+) -> list[Callback]:
+    """The user's callbacks (plain functions run per epoch), then the run folder's loggers:
+    ``log_dir/metrics.jsonl`` (:class:`~pyro_lvm.train.callbacks.JSONLinesLogger`) and, with
+    ``tensorboard``, event files in ``log_dir/tensorboard``.
+
+    :raises ValueError: on ``tensorboard=True`` without a ``log_dir``.
+    :raises ImportError: on ``tensorboard=True`` without the ``tensorboard`` package.
+    """
+    out = as_callbacks(callbacks)
+    if tensorboard and log_dir is None:
+        raise ValueError("tensorboard=True needs log_dir=, the folder the event files go to")
+    if log_dir is not None:
+        out.append(JSONLinesLogger(Path(log_dir) / METRICS_FILE))
+        if tensorboard:
+            out.append(TensorBoardLogger(Path(log_dir) / "tensorboard"))
+    return out
+
+
+def start_history(
+    checkpointer: Checkpointer | None, resume: bool, seed: int, num_data: int, batch_size: int
+) -> FitHistory:
+    """The history to continue: restored with the whole state from the checkpoint when
+    ``resume``, else a new one (and Pyro's generators seeded with ``seed``).
+
+    :raises ValueError: on ``resume`` without a checkpoint path.
+    """
+    if resume:
+        if checkpointer is None:
+            raise ValueError("resume=True needs the checkpoint path to resume from")
+        return checkpointer.restore()
+    pyro.set_rng_seed(seed)
+    return FitHistory(num_data=num_data, batch_size=int(batch_size))

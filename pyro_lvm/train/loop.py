@@ -1,0 +1,341 @@
+r"""The one training loop behind :func:`~pyro_lvm.train.fit` and
+:func:`~pyro_lvm.train.fit_local`.
+
+Its pieces, each a small function with one job, in the order they run:
+
+- :func:`epoch_order`: the permutation of an epoch, drawn on the CPU from ``(seed, epoch)``
+  (so runs on any device visit the same rows). *Multi-process data parallelism shards this
+  permutation across ranks here.*
+- :func:`iterate_batches`: cut the order into :class:`Batch` objects on the training device.
+  A batch carries positional arguments ``(x, idx)`` and keyword arguments: *named
+  per-datapoint tensors (labels, masks) are sliced with the same ``idx`` into
+  ``Batch.kwargs`` here*, and every step, validation and check passes them on as
+  ``model(x, idx, **kwargs)``.
+- :func:`svi_step`: one step of a stepper with Pyro's ``SVI.step`` interface (``FastSVI`` or
+  ``pyro.infer.SVI``). Its ``before_update`` hooks run between the backward pass and the
+  optimizer update (a torch optimizer step pre-hook): *the gradient all-reduce of data
+  parallelism goes here*.
+- :func:`run_epoch`: one pass over the batches with the non-finite-loss guard, the per-step
+  history, callbacks and progress bar.
+- :func:`validate`: the bound per data point on held-out data (*its data can be sharded and
+  its sum all-reduced the same way*).
+- :class:`Checkpointer`: write and restore the complete state (model, guide, param store,
+  optimizer, estimator, RNG, history) with the run's configuration.
+- :func:`run`: start callbacks, epochs, validation, epoch callbacks, checkpoint, stop.
+
+Checks of the model and data before the first step live in :mod:`pyro_lvm.train.checks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pyro.infer import ELBO
+from tqdm import tqdm
+
+from pyro_lvm.data import Minibatches
+from pyro_lvm.train.callbacks import Callback
+from pyro_lvm.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from pyro_lvm.train.device import device_scope
+from pyro_lvm.train.history import FitHistory
+
+__all__ = [
+    "Batch",
+    "Checkpointer",
+    "Loop",
+    "NonFiniteLossError",
+    "StepResult",
+    "epoch_order",
+    "iterate_batches",
+    "run",
+    "run_epoch",
+    "svi_step",
+    "validate",
+]
+
+#: a hook ``f(params)`` run after the backward pass, before the optimizer uses the gradients
+GradientHook = Callable[[list[torch.Tensor]], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training step returned a NaN or infinite loss.
+
+    :ivar epoch: the epoch (1-based) of the failing step.
+    :ivar step: the step (1-based) within that epoch.
+    :ivar checkpoint: the last good checkpoint file, or ``None`` when none was written.
+    """
+
+    def __init__(self, message: str, epoch: int, step: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
+
+
+@dataclass
+class Batch:
+    """One minibatch as a step sees it: ``step(*args, **kwargs)``; ``size`` data points."""
+
+    args: tuple
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    size: int = 0
+
+
+@dataclass
+class StepResult:
+    """What a step reports: the SVI loss of its minibatch (the estimate of the full-data loss,
+    :math:`\\frac{N}{|b|}\\sum_{i \\in b} -\\widehat{\\mathcal L}_i`) and further metrics as
+    means over the minibatch's data points."""
+
+    loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def epoch_order(batches: Minibatches, epoch: int) -> torch.Tensor:
+    """The row order of ``epoch``: a CPU ``LongTensor``, a pure function of ``(seed, epoch)``."""
+    return batches.permutation(epoch)
+
+
+def iterate_batches(
+    data: torch.Tensor, order: torch.Tensor, batch_size: int, device: torch.device | None
+) -> Iterator[Batch]:
+    """Cut ``order`` into minibatches ``Batch((x[idx], idx))`` on ``device`` (default: the
+    data's). Rows are gathered where the data lives, then moved: no Python loop over points."""
+    target = data.device if device is None else device
+    order = order.to(data.device)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield Batch((data[idx].to(target), idx.to(target)), {}, len(idx))
+
+
+@contextlib.contextmanager
+def _before_update(hooks: Sequence[GradientHook]) -> Iterator[None]:
+    if not hooks:
+        yield
+        return
+
+    def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        for hook in hooks:
+            hook(params)
+
+    handle = torch.optim.optimizer.register_optimizer_step_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def svi_step(stepper: Any, batch: Batch, before_update: Sequence[GradientHook] = ()) -> float:
+    """``stepper.step(*batch.args, **batch.kwargs)``: one gradient step, the SVI loss back.
+
+    ``stepper`` is a :class:`~pyro_lvm.train.FastSVI` or a ``pyro.infer.SVI``. Each hook of
+    ``before_update`` is called with the parameters that have gradients, after the backward
+    pass and before the optimizer step (through
+    ``torch.optim.optimizer.register_optimizer_step_pre_hook``, active during this step only),
+    and may change the gradients in place.
+    """
+    with _before_update(before_update):
+        return stepper.step(*batch.args, **batch.kwargs)
+
+
+@torch.no_grad()
+def validate(
+    estimator: ELBO,
+    model: Any,
+    guide: Any,
+    data: torch.Tensor,
+    chunk: int,
+    device: torch.device | None = None,
+) -> float:
+    """The bound per data point on ``data``: ``-estimator.loss`` summed over full chunks of
+    ``chunk`` rows (``idx=None``, no gradient), divided by the number of rows."""
+    target = data.device if device is None else device
+    total = sum(estimator.loss(model, guide, xc.to(target)) for xc in data.split(chunk))
+    return -float(total) / data.shape[0]
+
+
+class Checkpointer:
+    """Write the complete training state after each epoch; restore it to resume.
+
+    The configuration ``config`` (batch size, seed, loss name, data size...) is stored with
+    the state and must match on resume: it fixes the minibatch order and the loss scale.
+
+    :param path: the checkpoint file.
+    :param model: the model; ``guide``: the guide.
+    :param optimizer: what holds the optimizer state (``FastSVI``, or the ``PyroOptim``).
+    :param estimator: the training estimator (its state is saved if it keeps any).
+    :param config: the run's settings (JSON values).
+    :param extra: user metadata (JSON values).
+    :param map_location: the device of restored tensors that create new objects.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        model: Any,
+        guide: Any,
+        optimizer: Any,
+        estimator: Any,
+        config: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+        map_location: torch.device | None = None,
+    ):
+        self.path, self.model, self.guide = Path(path), model, guide
+        self.optimizer, self.estimator, self.config = optimizer, estimator, config
+        self.extra, self.map_location = extra, map_location
+        #: the last checkpoint known to hold a good state (``None`` before one exists)
+        self.last_good: Path | None = None
+
+    def save(self, history: FitHistory) -> None:
+        """Write the state after ``history.epochs`` epochs (atomically, finite values only)."""
+        save_checkpoint(
+            self.path,
+            model=self.model,
+            guide=self.guide,
+            optimizer=self.optimizer,
+            epoch=history.epochs,
+            history=history,
+            extra={"fit": self.config, "extra": self.extra},
+            estimator=self.estimator,
+        )
+        self.last_good = self.path
+
+    def restore(self) -> FitHistory:
+        """Load the state into the live objects and return the saved history.
+
+        :raises FileNotFoundError: when the file does not exist.
+        :raises ValueError: when it was written with another configuration, or a state does
+            not fit (an estimator state the estimator cannot take included).
+        """
+        if not self.path.is_file():
+            raise FileNotFoundError(f"checkpoint file {self.path} does not exist")
+        saved = read_checkpoint(self.path)["metadata"].get("fit", {})
+        if saved != self.config:
+            raise ValueError(
+                f"{self.path} was written by fit with {saved}, but this call has {self.config}; "
+                "resume with the same settings (they fix the minibatch order and the loss scale)"
+            )
+        state = load_checkpoint(
+            self.path,
+            model=self.model,
+            guide=self.guide,
+            optimizer=self.optimizer,
+            estimator=self.estimator,
+            map_location=self.map_location,
+        )
+        self.last_good = self.path
+        return state["history"]
+
+
+@dataclass
+class Loop:
+    """Everything one training run needs; :func:`run` runs it.
+
+    :ivar step: ``step(batch) -> StepResult``, one optimization step on a minibatch.
+    :ivar data: the training set; ``batches``: its :class:`~pyro_lvm.data.Minibatches`
+        (order and batch size).
+    :ivar num_epochs: the total epochs (a resumed run continues up to it).
+    :ivar device: the training device (``None``: where the data is).
+    :ivar validate: ``f() -> float``, the validation bound per data point, or ``None``.
+    :ivar checkpointer: writes the state after every epoch, or ``None``.
+    :ivar callbacks: :class:`~pyro_lvm.train.callbacks.Callback` objects.
+    :ivar progress: show a tqdm bar; ``desc``: its label.
+    """
+
+    step: Callable[[Batch], StepResult]
+    data: torch.Tensor
+    batches: Minibatches
+    num_epochs: int
+    device: torch.device | None = None
+    validate: Callable[[], float] | None = None
+    checkpointer: Checkpointer | None = None
+    callbacks: list[Callback] = field(default_factory=list)
+    progress: bool = True
+    desc: str = "fit"
+
+
+def _non_finite(loop: Loop, history: FitHistory, value: float, epoch: int, step: int):
+    last = None if loop.checkpointer is None else loop.checkpointer.last_good
+    where = f"{last} (epoch {history.epochs})" if last else "none (no checkpoint was written)"
+    return NonFiniteLossError(
+        f"non-finite loss {value} at epoch {epoch + 1}, step {step} of {len(loop.batches)} "
+        f"(global step {history.steps + 1}); the parameters are no longer usable. Last good "
+        f"checkpoint: {where}",
+        epoch=epoch + 1,
+        step=step,
+        checkpoint=last,
+    )
+
+
+def run_epoch(loop: Loop, history: FitHistory, epoch: int, bar: tqdm) -> None:
+    """One pass over epoch ``epoch`` (0-based): steps, guard, per-step records and callbacks.
+
+    Records the losses per data point :math:`\\ell_b = \\text{loss}_b / N` and the epoch's
+    size-weighted means in ``history``.
+
+    :raises NonFiniteLossError: at the first NaN or infinite loss.
+    """
+    num_data = loop.batches.num_data
+    order = epoch_order(loop.batches, epoch)
+    total, seen, sums = 0.0, 0, {}
+    batches = iterate_batches(loop.data, order, loop.batches.batch_size, loop.device)
+    for step, batch in enumerate(batches, start=1):
+        result = loop.step(batch)
+        value = result.loss / num_data
+        if not math.isfinite(value):
+            raise _non_finite(loop, history, value, epoch, step)
+        history.record_step(value, result.metrics)
+        total, seen = total + value * batch.size, seen + batch.size
+        for name, metric in result.metrics.items():
+            sums[name] = sums.get(name, 0.0) + metric * batch.size
+        for callback in loop.callbacks:
+            callback.on_step(history)
+        bar.update(1)
+        shown = {k: f"{v:.3g}" for k, v in result.metrics.items()}
+        bar.set_postfix(epoch=epoch + 1, loss=f"{total / seen:.4g}", **shown, refresh=False)
+    history.record_epoch(total / seen, {name: s / seen for name, s in sums.items()})
+
+
+def run(loop: Loop, history: FitHistory) -> FitHistory:
+    """Run the epochs after ``history.epochs`` up to ``loop.num_epochs``.
+
+    Per epoch: :func:`run_epoch`, validation, the epochs' callbacks (a truthy one stops
+    training after this epoch), the checkpoint. Everything runs under
+    :func:`~pyro_lvm.train.device.device_scope` of the training device.
+    """
+    start, per_epoch = history.epochs, len(loop.batches)
+    bar = tqdm(
+        total=loop.num_epochs * per_epoch,
+        initial=min(start, loop.num_epochs) * per_epoch,
+        disable=not loop.progress,
+        desc=loop.desc,
+        unit="step",
+    )
+    for callback in loop.callbacks:
+        callback.on_start(history)
+    try:
+        with device_scope(loop.device):
+            for epoch in range(start, loop.num_epochs):
+                tic = time.perf_counter()
+                run_epoch(loop, history, epoch, bar)
+                if loop.validate is not None:
+                    history.valid_elbos.append(loop.validate())
+                history.seconds += time.perf_counter() - tic
+                stop = any([bool(c.on_epoch(history)) for c in loop.callbacks])
+                if loop.checkpointer is not None:
+                    loop.checkpointer.save(history)
+                if stop:
+                    break
+    finally:
+        bar.close()
+        for callback in loop.callbacks:
+            callback.on_end(history)
+    return history

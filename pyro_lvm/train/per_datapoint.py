@@ -1,0 +1,179 @@
+"""``fit_local``: the per-datapoint SVI algorithm on the shared training loop."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyro
+import torch
+from pyro.infer import ELBO
+
+from pyro_lvm.data import Minibatches
+from pyro_lvm.guides.local import LocalGuide
+from pyro_lvm.train.build import (
+    check_counts,
+    check_extra,
+    check_optimizer,
+    make_callbacks,
+    make_stepper,
+    start_history,
+)
+from pyro_lvm.train.checks import check_data, set_num_data
+from pyro_lvm.train.device import DeviceLike, resolve_device, to_device
+from pyro_lvm.train.estimators import resolve_estimator
+from pyro_lvm.train.fit_local import optimize_local
+from pyro_lvm.train.history import FitHistory
+from pyro_lvm.train.loop import Batch, Checkpointer, Loop, StepResult, run, svi_step
+
+__all__ = ["fit_local"]
+
+
+def _theta_pair(model: Callable, guide: LocalGuide) -> tuple[Callable, Callable]:
+    """Model and guide for the θ step: ``(x, idx, *rows, **kw)``, the guide reading its
+    minibatch rows from ``rows`` (held constant), so the step differentiates θ only and any
+    capture of the loss takes the rows as inputs, not as frozen constants."""
+    names = guide.local_names
+
+    def theta_model(x, idx, *rows, **kwargs):
+        return model(x, idx, **kwargs)
+
+    def theta_guide(x, idx, *rows, **kwargs):
+        with guide.local_override(**dict(zip(names, rows, strict=True))):
+            return guide(x, idx, **kwargs)
+
+    return theta_model, theta_guide
+
+
+def fit_local(
+    model: Callable,
+    guide: LocalGuide,
+    data: torch.Tensor,
+    loss: str | ELBO = "elbo",
+    num_particles: int = 1,
+    num_epochs: int = 1,
+    batch_size: int = 100,
+    optimizer: pyro.optim.PyroOptim | None = None,
+    lr: float = 1e-3,
+    inner_lr: float = 0.05,
+    inner_max_steps: int = 100,
+    inner_tol: float = 1e-3,
+    inner_lr_decay: float = 0.0,
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    extra: dict[str, Any] | None = None,
+    fast: bool = True,
+    device: DeviceLike = None,
+    log_dir: str | os.PathLike | None = None,
+    tensorboard: bool = False,
+) -> FitHistory:
+    r"""The per-datapoint SVI algorithm (warm-started local optima, then a θ step).
+
+    For every minibatch :math:`B` (indices ``idx``):
+
+    1. :math:`\varphi^{i,*} \leftarrow \arg\max_{\varphi^i} \mathcal L(\theta, \varphi^i; x^i)`
+       for :math:`i \in B` by :func:`optimize_local` (θ fixed, started at the previous
+       epoch's :math:`\varphi^{i,*}`);
+    2. :math:`\theta \leftarrow \theta + \rho\, \widehat{\nabla_\theta}
+       \tfrac{N}{|B|} \sum_{i \in B} \mathcal L(\theta, \varphi^{i,*}; x^i)`.
+
+    Because φ^{i,*} is (near) optimal, step 2 follows the gradient of
+    :math:`\sum_i \max_{\varphi^i} \mathcal L` (envelope theorem), the objective of
+    variational EM (Neal & Hinton 1998; Hoffman et al. 2013, arXiv:1206.7051).
+
+    Step 2 is the shared SVI step (:func:`~pyro_lvm.train.loop.svi_step`) with the rows
+    φ^{i,*} passed as constant inputs; the loop around it is the one of
+    :func:`~pyro_lvm.train.fit` (:func:`pyro_lvm.train.loop.run`): the same history,
+    non-finite-loss guard, callbacks, logs, progress bar and checkpoints. A checkpoint holds
+    the local parameters (they are the guide's), so a resumed run repeats the steps of an
+    uninterrupted one exactly. The history's ``step_metrics`` and ``epoch_metrics`` hold
+    ``"inner_steps"`` (mean inner steps per data point) and ``"fraction_converged"``.
+
+    :param model: model ``model(x, idx=None)`` whose data plate has ``num_data = len(data)``.
+    :param guide: a :class:`~pyro_lvm.guides.LocalGuide` with ``num_data = len(data)``.
+    :param data: the dataset, data points along dim 0.
+    :param loss: estimator name (see :data:`pyro_lvm.elbo.ESTIMATORS`) or an ELBO instance.
+    :param num_particles: particles when ``loss`` is a name (refused with an instance).
+    :param num_epochs: passes over the data (a resumed run continues up to this number).
+    :param batch_size: minibatch size.
+    :param optimizer: Pyro optimizer for θ (default ``pyro.optim.Adam({"lr": lr})``).
+    :param lr: θ learning rate when ``optimizer`` is not given.
+    :param inner_lr: Adam learning rate of the inner loop.
+    :param inner_max_steps: inner step cap.
+    :param inner_tol: inner relative-change tolerance.
+    :param inner_lr_decay: inner Robbins-Monro decay (see :func:`optimize_local`).
+    :param seed: seeds Pyro's generators at the start of a fresh run, and the minibatch order.
+    :param progress: show a tqdm bar with the loss, inner steps and the fraction converged.
+    :param checkpoint, resume, callbacks, extra, fast, device, log_dir, tensorboard: as in
+        :func:`~pyro_lvm.train.fit`.
+    :return: the :class:`~pyro_lvm.train.FitHistory`.
+    :raises ValueError: on bad arguments, a guide or model of another size than ``data``, or a
+        checkpoint written with other settings.
+    """
+    check_data("data", data)
+    if not isinstance(guide, LocalGuide):
+        raise ValueError(f"fit_local needs a LocalGuide, got {type(guide).__name__}")
+    if guide.num_data != len(data):
+        raise ValueError(
+            f"the guide holds {guide.num_data} rows but the data has {len(data)} points; build "
+            f"the guide with num_data=len(data)"
+        )
+    check_counts(num_epochs, batch_size)
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs the checkpoint path to resume from")
+    check_extra(extra)
+    device = resolve_device(device)
+    estimator, loss_name = resolve_estimator(loss, num_particles)
+    optim = check_optimizer(optimizer, lr)
+    callbacks = make_callbacks(callbacks, log_dir, tensorboard)
+    batches = Minibatches(data, int(batch_size), shuffle=True, seed=seed)
+    set_num_data(model, guide, batches.num_data)
+    to_device(device, model, guide)
+    stepper, optimizer_state = make_stepper(*_theta_pair(model, guide), optim, estimator, fast)
+    inner = dict(lr=inner_lr, max_steps=inner_max_steps, tol=inner_tol, lr_decay=inner_lr_decay)
+    config = {
+        "algorithm": "fit_local",
+        "loss": loss_name,
+        "num_particles": int(getattr(estimator, "num_particles", num_particles)),
+        "batch_size": int(batch_size),
+        "seed": int(seed),
+        "num_data": int(batches.num_data),
+        "fast": bool(fast),
+        "inner": {k: float(v) for k, v in inner.items()},
+    }
+    checkpointer = None
+    if checkpoint is not None:
+        checkpointer = Checkpointer(
+            checkpoint, model=model, guide=guide, optimizer=optimizer_state,
+            estimator=estimator, config=config, extra=extra, map_location=device,
+        )  # fmt: skip
+    history = start_history(checkpointer, resume, seed, batches.num_data, batch_size)
+
+    def step(batch: Batch) -> StepResult:
+        x, idx = batch.args
+        res = optimize_local(model, guide, x, idx, estimator, **inner)
+        rows = tuple(guide.unconstrained(n).detach()[idx] for n in guide.local_names)
+        batch.args = (x, idx, *rows)
+        metrics = {
+            "inner_steps": float(res.steps.double().mean()),
+            "fraction_converged": res.fraction_converged,
+        }
+        return StepResult(svi_step(stepper, batch), metrics)
+
+    loop = Loop(
+        step=step,
+        data=data,
+        batches=batches,
+        num_epochs=int(num_epochs),
+        device=device,
+        checkpointer=checkpointer,
+        callbacks=callbacks,
+        progress=progress,
+        desc="fit_local",
+    )
+    return run(loop, history)
