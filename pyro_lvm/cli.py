@@ -13,6 +13,9 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 DATASETS = ("digits", "mnist")
+#: ``pyro-lvm train``'s default test evaluation, sized so that ``--epochs 1`` on MNIST takes
+#: about a minute on 2 CPU cores (benchmarks/RESULTS.md); ``--full-eval`` for the full one
+TRAIN_EVALUATION = (100, 5000)  # (K, test points)
 
 
 class CLIError(Exception):
@@ -57,22 +60,6 @@ def _write_json(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def _evaluate_vae(vae, x, num_samples: int) -> dict[str, float]:
-    """Test ELBO, IS log-likelihood and the autoencoder decomposition, per data point."""
-    from pyro_lvm.evaluate import elbo_decomposition, log_likelihood
-
-    terms = elbo_decomposition(vae, vae.guide, x, num_samples=1)
-    loglik = log_likelihood(vae, vae.guide, x, num_samples=num_samples)
-    summary = {k: float(v) for k, v in terms.summary().items()}
-    summary.update(
-        log_likelihood=float(loglik.mean()),
-        log_likelihood_stderr=float(loglik.std() / len(loglik) ** 0.5),
-        num_samples=num_samples,
-        num_points=len(x),
-    )
-    return summary
-
-
 def _save_figures(vae, history, x, labels, image_shape, out: Path) -> list[str]:
     import torch
 
@@ -101,13 +88,27 @@ def _save_figures(vae, history, x, labels, image_shape, out: Path) -> list[str]:
     return written
 
 
+def _evaluate_test(args: argparse.Namespace, vae, x_test, device) -> dict:
+    """The test evaluation sized by --eval-samples/--eval-points, or the full one."""
+    from pyro_lvm.evaluate.report import FULL_EVAL_SAMPLES, evaluate_vae
+
+    k, n = args.eval_samples, min(args.eval_points or len(x_test), len(x_test))
+    if args.full_eval:
+        k, n = FULL_EVAL_SAMPLES, len(x_test)
+    hint = "" if args.full_eval else f"; --full-eval for K={FULL_EVAL_SAMPLES} on all"
+    progress = not args.quiet
+    return evaluate_vae(
+        vae, x_test[:n], k, device=device, progress=progress, of=len(x_test), hint=hint
+    )
+
+
 def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
     import pyro
     import torch
 
     from pyro_lvm.models import VAE
     from pyro_lvm.nn import NETWORKS
-    from pyro_lvm.train import fit
+    from pyro_lvm.train import fit, resolve_device
 
     out.mkdir(parents=True, exist_ok=True)
     pyro.set_rng_seed(args.seed)
@@ -133,6 +134,7 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
         config["x_dim"], config["z_dim"], tuple(config["hidden"]), network=NETWORKS[args.network]
     )
     checkpoint = out / "checkpoint.pt"
+    device = resolve_device(args.device)
     start = time.perf_counter()
     history = fit(
         vae,
@@ -149,13 +151,17 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
         resume=getattr(args, "resume", False),
         progress=not args.quiet,
         extra={"config": config},
+        device=device,
+        log_dir=out,
+        tensorboard=args.tensorboard,
     )
     seconds = time.perf_counter() - start
     vae.eval()
-    metrics = _evaluate_vae(vae, x_test, args.eval_samples)
+    metrics = _evaluate_test(args, vae, x_test, device)
     metrics.update(train_seconds=seconds, epochs=args.epochs, config=config)
     _write_json(out / "metrics.json", metrics)
     _write_json(out / "history.json", history.to_dict())
+    vae.cpu()
     figures = _save_figures(vae, history, x_test, test_labels, image_shape, out)
     torch.set_grad_enabled(True)
     _print_table(metrics, out, figures)
@@ -194,11 +200,15 @@ def _restore(checkpoint_path: str):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pyro_lvm.evaluate.report import evaluate_vae
+    from pyro_lvm.train import resolve_device
+
     vae, config = _restore(args.checkpoint)
     x, _, _ = _load_split(config["dataset"], args.split, args.data_root)
-    if args.n is not None:
-        x = x[: args.n]
-    metrics = _evaluate_vae(vae, x, args.num_samples)
+    device, total, x = resolve_device(args.device), len(x), x[: args.n]
+    metrics = evaluate_vae(
+        vae, x, args.num_samples, device=device, split=args.split, of=total, progress=not args.quiet
+    )
     metrics.update(split=args.split, checkpoint=str(args.checkpoint))
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
@@ -227,9 +237,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda (or cuda:N) or auto (CUDA when available); the data order is the same "
+        "on every device",
+    )
+
+
 def _add_training_arguments(
-    p: argparse.ArgumentParser, *, epochs: int, z_dim: int, hidden: str
+    p: argparse.ArgumentParser, *, epochs: int, z_dim: int, hidden: str, evaluation: tuple
 ) -> None:
+    eval_samples, eval_points = evaluation
     from pyro_lvm.elbo import ESTIMATORS
     from pyro_lvm.nn import NETWORKS
 
@@ -261,11 +281,30 @@ def _add_training_arguments(
     p.add_argument(
         "--eval-samples",
         type=_positive_int,
-        default=1000,
-        help="importance samples K for the test log-likelihood",
+        default=eval_samples,
+        help=f"importance samples K for the test log-likelihood (default {eval_samples})",
+    )
+    p.add_argument(
+        "--eval-points",
+        type=_positive_int,
+        default=eval_points,
+        help="evaluate the first N test points "
+        + ("(default: all)" if eval_points is None else f"(default {eval_points})"),
+    )
+    p.add_argument(
+        "--full-eval",
+        action="store_true",
+        help="the full test evaluation: K=5000 on every test point "
+        "(overrides --eval-samples and --eval-points)",
     )
     p.add_argument("--data-root", default=None, help="folder with the data (or PYRO_LVM_DATA)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files to OUT/tensorboard (needs tensorboard)",
+    )
+    _add_device_argument(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,12 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("quickstart", help="train a VAE on the bundled 8x8 digits (minutes, CPU)")
-    _add_training_arguments(p, epochs=150, z_dim=4, hidden="128")
+    _add_training_arguments(p, epochs=150, z_dim=4, hidden="128", evaluation=(1000, None))
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("train", help="train a VAE with any registered estimator")
     p.add_argument("--dataset", choices=DATASETS, default="mnist")
-    _add_training_arguments(p, epochs=10, z_dim=50, hidden="400")
+    _add_training_arguments(p, epochs=10, z_dim=50, hidden="400", evaluation=TRAIN_EVALUATION)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(func=cmd_train)
 
@@ -291,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=None, help="evaluate the first n points")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_device_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", help="a PNG grid of ancestral samples from a checkpoint")

@@ -242,6 +242,7 @@ def log_likelihood(
     sample_chunk: int | None = 100,
     data_chunk: int | None = 1000,
     idx: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
     r"""Importance-sampled estimate of log p(x_i) for each data point, shape ``(N,)``.
 
@@ -266,7 +267,10 @@ def log_likelihood(
     :param data_chunk: rows per trace (default 1000: with ``sample_chunk=100`` a binarized
         MNIST pass stays near 1 GiB whatever N and K); all rows at once when ``None``.
     :param idx: optional dataset indices of the rows of ``x`` (for per-datapoint guides).
-    :raises ValueError: see :func:`log_importance_weights`.
+    :param device: ``"cpu"``, ``"cuda"``, ``"auto"`` or a ``torch.device`` to run on: the
+        model and guide modules are moved there (in place), ``x`` and ``idx`` are copied
+        there, and the result lives there. ``None``: where ``x`` is.
+    :raises ValueError: see :func:`log_importance_weights`; an unavailable device.
 
     Example::
 
@@ -274,6 +278,15 @@ def log_likelihood(
         x = model.sample(100)
         log_likelihood(model, guide, x, num_samples=2000)  # ≈ model.log_evidence(x)
     """
+    if device is not None:
+        from pyro_lvm.train.device import device_scope, resolve_device, to_device
+
+        device = resolve_device(device)
+        to_device(device, model, guide)
+        x = x.to(device) if torch.is_tensor(x) else x
+        idx = None if idx is None else torch.as_tensor(idx).to(device)
+        with device_scope(device):
+            return log_likelihood(model, guide, x, num_samples, sample_chunk, data_chunk, idx)
     acc = None
     for rows, log_w in _iter_log_weights(
         model, guide, x, num_samples, sample_chunk, data_chunk, idx
