@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from pyro.infer import ELBO
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from tqdm import tqdm
 
 from pyro_lvm.data import Minibatches
@@ -125,7 +126,7 @@ def _before_update(hooks: Sequence[GradientHook]) -> Iterator[None]:
         for hook in hooks:
             hook(params)
 
-    handle = torch.optim.optimizer.register_optimizer_step_pre_hook(pre_hook)
+    handle = register_optimizer_step_pre_hook(pre_hook)
     try:
         yield
     finally:
