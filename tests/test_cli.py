@@ -125,3 +125,19 @@ def test_a_gated_network_round_trips_through_its_checkpoint(tmp_path):
     )
     with pytest.raises(ValueError, match="transformer.*gated, mlp"):
         vae_from_checkpoint(bad)
+
+
+def test_train_announces_its_sized_evaluation_and_logs_metrics(tmp_path, capsys):
+    args = ["quickstart", "--out", str(tmp_path), "--epochs", "1", "--quiet", "--device", "cpu"]
+    assert main([*args, "--eval-samples", "7", "--eval-points", "20"]) == 0
+    err = capsys.readouterr().err
+    assert "K=7 on 20 of" in err and "--full-eval for K=5000 on all" in err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_samples"] == 7 and metrics["num_points"] == 20
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["event"] == "epoch"
+    import torch
+
+    if not torch.cuda.is_available():  # a one-line error naming the fix
+        assert main(["evaluate", str(tmp_path / "checkpoint.pt"), "--device", "cuda"]) == 2
+        assert "does not have" in capsys.readouterr().err
