@@ -1,0 +1,388 @@
+r"""The capture engine: a loss *and its gradient* as one flat aten graph, verified against eager.
+
+Pyro runs a model, a guide and an estimator as Python: messengers, trace objects and
+site dictionaries cost more than the arithmetic on small models. This module records
+that arithmetic once, as the graph of aten operations that the forward pass *and* the
+backward pass execute, and replays it with no Python from Pyro or autograd:
+
+.. math::
+
+    G(w, o, d, r) = \bigl(\hat L(w, o; d, r),\; \nabla_w \hat L(w, o; d, r)\bigr),
+
+where :math:`w` are the differentiated tensors (parameters or local leaves), :math:`o`
+further tensors the programs read (other parameters), :math:`d` the data and :math:`r` the
+run-time inputs of :class:`RuntimeInputs` (a KL schedule's β). The graph is built with
+:func:`torch.fx.experimental.proxy_tensor.make_fx` (the aten-level capture under
+``torch.compile`` and ``torch.export``) on a function that calls
+:func:`torch.autograd.grad`; with ``backend="inductor"`` it is further compiled by
+:func:`torch.compile` (Inductor, with ``fallback_random`` so that random ops draw from the
+global generator in eager order). Random operations stay operations: every call draws fresh
+noise from the global generator, in the order the eager code would.
+
+**One policy** (:class:`~pyro_lvm.train.FastSVI`, the per-datapoint inner loop and
+:func:`~pyro_lvm.variance.gradient_moments` use it):
+
+1. *Capture* once per (estimator, model, guide, input signature), under a random state of
+   its own (restored afterwards), with validation off and :func:`capture_patches` active.
+2. *Verify* (:func:`verify`): under one random state, the captured and the eager value and
+   gradients agree (:func:`tensors_agree`, ``rtol``) at a perturbed point
+   (:func:`perturbed`) and at the current one. Python numbers computed from tensors are
+   constants in a graph; the perturbed point and the fresh random state expose them.
+3. *Re-check* on the caller's schedule (:func:`drifted`): an eager value is compared with
+   the captured one, to ``rtol`` times the larger of |loss| now and at verification.
+4. *Fall back* to eager code on any failure, with the reason logged.
+
+References: Ansel et al. (2024), *PyTorch 2: Faster Machine Learning Through Dynamic Python
+Bytecode Transformation and Graph Compilation*, ASPLOS (make_fx, AOTAutograd, Inductor).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from numbers import Number
+from typing import Any, Protocol, runtime_checkable
+
+import pyro
+import pyro.infer.util
+import pyro.util
+import torch
+from pyro.poutine.messenger import Messenger
+from torch.fx.experimental.proxy_tensor import make_fx
+
+__all__ = [
+    "BACKENDS",
+    "CaptureError",
+    "Captured",
+    "Recorder",
+    "RuntimeInputs",
+    "capture",
+    "capture_patches",
+    "default_rtol",
+    "drifted",
+    "input_key",
+    "not_capturable",
+    "perturbed",
+    "runtime_inputs",
+    "tensors_agree",
+    "verify",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``"aten"``: replay the make_fx graph; ``"inductor"``: compile it with :func:`torch.compile`.
+BACKENDS = ("aten", "inductor")
+#: the random state a capture runs under (other than any the verification uses)
+_CAPTURE_SEED = 20261203
+
+
+class CaptureError(RuntimeError):
+    """Capture or verification failed; the message is the reason logged for the fallback."""
+
+
+@runtime_checkable
+class RuntimeInputs(Protocol):
+    """What an estimator or handler implements to feed values that change between steps.
+
+    A captured graph runs no Python from the estimator, so a value it computes in Python at
+    every step (the β of a KL schedule, a baseline) would be frozen at its captured value.
+    An estimator that implements this protocol hands such values over as tensors: the
+    engine reads :meth:`runtime_inputs` before every captured call and passes them to the
+    graph as inputs; while capturing, the estimator reads them back inside
+    :meth:`using_runtime_inputs`. Example: :class:`~pyro_lvm.handlers.KLWeightedELBO`.
+
+    An estimator whose Python state cannot be expressed so (an adapted HMC step size) sets
+    the class attribute ``capturable = False``; the engine then never captures it.
+    """
+
+    def runtime_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The current values, as tensors (``()`` when there are none)."""
+        ...
+
+    def using_runtime_inputs(self, values: Sequence[torch.Tensor]) -> AbstractContextManager:
+        """A context in which the estimator reads ``values`` instead of computing them."""
+        ...
+
+
+def runtime_inputs(owner: Any) -> tuple[torch.Tensor, ...]:
+    """``owner.runtime_inputs()`` for a :class:`RuntimeInputs`, else ``()``."""
+    return tuple(owner.runtime_inputs()) if isinstance(owner, RuntimeInputs) else ()
+
+
+def not_capturable(loss: Any) -> str | None:
+    """Why ``loss`` cannot be captured (no ``differentiable_loss``, ``capturable = False``),
+    or ``None``."""
+    if not callable(getattr(loss, "differentiable_loss", None)):
+        return f"{type(loss).__name__} has no differentiable_loss"
+    if not getattr(loss, "capturable", True):
+        return f"{type(loss).__name__} keeps Python state across steps (capturable = False)"
+    return None
+
+
+def _detached(x: Any) -> Any:
+    """``torch_item`` while capturing: a detached tensor, which the graph keeps as a value."""
+    return x if isinstance(x, Number) else x.detach()
+
+
+def _no_nan_check(value: Any, *args: Any, **kwargs: Any) -> Any:
+    """``warn_if_nan`` while capturing: its test reads a tensor's value (data-dependent)."""
+    return value
+
+
+_SWAPS = {
+    "torch_item": (pyro.infer.util.torch_item, _detached),
+    "warn_if_nan": (pyro.util.warn_if_nan, _no_nan_check),
+}
+
+
+@contextmanager
+def capture_patches(owner: Any = None) -> Iterator[None]:
+    """The one place where Pyro is adapted to capture; undone on exit.
+
+    Pyro's ``torch_item`` (a Python float of the loss value, ``.item()``) and
+    ``warn_if_nan`` (``if torch.isnan(x).any()``) read tensor values, which a graph cannot
+    record. Every loaded module of ``pyro`` and ``pyro_lvm``, and those of ``owner``'s
+    classes, that imported them gets ``torch_item`` → a detached tensor (so a loss value
+    stays in the graph and ``x - torch_item(x)`` keeps its gradient) and ``warn_if_nan`` →
+    the identity. Non-finite losses are still caught by the training loop's guard.
+    """
+    names = {c.__module__ for c in type(owner).__mro__} if owner is not None else set()
+    swapped = []
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name.startswith("pyro") or name in names):
+            continue
+        for attr, (original, replacement) in _SWAPS.items():
+            if getattr(module, attr, None) is original:
+                setattr(module, attr, replacement)
+                swapped.append((module, attr, original))
+    try:
+        yield
+    finally:
+        for module, attr, original in swapped:
+            setattr(module, attr, original)
+
+
+class Captured:
+    """A captured loss: ``captured(wrt, others, data) -> (value, grads)`` with no autograd.
+
+    :ivar num_wrt: how many leading inputs are differentiated.
+    :ivar scale: |loss| at verification (0 until :func:`verify` accepted it).
+    :ivar verified: whether :func:`verify` accepted it.
+    """
+
+    def __init__(self, graph: Callable, num_wrt: int, owner: Any, backend: str):
+        self.graph, self.num_wrt, self.owner, self.backend = graph, num_wrt, owner, backend
+        self.scale, self.verified = 0.0, False
+
+    def __call__(
+        self, wrt: Sequence[torch.Tensor], others: Sequence[torch.Tensor], data: Sequence
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        with torch.no_grad():
+            value, grads = self.graph(*wrt, *others, *data, *runtime_inputs(self.owner))
+        return value, list(grads)
+
+
+def capture(
+    fn: Callable[..., torch.Tensor],
+    wrt: Sequence[torch.Tensor],
+    data: Sequence[torch.Tensor],
+    *,
+    others: Sequence[torch.Tensor] = (),
+    owner: Any = None,
+    backend: str = "aten",
+) -> Captured:
+    """Capture ``fn(*data)`` (a scalar loss reading ``wrt`` and ``others`` by identity) and its
+    gradient with respect to ``wrt`` as one graph.
+
+    Runs ``fn`` once, with validation off, Pyro's effects blocked, :func:`capture_patches`
+    active and a random state of its own (the caller's is restored). Unused ``wrt`` get a
+    ``None`` gradient.
+
+    :param owner: the estimator, read for :class:`RuntimeInputs` and patched by
+        :func:`capture_patches`.
+    :param backend: one of :data:`BACKENDS`.
+    :raises CaptureError: naming the failure (a tensor read is data-dependent, ...).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not all(torch.is_tensor(t) for t in (*wrt, *data)):
+        raise CaptureError("capture needs tensor arguments only (no keywords, no None)")
+    wrt, others, data = list(wrt), list(others), list(data)
+    extra = runtime_inputs(owner)
+    n_wrt, n_in = len(wrt), len(wrt) + len(others) + len(data)
+    use = getattr(owner, "using_runtime_inputs", None) if extra else None
+
+    def both(*inputs):
+        with use(inputs[n_in:]) if use is not None else _nothing():
+            value = fn(*inputs[n_wrt + len(others) : n_in])
+        grads = torch.autograd.grad(value, inputs[:n_wrt], allow_unused=True)
+        return value.detach(), grads
+
+    rng = pyro.util.get_rng_state()
+    try:
+        pyro.set_rng_seed(_CAPTURE_SEED)
+        with pyro.validation_enabled(False), pyro.poutine.block(), capture_patches(owner):
+            graph = make_fx(both)(*wrt, *others, *data, *extra)
+    except Exception as e:  # any capture failure keeps the eager path
+        raise CaptureError(f"capture failed: {type(e).__name__}: {e}") from e
+    finally:
+        pyro.util.set_rng_state(rng)
+    if backend == "inductor":
+        graph = torch.compile(graph, dynamic=False, options={"fallback_random": True})
+    return Captured(graph, n_wrt, owner, backend)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def verify(
+    captured: Captured,
+    fn: Callable[..., torch.Tensor],
+    wrt: Sequence[torch.Tensor],
+    data: Sequence[torch.Tensor],
+    *,
+    others: Sequence[torch.Tensor] = (),
+    rtol: float | None = None,
+) -> tuple[float, list[torch.Tensor | None]]:
+    """Accept ``captured`` if it agrees with the eager ``fn`` at a perturbed and the current point.
+
+    At each point the random state is saved, the captured value and gradients computed, the
+    state restored and the eager ones computed (so both draw the same noise), and compared
+    with :func:`tensors_agree`. The perturbation moves ``wrt`` (:func:`perturbed`, a private
+    generator, restored after). On success ``captured.scale`` is |loss| at the current point.
+
+    :returns: the eager value (a float) and gradients at the current point, whose random
+        draws are those of an eager step.
+    :raises CaptureError: saying where the two differ.
+    """
+    rtol = rtol or default_rtol(wrt[0].dtype)
+    rng = pyro.util.get_rng_state()
+    try:
+        with perturbed(wrt, shift=0.1):
+            far, _, _ = _agree(captured, fn, wrt, others, data, rtol)
+    finally:
+        pyro.util.set_rng_state(rng)
+    near, value, grads = _agree(captured, fn, wrt, others, data, rtol)
+    if not (far and near):
+        where = "at perturbed parameters" if near else "at the current parameters"
+        raise CaptureError(
+            f"the captured loss or its gradient differs from the eager one {where} "
+            f"(rtol={rtol:.2g}): the estimator or the programs use Python numbers computed "
+            "from tensors or Python-side state, which a graph freezes"
+        )
+    captured.scale, captured.verified = abs(value), True
+    return value, grads
+
+
+def _agree(captured, fn, wrt, others, data, rtol) -> tuple[bool, float, list]:
+    rng = pyro.util.get_rng_state()
+    try:
+        value, grads = captured(wrt, others, data)
+    except Exception as e:  # e.g. Inductor failing to compile: keep the eager path
+        raise CaptureError(f"the captured loss failed: {type(e).__name__}: {e}") from e
+    finally:
+        pyro.util.set_rng_state(rng)
+    eager = fn(*data)
+    eager_grads = list(torch.autograd.grad(eager, wrt, allow_unused=True))
+    ok = tensors_agree(value, eager, grads, eager_grads, rtol)
+    return ok, float(eager.detach()), eager_grads
+
+
+def drifted(captured: Captured, value: float, eager_value: float, rtol: float | None = None) -> bool:
+    """Whether a captured ``value`` no longer matches the eager one (same random state).
+
+    Rounding differs between graph and eager code by ~ε times the *terms* of the loss, which
+    can cancel to a much smaller total as training goes on, so the tolerance is ``rtol``
+    times the larger of |loss| now and |loss| at verification.
+    """
+    rtol = rtol or default_rtol(torch.get_default_dtype())
+    return abs(value - eager_value) > rtol * max(abs(eager_value), captured.scale)
+
+
+class Recorder(Messenger):
+    """Record the structure of a run: sample sites (name, shape, observed) and parameters."""
+
+    def __enter__(self):
+        self.sites: list[tuple] = []
+        self.params: dict[str, torch.Tensor] = {}
+        return super().__enter__()
+
+    def _postprocess_message(self, msg: dict) -> None:
+        if msg["type"] == "sample":
+            value = msg["value"]
+            shape = tuple(value.shape) if torch.is_tensor(value) else ()
+            self.sites.append((msg["name"], shape, bool(msg["is_observed"])))
+        elif msg["type"] == "param":
+            value = msg["value"]
+            self.params[msg["name"]] = (
+                value.unconstrained() if hasattr(value, "unconstrained") else value
+            )
+
+
+def input_key(args: tuple, kwargs: dict) -> str:
+    """The input signature as a string (saved by checkpoints): shapes, dtypes and devices of
+    tensors, other hashable values by ``repr``, unhashable ones by ``id``."""
+
+    def one(v: Any) -> Any:
+        if torch.is_tensor(v):
+            return ("tensor", tuple(v.shape), v.dtype, v.device)
+        try:
+            hash(v)
+            return v
+        except TypeError:
+            return ("id", id(v))
+
+    return repr((tuple(map(one, args)), tuple((k, one(v)) for k, v in sorted(kwargs.items()))))
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Relative tolerance of a verification: 1% of √ε of ``dtype`` (3.5e-6 in float32)."""
+    return 0.01 * torch.finfo(dtype).eps ** 0.5
+
+
+def tensors_agree(
+    value: torch.Tensor,
+    reference: torch.Tensor,
+    grads: Sequence[torch.Tensor | None],
+    reference_grads: Sequence[torch.Tensor | None],
+    rtol: float,
+) -> bool:
+    """Whether a captured loss and its gradients match the eager ones.
+
+    Values compare at ``rtol``; each gradient at ``rtol`` with an absolute floor of ``rtol``
+    times the reference gradient's largest entry. A gradient present on one side only is a
+    mismatch.
+    """
+    close = bool(torch.allclose(value.detach(), reference.detach().to(value.dtype), rtol=rtol))
+    for g, h in zip(grads, reference_grads, strict=True):
+        if (g is None) != (h is None):
+            return False
+        if g is not None:
+            close &= bool(torch.allclose(g, h, rtol=rtol, atol=rtol * float(h.abs().max())))
+    return close
+
+
+@contextmanager
+def perturbed(tensors: Sequence[torch.Tensor], shift: float = 0.1) -> Iterator[None]:
+    """Move ``tensors`` in place to ``t (1 + 0.3 ε) + shift ε`` and restore them on exit.
+
+    ε is standard normal from a private generator (seed 0), so the random stream of the run
+    is untouched. ``shift`` moves entries that are exactly zero (fresh biases, local means).
+    """
+    saved = [t.detach().clone() for t in tensors]
+    device = tensors[0].device if tensors else "cpu"
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for t in tensors:
+            noise = torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype)
+            t.mul_(1 + 0.3 * noise).add_(shift * noise)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, v in zip(tensors, saved, strict=True):
+                t.copy_(v)
