@@ -74,6 +74,7 @@ logger = logging.getLogger(__name__)
 
 #: ``"aten"``: replay the make_fx graph; ``"inductor"``: compile it with :func:`torch.compile`.
 BACKENDS = ("aten", "inductor")
+NEEDS_TENSORS = "capture needs positional tensor arguments only (no keywords, no None)"
 #: the random state a capture runs under (other than any the verification uses)
 _CAPTURE_SEED = 20261203
 
@@ -208,7 +209,7 @@ def capture(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not all(torch.is_tensor(t) for t in (*wrt, *data)):
-        raise CaptureError("capture needs tensor arguments only (no keywords, no None)")
+        raise CaptureError(NEEDS_TENSORS)
     wrt, others, data = list(wrt), list(others), list(data)
     extra = runtime_inputs(owner)
     n_wrt, n_in = len(wrt), len(wrt) + len(others) + len(data)
@@ -292,7 +293,9 @@ def _agree(captured, fn, wrt, others, data, rtol) -> tuple[bool, float, list]:
     return ok, float(eager.detach()), eager_grads
 
 
-def drifted(captured: Captured, value: float, eager_value: float, rtol: float | None = None) -> bool:
+def drifted(
+    captured: Captured, value: float, eager_value: float, rtol: float | None = None
+) -> bool:
     """Whether a captured ``value`` no longer matches the eager one (same random state).
 
     Rounding differs between graph and eager code by ~ε times the *terms* of the loss, which

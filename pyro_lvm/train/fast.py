@@ -16,6 +16,7 @@ from pyro.optim.lr_scheduler import PyroLRScheduler
 
 from pyro_lvm.capture import (
     BACKENDS,
+    NEEDS_TENSORS,
     CaptureError,
     Recorder,
     capture,
@@ -235,7 +236,7 @@ class FastSVI:
 
     def _compile(self, key: str, args: tuple, kwargs: dict) -> None:
         if kwargs:
-            self._disable_jit("capture needs positional tensor arguments only")
+            self._disable_jit(NEEDS_TENSORS)
             return
         names = list(self._params)
         params = [self._params[n] for n in names]
@@ -269,9 +270,7 @@ class FastSVI:
         rng = pyro.util.get_rng_state()
         try:
             with pyro.validation_enabled(False):
-                value, grads = verify(
-                    captured, self._loss_fn(kwargs), params, args, rtol=self.rtol
-                )
+                value, grads = verify(captured, self._loss_fn(kwargs), params, args, rtol=self.rtol)
         except CaptureError as e:
             self._disable_jit(str(e))
             value = None

@@ -82,7 +82,8 @@ def test_a_value_read_with_item_fails_the_capture_and_runs_eagerly():
         svi = cls(vae, vae.guide, pyro.optim.Adam({"lr": 0.05}), _ItemELBO())
         results.append([svi.step(x, idx) for x, idx in _batches()])
     assert svi.jit_reason.startswith("capture failed") and svi.traced_steps == 0
-    torch.testing.assert_close(torch.tensor(results[1]), torch.tensor(results[0]), rtol=1e-10, atol=0)
+    expected, got = torch.tensor(results[0]), torch.tensor(results[1])
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=0)
 
 
 def test_verification_rejects_a_trace_that_freezes_the_value():
