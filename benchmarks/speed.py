@@ -130,14 +130,19 @@ def use_param_store(name: str) -> None:
     ps._params, ps._param_to_name, ps._constraints = _STORES.setdefault(name, ({}, {}, {}))
 
 
+#: the clock of time_group: wall time, or this thread's CPU time (``--clock cpu``), which a
+#: shared machine disturbs much less (with ``--threads 1`` every kernel runs in this thread)
+CLOCK = time.perf_counter
+
+
 def time_group(paths: dict[str, Callable], steps: int, repeats: int, ref: str) -> dict:
     """Interleaved timing; returns name -> (median ms/step, median ratio, ratio spread).
 
-    The first 8 steps of each path (record, capture, verify, ...) are timed apart, as
-    ``fn.warmup_s``: the first-step cost."""
+    The first 8 steps of each path (record, capture, verify, ...) are timed apart, in wall
+    time, as ``fn.warmup_s``: the first-step cost."""
     for name, fn in paths.items():  # warm up (captures losses, builds optimizers)
         use_param_store(name)
-        tic = time.perf_counter()
+        tic = time.perf_counter()  # wall time: Inductor compiles in worker processes
         for _ in range(8 if getattr(fn, "steps_per_call", None) is None else 1):
             fn()
         fn.warmup_s = time.perf_counter() - tic  # type: ignore[attr-defined]
@@ -150,10 +155,10 @@ def time_group(paths: dict[str, Callable], steps: int, repeats: int, ref: str) -
             use_param_store(name)
             calls = 1 if getattr(fn, "steps_per_call", None) else steps
             n = getattr(fn, "steps_per_call", steps)
-            tic = time.perf_counter()
+            tic = CLOCK()
             for _ in range(calls):
                 fn()
-            times[name].append((time.perf_counter() - tic) / n * 1e3)
+            times[name].append((CLOCK() - tic) / n * 1e3)
     out = {}
     for name, ts in times.items():
         ratios = [t / r for t, r in zip(ts, times[ref], strict=True)]
@@ -275,9 +280,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     p.add_argument("--no-fit", action="store_true", help="skip the fit/* rows")
     p.add_argument("--device", default="cpu", help="torch device of every path, e.g. cuda")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this thread's CPU time (with --threads 1, steadier on a shared machine)",
+    )
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--eval-only", action="store_true", help="only the importance-sampling rows")
     a = p.parse_args(argv)
+    global CLOCK
+    CLOCK = time.thread_time if a.clock == "cpu" else time.perf_counter
     warnings.simplefilter("ignore")
     torch.set_default_dtype(torch.float32)
     pyro.set_rng_seed(a.seed)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from numbers import Number
@@ -62,10 +63,12 @@ __all__ = [
     "capture_patches",
     "default_rtol",
     "drifted",
+    "get_rng_state",
     "input_key",
     "not_capturable",
     "perturbed",
     "runtime_inputs",
+    "set_rng_state",
     "tensors_agree",
     "verify",
 ]
@@ -105,6 +108,22 @@ class RuntimeInputs(Protocol):
     def using_runtime_inputs(self, values: Sequence[torch.Tensor]) -> AbstractContextManager:
         """A context in which the estimator reads ``values`` instead of computing them."""
         ...
+
+
+def get_rng_state() -> dict:
+    """The random state of a run: Pyro's (torch's CPU generator, ``random``, NumPy) and, once
+    CUDA is initialized, every CUDA device's generator (Pyro's omits those)."""
+    state = pyro.util.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state = {**state, "cuda": torch.cuda.get_rng_state_all()}
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`get_rng_state`."""
+    pyro.util.set_rng_state({k: v for k, v in state.items() if k != "cuda"})
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def runtime_inputs(owner: Any) -> tuple[torch.Tensor, ...]:
@@ -221,17 +240,21 @@ def capture(
         grads = torch.autograd.grad(value, inputs[:n_wrt], allow_unused=True)
         return value.detach(), grads
 
-    rng = pyro.util.get_rng_state()
+    rng = get_rng_state()
     try:
         pyro.set_rng_seed(_CAPTURE_SEED)
         with pyro.validation_enabled(False), pyro.poutine.block(), capture_patches(owner):
             graph = make_fx(both)(*wrt, *others, *data, *extra)
+        if backend == "inductor":  # compiled at its first call, here
+            with torch.no_grad(), warnings.catch_warnings():
+                # torch's own modules imported by Inductor still use torch.jit internally
+                warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
+                graph = torch.compile(graph, dynamic=False, options={"fallback_random": True})
+                graph(*wrt, *others, *data, *extra)
     except Exception as e:  # any capture failure keeps the eager path
         raise CaptureError(f"capture failed: {type(e).__name__}: {e}") from e
     finally:
-        pyro.util.set_rng_state(rng)
-    if backend == "inductor":
-        graph = torch.compile(graph, dynamic=False, options={"fallback_random": True})
+        set_rng_state(rng)
     return Captured(graph, n_wrt, owner, backend)
 
 
@@ -261,12 +284,12 @@ def verify(
     :raises CaptureError: saying where the two differ.
     """
     rtol = rtol or default_rtol(wrt[0].dtype)
-    rng = pyro.util.get_rng_state()
+    rng = get_rng_state()
     try:
         with perturbed(wrt, shift=0.1):
             far, _, _ = _agree(captured, fn, wrt, others, data, rtol)
     finally:
-        pyro.util.set_rng_state(rng)
+        set_rng_state(rng)
     near, value, grads = _agree(captured, fn, wrt, others, data, rtol)
     if not (far and near):
         where = "at perturbed parameters" if near else "at the current parameters"
@@ -280,13 +303,13 @@ def verify(
 
 
 def _agree(captured, fn, wrt, others, data, rtol) -> tuple[bool, float, list]:
-    rng = pyro.util.get_rng_state()
+    rng = get_rng_state()
     try:
         value, grads = captured(wrt, others, data)
     except Exception as e:  # e.g. Inductor failing to compile: keep the eager path
         raise CaptureError(f"the captured loss failed: {type(e).__name__}: {e}") from e
     finally:
-        pyro.util.set_rng_state(rng)
+        set_rng_state(rng)
     eager = fn(*data)
     eager_grads = list(torch.autograd.grad(eager, wrt, allow_unused=True))
     ok = tensors_agree(value, eager, grads, eager_grads, rtol)

@@ -22,8 +22,10 @@ from pyro_lvm.capture import (
     capture,
     default_rtol,
     drifted,
+    get_rng_state,
     input_key,
     not_capturable,
+    set_rng_state,
     verify,
 )
 
@@ -267,7 +269,7 @@ class FastSVI:
         """:func:`~pyro_lvm.capture.verify` the captured loss; the step is the eager one."""
         captured, names = self._traced[key]
         params = [self._params[n] for n in names]
-        rng = pyro.util.get_rng_state()
+        rng = get_rng_state()
         try:
             with pyro.validation_enabled(False):
                 value, grads = verify(captured, self._loss_fn(kwargs), params, args, rtol=self.rtol)
@@ -277,7 +279,7 @@ class FastSVI:
         if value is None:  # the step is the eager one
             for p in params:
                 p.grad = None
-            pyro.util.set_rng_state(rng)
+            set_rng_state(rng)
             value, rec = self._eager(args, kwargs, validate=False)
         else:
             rec = self._rec
@@ -300,9 +302,9 @@ class FastSVI:
         """
         captured = self._traced[key][0]
         captured.scale = max(captured.scale, self._check_scale.get(key, 0.0))
-        rng = pyro.util.get_rng_state()
+        rng = get_rng_state()
         traced = self._captured(key, args)[0]
-        pyro.util.set_rng_state(rng)
+        set_rng_state(rng)
         value, rec = self._eager(args, kwargs, validate=False)
         rtol = self.rtol or default_rtol(traced.dtype)
         if self._check_structure(key, rec) and drifted(captured, float(traced), value, rtol):
@@ -343,14 +345,14 @@ class FastSVI:
     @contextmanager
     def _dry_run(self) -> Iterator[None]:
         """Restore the random state and the parameters' ``.grad`` on exit."""
-        rng = pyro.util.get_rng_state()
+        rng = get_rng_state()
         grads = [(p, p.grad) for p in self._params.values()]
         try:
             yield
         finally:
             for p, g in grads:
                 p.grad = g
-            pyro.util.set_rng_state(rng)
+            set_rng_state(rng)
 
     def _catch_up(self, key: str, n: int, args: tuple, kwargs: dict) -> str:
         """Redo as dry runs the work that steps ``1..n-1`` with ``key`` did but this object did

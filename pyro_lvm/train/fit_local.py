@@ -20,8 +20,10 @@ from pyro_lvm.capture import (
     Recorder,
     capture,
     drifted,
+    get_rng_state,
     input_key,
     not_capturable,
+    set_rng_state,
     verify,
 )
 from pyro_lvm.elbo import make_estimator
@@ -116,9 +118,9 @@ class _CapturedInnerLoss:
         dropped if it no longer agrees."""
         if self.entry is None or self.entry[0] is None:
             return self.eager()
-        rng = pyro.util.get_rng_state()
+        rng = get_rng_state()
         captured_value = self.captured()[0]
-        pyro.util.set_rng_state(rng)
+        set_rng_state(rng)
         value, grads = self.eager()
         captured = self.entry[0]
         if drifted(captured, float(captured_value), float(value.detach())):
@@ -152,7 +154,7 @@ class _CapturedInnerLoss:
     def _compile(self) -> tuple:
         """Capture and verify (a dry run); the entry ``(Captured | None, names, programs)``."""
         programs = (self.model, self.guide)
-        rng = pyro.util.get_rng_state()
+        rng = get_rng_state()
         try:
             with Recorder() as rec, torch.no_grad():
                 self._fn(*self.data)
@@ -165,7 +167,7 @@ class _CapturedInnerLoss:
             logger.info("optimize_local runs %s eagerly: %s", type(self.estimator).__name__, e)
             return None, [], programs
         finally:
-            pyro.util.set_rng_state(rng)
+            set_rng_state(rng)
         return captured, names, programs
 
 

@@ -14,7 +14,16 @@ import torch
 from pyro.infer import ELBO
 from tqdm import tqdm
 
-from pyro_lvm.capture import NEEDS_TENSORS, Captured, CaptureError, capture, not_capturable, verify
+from pyro_lvm.capture import (
+    NEEDS_TENSORS,
+    Captured,
+    CaptureError,
+    capture,
+    get_rng_state,
+    not_capturable,
+    set_rng_state,
+    verify,
+)
 
 __all__ = ["GradientMoments", "GroupMoments", "gradient_moments", "parameter_groups"]
 
@@ -159,7 +168,7 @@ def _compile(estimator: ELBO, model, guide, params, args, kwargs, rtol: float | 
         callable(getattr(estimator, m, None)) for m in ("state_dict", "load_state_dict")
     )
     state = estimator.state_dict() if has_state else None
-    rng = pyro.util.get_rng_state()
+    rng = get_rng_state()
     ours = {id(p) for p in params}
     extra = [
         t
@@ -176,7 +185,7 @@ def _compile(estimator: ELBO, model, guide, params, args, kwargs, rtol: float | 
     except CaptureError as e:
         return None, str(e)
     finally:
-        pyro.util.set_rng_state(rng)
+        set_rng_state(rng)
         if state is not None:
             estimator.load_state_dict(state)
     return functools.partial(_captured_draw, captured, params, extra, args), None
