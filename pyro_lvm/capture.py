@@ -11,13 +11,11 @@ backward pass execute, and replays it with no Python from Pyro or autograd:
 
 where :math:`w` are the differentiated tensors (parameters or local leaves), :math:`o`
 further tensors the programs read (other parameters), :math:`d` the data and :math:`r` the
-run-time inputs of :class:`RuntimeInputs` (a KL schedule's β). The graph is built with
-:func:`torch.fx.experimental.proxy_tensor.make_fx` (the aten-level capture under
-``torch.compile`` and ``torch.export``) on a function that calls
-:func:`torch.autograd.grad`; with ``backend="inductor"`` it is further compiled by
-:func:`torch.compile` (Inductor, with ``fallback_random`` so that random ops draw from the
-global generator in eager order). Random operations stay operations: every call draws fresh
-noise from the global generator, in the order the eager code would.
+run-time inputs of :class:`RuntimeInputs` (a KL schedule's β). The graph is built by
+:func:`torch.fx.experimental.proxy_tensor.make_fx` (the capture under ``torch.compile`` and
+``torch.export``) from a function that calls :func:`torch.autograd.grad`; ``backend=
+"inductor"`` compiles it with :func:`torch.compile` (``fallback_random``). Random operations
+stay operations: every call draws fresh noise from the global generator, in eager order.
 
 **One policy** (:class:`~pyro_lvm.train.FastSVI`, the per-datapoint inner loop and
 :func:`~pyro_lvm.variance.gradient_moments` use it):
@@ -42,7 +40,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from numbers import Number
 from typing import Any, Protocol, runtime_checkable
 
@@ -75,15 +73,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: ``"aten"``: replay the make_fx graph; ``"inductor"``: compile it with :func:`torch.compile`.
-BACKENDS = ("aten", "inductor")
+BACKENDS = ("aten", "inductor")  #: replay the make_fx graph, or compile it with torch.compile
 NEEDS_TENSORS = "capture needs positional tensor arguments only (no keywords, no None)"
-#: the random state a capture runs under (other than any the verification uses)
-_CAPTURE_SEED = 20261203
+_CAPTURE_SEED = 20261203  # a random state other than any the verification uses
 
 
 class CaptureError(RuntimeError):
-    """Capture or verification failed; the message is the reason logged for the fallback."""
+    """Capture or verification failed; the message is the reason for the fallback."""
 
 
 @runtime_checkable
@@ -141,13 +137,11 @@ def not_capturable(loss: Any) -> str | None:
     return None
 
 
-def _detached(x: Any) -> Any:
-    """``torch_item`` while capturing: a detached tensor, which the graph keeps as a value."""
+def _detached(x: Any) -> Any:  # torch_item while capturing: the value stays in the graph
     return x if isinstance(x, Number) else x.detach()
 
 
-def _no_nan_check(value: Any, *args: Any, **kwargs: Any) -> Any:
-    """``warn_if_nan`` while capturing: its test reads a tensor's value (data-dependent)."""
+def _no_nan_check(value: Any, *args: Any, **kwargs: Any) -> Any:  # its test reads a value
     return value
 
 
@@ -235,7 +229,7 @@ def capture(
     use = getattr(owner, "using_runtime_inputs", None) if extra else None
 
     def both(*inputs):
-        with use(inputs[n_in:]) if use is not None else _nothing():
+        with use(inputs[n_in:]) if use is not None else nullcontext():
             value = fn(*inputs[n_wrt + len(others) : n_in])
         grads = torch.autograd.grad(value, inputs[:n_wrt], allow_unused=True)
         return value.detach(), grads
@@ -256,11 +250,6 @@ def capture(
     finally:
         set_rng_state(rng)
     return Captured(graph, n_wrt, owner, backend)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def verify(
@@ -306,7 +295,7 @@ def _agree(captured, fn, wrt, others, data, rtol) -> tuple[bool, float, list]:
     rng = get_rng_state()
     try:
         value, grads = captured(wrt, others, data)
-    except Exception as e:  # e.g. Inductor failing to compile: keep the eager path
+    except Exception as e:  # any failure keeps the eager path
         raise CaptureError(f"the captured loss failed: {type(e).__name__}: {e}") from e
     finally:
         set_rng_state(rng)
@@ -316,9 +305,7 @@ def _agree(captured, fn, wrt, others, data, rtol) -> tuple[bool, float, list]:
     return ok, float(eager.detach()), eager_grads
 
 
-def drifted(
-    captured: Captured, value: float, eager_value: float, rtol: float | None = None
-) -> bool:
+def drifted(captured: Captured, value: float, eager_value: float, rtol: float = 0.0) -> bool:
     """Whether a captured ``value`` no longer matches the eager one (same random state).
 
     Rounding differs between graph and eager code by ~ε times the *terms* of the loss, which
@@ -394,11 +381,9 @@ def tensors_agree(
 
 @contextmanager
 def perturbed(tensors: Sequence[torch.Tensor], shift: float = 0.1) -> Iterator[None]:
-    """Move ``tensors`` in place to ``t (1 + 0.3 ε) + shift ε`` and restore them on exit.
-
-    ε is standard normal from a private generator (seed 0), so the random stream of the run
-    is untouched. ``shift`` moves entries that are exactly zero (fresh biases, local means).
-    """
+    """Move ``tensors`` in place to ``t (1 + 0.3 ε) + shift ε`` and restore them on exit; ε is
+    standard normal from a private generator (seed 0), so the run's random stream is untouched.
+    ``shift`` moves entries that are exactly zero (fresh biases, local means)."""
     saved = [t.detach().clone() for t in tensors]
     device = tensors[0].device if tensors else "cpu"
     gen = torch.Generator(device=device).manual_seed(0)
