@@ -99,11 +99,9 @@ class RuntimeInputs(Protocol):
 
     def runtime_inputs(self) -> tuple[torch.Tensor, ...]:
         """The current values, as tensors (``()`` when there are none)."""
-        ...
 
     def using_runtime_inputs(self, values: Sequence[torch.Tensor]) -> AbstractContextManager:
         """A context in which the estimator reads ``values`` instead of computing them."""
-        ...
 
 
 def get_rng_state() -> dict:
@@ -128,8 +126,7 @@ def runtime_inputs(owner: Any) -> tuple[torch.Tensor, ...]:
 
 
 def not_capturable(loss: Any) -> str | None:
-    """Why ``loss`` cannot be captured (no ``differentiable_loss``, ``capturable = False``),
-    or ``None``."""
+    """Why ``loss`` cannot be captured (no differentiable_loss, capturable = False), or None."""
     if not callable(getattr(loss, "differentiable_loss", None)):
         return f"{type(loss).__name__} has no differentiable_loss"
     if not getattr(loss, "capturable", True):
@@ -145,10 +142,8 @@ def _no_nan_check(value: Any, *args: Any, **kwargs: Any) -> Any:  # its test rea
     return value
 
 
-_SWAPS = {
-    "torch_item": (pyro.infer.util.torch_item, _detached),
-    "warn_if_nan": (pyro.util.warn_if_nan, _no_nan_check),
-}
+_SWAPS = {"torch_item": (pyro.infer.util.torch_item, _detached)}
+_SWAPS["warn_if_nan"] = (pyro.util.warn_if_nan, _no_nan_check)
 
 
 @contextmanager
@@ -180,11 +175,7 @@ def capture_patches(owner: Any = None) -> Iterator[None]:
 
 class Captured:
     """A captured loss: ``captured(wrt, others, data) -> (value, grads)`` with no autograd.
-
-    :ivar num_wrt: how many leading inputs are differentiated.
-    :ivar scale: |loss| at verification (0 until :func:`verify` accepted it).
-    :ivar verified: whether :func:`verify` accepted it.
-    """
+    ``scale`` is |loss| at verification; ``verified`` whether :func:`verify` accepted it."""
 
     def __init__(self, graph: Callable, num_wrt: int, owner: Any, backend: str):
         self.graph, self.num_wrt, self.owner, self.backend = graph, num_wrt, owner, backend
@@ -239,6 +230,7 @@ def capture(
         pyro.set_rng_seed(_CAPTURE_SEED)
         with pyro.validation_enabled(False), pyro.poutine.block(), capture_patches(owner):
             graph = make_fx(both)(*wrt, *others, *data, *extra)
+        _prune(graph)
         if backend == "inductor":  # compiled at its first call, here
             with torch.no_grad(), warnings.catch_warnings():
                 # torch's own modules imported by Inductor still use torch.jit internally
@@ -250,6 +242,17 @@ def capture(
     finally:
         set_rng_state(rng)
     return Captured(graph, n_wrt, owner, backend)
+
+
+def _prune(graph: torch.fx.GraphModule) -> None:
+    """Drop what a replay without autograd does not need: ``detach`` (an alias there) and
+    unused nodes (random ones are impure and stay). A few per cent of a small step."""
+    for node in list(graph.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.detach.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.graph.erase_node(node)
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
 
 
 def verify(
@@ -306,12 +309,9 @@ def _agree(captured, fn, wrt, others, data, rtol) -> tuple[bool, float, list]:
 
 
 def drifted(captured: Captured, value: float, eager_value: float, rtol: float = 0.0) -> bool:
-    """Whether a captured ``value`` no longer matches the eager one (same random state).
-
-    Rounding differs between graph and eager code by ~ε times the *terms* of the loss, which
-    can cancel to a much smaller total as training goes on, so the tolerance is ``rtol``
-    times the larger of |loss| now and |loss| at verification.
-    """
+    """Whether a captured ``value`` no longer matches the eager one (same random state). Graph
+    and eager rounding differ by ~ε times the loss's *terms*, which can cancel to a much smaller
+    total, so the tolerance is ``rtol`` times the larger of |loss| now and at verification."""
     rtol = rtol or default_rtol(torch.get_default_dtype())
     return abs(value - eager_value) > rtol * max(abs(eager_value), captured.scale)
 
