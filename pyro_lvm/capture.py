@@ -233,7 +233,7 @@ def capture(
         _prune(graph)
         if backend == "inductor":  # compiled at its first call, here
             with torch.no_grad(), warnings.catch_warnings():
-                # torch's own modules imported by Inductor still use torch.jit internally
+                # modules of torch that Inductor imports still warn about TorchScript
                 warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
                 graph = torch.compile(graph, dynamic=False, options={"fallback_random": True})
                 graph(*wrt, *others, *data, *extra)
