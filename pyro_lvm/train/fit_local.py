@@ -103,6 +103,7 @@ class _CapturedInnerLoss:
         # the entry holds model and guide, so their ids stay theirs while it exists
         self.key = (id(model), id(guide), input_key((x, idx, *leaves.values()), {}))
         self.entry = self._cache.setdefault(estimator, {}).get(self.key)
+        self._other_tensors: list[torch.Tensor] | None = None
 
     def _fn(self, *data) -> torch.Tensor:
         with self.guide.local_override(**self.leaves):
@@ -149,7 +150,9 @@ class _CapturedInnerLoss:
         captured, names = self.entry[:2]
         if captured is None:
             return None
-        return captured(list(self.leaves.values()), self._others(names), self.data)
+        if self._other_tensors is None:  # θ's tensors do not change within one call
+            self._other_tensors = self._others(names)
+        return captured(list(self.leaves.values()), self._other_tensors, self.data)
 
     def _compile(self) -> tuple:
         """Capture and verify (a dry run); the entry ``(Captured | None, names, programs)``."""
