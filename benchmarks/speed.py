@@ -69,8 +69,8 @@ def reference_step(vae: VAE, x: torch.Tensor, k: int) -> Callable[[], float]:
     return step
 
 
-def svi_step(svi_cls, vae: VAE, x: torch.Tensor, loss) -> Callable[[], float]:
-    svi = svi_cls(vae, vae.guide, pyro.optim.Adam({"lr": LR}), loss)
+def svi_step(svi_cls, vae: VAE, x: torch.Tensor, loss, **kw) -> Callable[[], float]:
+    svi = svi_cls(vae, vae.guide, pyro.optim.Adam({"lr": LR}), loss, **kw)
 
     def step() -> float:
         return svi.step(x)
@@ -130,12 +130,22 @@ def use_param_store(name: str) -> None:
     ps._params, ps._param_to_name, ps._constraints = _STORES.setdefault(name, ({}, {}, {}))
 
 
+#: the clock of time_group: wall time, or this thread's CPU time (``--clock cpu``), which a
+#: shared machine disturbs much less (with ``--threads 1`` every kernel runs in this thread)
+CLOCK = time.perf_counter
+
+
 def time_group(paths: dict[str, Callable], steps: int, repeats: int, ref: str) -> dict:
-    """Interleaved timing; returns name -> (median ms/step, median ratio, ratio spread)."""
-    for name, fn in paths.items():  # warm up (compiles traces, builds optimizers)
+    """Interleaved timing; returns name -> (median ms/step, median ratio, ratio spread).
+
+    The first 8 steps of each path (record, capture, verify, ...) are timed apart, in wall
+    time, as ``fn.warmup_s``: the first-step cost."""
+    for name, fn in paths.items():  # warm up (captures losses, builds optimizers)
         use_param_store(name)
+        tic = time.perf_counter()  # wall time: Inductor compiles in worker processes
         for _ in range(8 if getattr(fn, "steps_per_call", None) is None else 1):
             fn()
+        fn.warmup_s = time.perf_counter() - tic  # type: ignore[attr-defined]
     times: dict[str, list[float]] = {n: [] for n in paths}
     names = list(paths)
     for rep in range(repeats):
@@ -145,10 +155,10 @@ def time_group(paths: dict[str, Callable], steps: int, repeats: int, ref: str) -
             use_param_store(name)
             calls = 1 if getattr(fn, "steps_per_call", None) else steps
             n = getattr(fn, "steps_per_call", steps)
-            tic = time.perf_counter()
+            tic = CLOCK()
             for _ in range(calls):
                 fn()
-            times[name].append((time.perf_counter() - tic) / n * 1e3)
+            times[name].append((CLOCK() - tic) / n * 1e3)
     out = {}
     for name, ts in times.items():
         ratios = [t / r for t, r in zip(ts, times[ref], strict=True)]
@@ -263,9 +273,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--eval-data-chunk", type=int, default=1000, help="rows per pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--estimators", default="", help="comma-separated subset of ESTIMATORS")
+    p.add_argument(
+        "--inductor",
+        default="",
+        help="estimators to time with FastSVI(backend='inductor') too (rows fast-inductor/*)",
+    )
+    p.add_argument("--no-fit", action="store_true", help="skip the fit/* rows")
+    p.add_argument("--device", default="cpu", help="torch device of every path, e.g. cuda")
+    p.add_argument("--synthetic", action="store_true", help="random images of MNIST's shape")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: this thread's CPU time (with --threads 1, steadier on a shared machine)",
+    )
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--eval-only", action="store_true", help="only the importance-sampling rows")
     a = p.parse_args(argv)
+    global CLOCK
+    CLOCK = time.thread_time if a.clock == "cpu" else time.perf_counter
     warnings.simplefilter("ignore")
     torch.set_default_dtype(torch.float32)
     pyro.set_rng_seed(a.seed)
@@ -278,14 +304,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         test = train[: a.eval_points]
         names = ["elbo", "iwae-dreg"]
     else:
-        from pyro_lvm.data import load_binarized_mnist
+        if a.synthetic:  # MNIST's shape, Bernoulli(0.3) pixels: the timing is the same
+            train = torch.bernoulli(torch.full((50_000, 784), 0.3))
+            test = torch.bernoulli(torch.full((a.eval_points, 784), 0.3))
+        else:
+            from pyro_lvm.data import load_binarized_mnist
 
-        train = load_binarized_mnist("train").float()
-        test = load_binarized_mnist("test").float()[: a.eval_points]
+            train = load_binarized_mnist("train").float()
+            test = load_binarized_mnist("test").float()[: a.eval_points]
         archs = {"784-400-50": ((400,), 50), "784-200-20": ((200,), 20)}
         names = a.estimators.split(",") if a.estimators else sorted(ESTIMATORS)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.device != "cpu":  # every tensor the paths create lands there (as mnist_nll.py)
+        torch.set_default_device(a.device)
+        train, test = train.to(a.device), test.to(a.device)
     x = train[:batch]
     ks = [int(k) for k in a.ks.split(",") if k]
     rows: list[dict] = []
@@ -308,15 +341,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 except ValueError:  # e.g. leave-one-out baselines need K >= 2
                     continue
                 paths[f"fast/{name}"] = svi_step(FastSVI, vae(), x, make_estimator(name, k))
-                fits[f"fit/{name}"] = fit_step(vae(), train[: batch * a.steps], name, k, batch)
+                if name in a.inductor.split(","):
+                    paths[f"fast-inductor/{name}"] = svi_step(
+                        FastSVI, vae(), x, make_estimator(name, k), backend="inductor"
+                    )
+                if not a.no_fit:
+                    fits[f"fit/{name}"] = fit_step(vae(), train[: batch * a.steps], name, k, batch)
             if "elbo" in names:
                 paths["fast/elbo+kl-warm-up"] = warmup_step(vae(), x, k)
             res = time_group(paths, a.steps, a.repeats, "torch-reference")
             # whole fit calls churn the allocator and slow whatever runs next, so they are
             # timed in a second pass, against the reference again
-            fits["torch-reference"] = paths["torch-reference"]
-            fit_res = time_group(fits, a.steps, a.repeats, "torch-reference")
-            res.update((n, v) for n, v in fit_res.items() if n != "torch-reference")
+            if fits:
+                fits["torch-reference"] = paths["torch-reference"]
+                fit_res = time_group(fits, a.steps, a.repeats, "torch-reference")
+                res.update((n, v) for n, v in fit_res.items() if n != "torch-reference")
             paths.update(fits)
             _STORES.clear()
             pyro.clear_param_store()
@@ -329,6 +368,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "ratio": ratio,
                     "ratio_q25": lo,
                     "ratio_q75": hi,
+                    "warmup_s": getattr(paths[name], "warmup_s", None),
                 }
                 svi = getattr(paths[name], "svi", None)
                 if isinstance(svi, FastSVI):
@@ -364,10 +404,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _report(rows: list[dict], a: argparse.Namespace) -> list[dict]:
     """Print the table and write the JSON (``--json``)."""
-    print(f"{'group':18s} {'path':34s} {'ms/step':>9s} {'ratio':>7s}  {'q25-q75':>13s}")
+    print(
+        f"{'group':18s} {'path':34s} {'ms/step':>9s} {'ratio':>7s}  {'q25-q75':>13s} "
+        f"{'8 first':>8s}"
+    )
     for r in rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:7.3f}"
         spread = f"{r['ratio_q25']:.3f}-{r['ratio_q75']:.3f}" if "ratio_q25" in r else ""
+        if r.get("warmup_s") is not None:
+            spread += f" {r['warmup_s']:7.2f}s"
         extra = (
             f"  {r['points_x_samples_per_s']:.3g} pts*samples/s, peak {r['peak_mem_gib']:.3f} GiB, "
             f"mean log p(x) {r['mean_log_likelihood']:.2f}"

@@ -62,9 +62,7 @@ class PathwiseNormal(Normal):
 
     def rsample(self, sample_shape: torch.Size | tuple = ()) -> torch.Tensor:
         shape = self._extended_shape(torch.Size(sample_shape))
-        # the draws of Normal.rsample (torch's _standard_normal is ``empty(shape).normal_()``);
-        # under torch.jit.trace that helper switches to ``normal(zeros, ones)``, two
-        # allocations and a slower kernel per step, which a trace keyed by shape never needs
+        # the draws of Normal.rsample (torch's _standard_normal is ``empty(shape).normal_()``)
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         value = self.loc + eps * self.scale
         self._pathwise = (value, eps)

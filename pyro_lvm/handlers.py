@@ -11,6 +11,8 @@ from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.messenger import Messenger
 
+from pyro_lvm.capture import RuntimeInputs
+
 __all__ = [
     "FreeBitsELBO",
     "KLWeightMessenger",
@@ -50,7 +52,7 @@ class KLWeightMessenger(Messenger):
         if not callable(beta):
             _check_beta(beta)
         self.beta, self.sites = beta, None if sites is None else set(sites)
-        # a tensor that stands in for the schedule while a loss is traced (see KLWeightedELBO)
+        # a tensor that stands in for the schedule while a loss is captured (KLWeightedELBO)
         self._beta_input: torch.Tensor | None = None
 
     def _process_message(self, msg) -> None:
@@ -163,14 +165,15 @@ def cyclical_schedule(
     return _Cyclical(int(period), float(ratio), float(start), float(end))
 
 
-class KLWeightedELBO(ELBO):
+class KLWeightedELBO(ELBO, RuntimeInputs):
     r"""Estimator option: any estimator run on ``kl_weight(model, β)``, ``kl_weight(guide, β)``.
 
     Equivalent to wrapping the model and guide by hand (see :class:`KLWeightMessenger`), but
     the model and guide stay plain modules, so training loops that checkpoint their state
     dicts (e.g. :func:`pyro_lvm.train.fit` with ``loss=KLWeightedELBO(...)``) keep working,
-    and a schedule's β reaches a traced loss as a tensor input (:meth:`trace_inputs`), so
-    ``fit``'s traced step follows the schedule (wrapped by hand, β is frozen in a trace until
+    and a schedule's β reaches a captured loss as a tensor input (it implements
+    :class:`~pyro_lvm.capture.RuntimeInputs`), so ``fit``'s captured step follows the
+    schedule (wrapped by hand, β is frozen in a graph until
     :class:`~pyro_lvm.train.FastSVI`'s periodic check drops it).
 
     :param base: the wrapped estimator (its particles and plate settings are reused).
@@ -190,17 +193,18 @@ class KLWeightedELBO(ELBO):
         self.base, self.messenger = base, KLWeightMessenger(beta, sites)
 
     @property
-    def traceable(self) -> bool:
-        """Whether the wrapped estimator can be traced. A schedule's β is not frozen by a trace:
-        it enters the traced loss as a tensor input (:meth:`trace_inputs`)."""
-        return getattr(self.base, "traceable", True)
+    def capturable(self) -> bool:
+        """Whether the wrapped estimator can be captured. A schedule's β is not frozen by a
+        graph: it enters the captured loss as a tensor input (:meth:`runtime_inputs`)."""
+        return getattr(self.base, "capturable", True)
 
-    def trace_inputs(self) -> tuple[torch.Tensor, ...]:
+    def runtime_inputs(self) -> tuple[torch.Tensor, ...]:
         """The current β as a 0-dim tensor when β is a schedule, else ``()``.
 
-        :class:`~pyro_lvm.train.FastSVI` reads these before every traced step and passes them
-        to the traced loss, which reads them through :meth:`using_trace_inputs`; so a traced
-        loss follows the schedule instead of keeping the β it was traced with.
+        The capture engine (:mod:`pyro_lvm.capture`) reads these before every captured call
+        and passes them to the graph, which was captured reading them through
+        :meth:`using_runtime_inputs`; so a captured loss follows the schedule instead of
+        keeping the β it was captured with.
         """
         beta = self.messenger.beta
         if not callable(beta):
@@ -210,7 +214,7 @@ class KLWeightedELBO(ELBO):
         return (torch.tensor(float(value), dtype=torch.get_default_dtype()),)
 
     @contextmanager
-    def using_trace_inputs(self, values: Sequence[torch.Tensor]) -> Iterator[None]:
+    def using_runtime_inputs(self, values: Sequence[torch.Tensor]) -> Iterator[None]:
         """Weigh the latent sites by ``values[0]`` (a tensor β) instead of the schedule."""
         if not values:
             yield

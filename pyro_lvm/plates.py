@@ -22,9 +22,9 @@ def data_plate(x: torch.Tensor, idx: torch.Tensor | None = None, num_data: int |
     :raises ValueError: on an ``idx`` whose length differs from ``len(x)``, or a missing
         ``num_data``.
     """
-    # sizes as Python ints: under torch.jit.trace a shape read is a traced tensor, and a
-    # tensor size makes Pyro build the plate's scale as a tensor in every traced step (a
-    # few ops per site, and a multiply of each log-density even when the scale is 1)
+    # sizes as Python ints: a tensor size makes Pyro build the plate's scale as a tensor in
+    # every step (a few ops per site, and a multiply of each log-density even when the
+    # scale is 1)
     if idx is None:
         n = int(x.shape[0])
         return pyro.plate("data", n, subsample_size=n, dim=-1)

@@ -65,8 +65,8 @@ class HMCRefinedELBO(DerivedLossMixin, Trace_ELBO):
     """
 
     #: the step size adapts and the acceptance is recorded in Python between calls, which a
-    #: ``torch.jit`` trace would freeze: FastSVI and ``optimize_local`` run this loss eagerly.
-    traceable = False
+    #: captured graph would freeze (:mod:`pyro_lvm.capture`): the engine runs it eagerly.
+    capturable = False
 
     def __init__(
         self,

@@ -72,8 +72,8 @@ class SamplePathScale:
     surrogate :math:`\sum_k \tilde w_k \log w_k(\theta, z'_k)` thus sends
     :math:`\tilde w_k\nabla_\theta \log w_k` to θ and :math:`\tilde w_k c_k` times the
     pathwise derivative to φ, from one model pass (the tensor-hook form of DReG; Tucker et al.
-    2018). Both steps are autograd functions, so :func:`torch.jit.trace` records them and a
-    traced loss rescales too.
+    2018). Both steps are autograd functions, so :mod:`pyro_lvm.capture` records their
+    backward too and a captured loss rescales as well.
     """
 
     def __init__(self) -> None:

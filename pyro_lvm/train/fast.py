@@ -1,4 +1,4 @@
-"""A lean SVI step: one fused optimizer, validation off, structure checked, optional JIT."""
+"""A lean SVI step: one fused optimizer, validation off, structure checked, captured loss."""
 
 from __future__ import annotations
 
@@ -13,17 +13,20 @@ from pyro.infer import ELBO, SVI
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
-from pyro.util import ignore_jit_warnings
 
-from pyro_lvm.train._tracing import (
+from pyro_lvm.capture import (
+    BACKENDS,
+    NEEDS_TENSORS,
+    CaptureError,
     Recorder,
+    capture,
     default_rtol,
+    drifted,
+    get_rng_state,
     input_key,
-    perturbed,
-    tensors_agree,
-    trace_inputs,
-    traceable_torch_item,
-    using_trace_inputs,
+    not_capturable,
+    set_rng_state,
+    verify,
 )
 
 __all__ = ["FastSVI"]
@@ -51,33 +54,28 @@ class FastSVI:
        the first run with the same input signature, or that creates a new parameter, makes
        this object fall back for good to the general path (validation as set by the user,
        new parameters added to the optimizer) and logs the reason on this module's logger.
-    4. **Optional traced loss** (``jit=True``). The loss is traced with
-       :func:`torch.jit.trace` once per input signature (Pyro's ``torch_item`` in the
-       estimator's modules returns a detached tensor meanwhile, so loss values computed
-       with it stay traced), then *verified*: on the next step the traced and the eager
-       loss are computed under the same random state and their values and gradients
-       compared (``rtol``), at the current parameters and at randomly perturbed ones (a
-       private generator, so the random stream is untouched). Only a verified trace is
-       used; a mismatch (e.g. a value that went through ``float()``, which a trace freezes)
-       keeps the eager lean path and logs why. Every ``check_every``-th traced step runs
-       eagerly instead, re-checking the structure and comparing the trace with the eager
-       loss again, to ``rtol`` times the larger of |loss| now and at verification (a trace
-       that drifted, e.g. past a KL schedule's change, is dropped). The
-       trace runs without the JIT's optimizing executor
-       (``torch.jit.optimized_execution(False)``): its differentiable subgraphs swap eager
-       autograd kernels for slower symbolic gradients (a K=1 MNIST step
-       went from 1.05x to 1.03x the hand-written one without them, DReG from 1.14x to 1.08x).
+    4. **Optional captured loss** (``jit=True``). The loss and its gradient are captured
+       as one aten graph by :mod:`pyro_lvm.capture` once per input signature, then
+       *verified*: on the next step the captured and the eager loss are computed under the
+       same random state and their values and gradients compared (``rtol``), at randomly
+       perturbed parameters and at the current ones. Only a verified graph is used; a
+       mismatch (e.g. a value that went through ``float()``, which a graph freezes) keeps
+       the eager lean path and logs why. Every ``check_every``-th captured step runs
+       eagerly instead, re-checking the structure and comparing the graph's loss with the
+       eager one (:func:`~pyro_lvm.capture.drifted`: a graph that drifted, e.g. past a KL
+       schedule applied by hand, is dropped). A captured step runs no Python of Pyro, the
+       programs or autograd: one graph computes the loss and every gradient.
 
-    .. warning:: Tracing and verification run the model and guide a few extra times (once
-        per new input signature), so Python side effects in them repeat. A traced step runs
-        no Python code of the model, guide or estimator: state an estimator updates in
+    .. warning:: Capture and verification run the model and guide a few extra times (once
+        per new input signature), so Python side effects in them repeat. A captured step
+        runs no Python code of the model, guide or estimator: state an estimator updates in
         Python (running averages, a KL weight schedule applied by hand) is frozen: the
-        verification catches what already differs when the trace is built, the next
+        verification catches what already differs when the graph is built, the next
         ``check_every`` step what changes later. Pass ``jit=False`` for such estimators or
         for models whose structure depends on random draws. An estimator that reads such
-        values through tensors declares them with ``trace_inputs()`` and
-        ``using_trace_inputs(values)``; they are then inputs of the traced loss, read afresh
-        at every step (:class:`~pyro_lvm.handlers.KLWeightedELBO`'s scheduled β).
+        values through tensors implements :class:`~pyro_lvm.capture.RuntimeInputs`; they
+        are then inputs of the graph, read afresh at every step
+        (:class:`~pyro_lvm.handlers.KLWeightedELBO`'s scheduled β).
 
     **Exact resume.** The mode of a step (record, compile, verify, traced or eager) is a pure
     function of the global step count, of how many times its input signature was seen and of
@@ -96,9 +94,11 @@ class FastSVI:
     :param guide: ``guide(*args, **kwargs)``.
     :param optim: a :class:`pyro.optim.PyroOptim`, e.g. ``pyro.optim.Adam({"lr": 1e-3})``.
     :param loss: a :class:`pyro.infer.ELBO` (ideally with ``differentiable_loss``).
-    :param jit: try a verified traced loss.
+    :param jit: try a verified captured loss (:mod:`pyro_lvm.capture`).
     :param check_every: run an eager, structure-checking step every this many traced steps.
-    :param rtol: relative tolerance of the trace verification (default
+    :param backend: ``"aten"`` (replay the captured graph) or ``"inductor"`` (compile it with
+        :func:`torch.compile` first; slow to start, see benchmarks/RESULTS.md).
+    :param rtol: relative tolerance of the verification (default
         :math:`0.01\\sqrt{\\epsilon}` of the loss dtype: 3e-6 in float32, 1.5e-10 in float64).
     :raises ValueError: on an ``optim`` that is not a ``PyroOptim`` or a ``loss`` that is not
         an ``ELBO``, or ``check_every < 1``.
@@ -112,7 +112,7 @@ class FastSVI:
     References:
 
     1. Bingham et al. (2019), *Pyro: Deep Universal Probabilistic Programming*, JMLR 20
-       (arXiv:1810.09538): ``SVI``, ``JitTrace_ELBO`` and the per-parameter optimizers.
+       (arXiv:1810.09538): ``SVI`` and the per-parameter optimizers.
     2. Kingma & Ba (2015), *Adam: A Method for Stochastic Optimization*, arXiv:1412.6980.
     """
 
@@ -125,6 +125,7 @@ class FastSVI:
         *,
         jit: bool = True,
         check_every: int = 100,
+        backend: str = "aten",
         rtol: float | None = None,
     ):
         if not isinstance(optim, PyroOptim):
@@ -134,38 +135,37 @@ class FastSVI:
             )
         if not isinstance(loss, ELBO):
             raise ValueError(f"loss must be a pyro.infer.ELBO instance, got {type(loss).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if int(check_every) < 1:
             raise ValueError(f"check_every must be a positive integer, got {check_every}")
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
         self.jit, self.check_every, self.rtol = bool(jit), int(check_every), rtol
+        self.backend = backend
         self.optimizer: torch.optim.Optimizer | None = None
         self._params: dict[str, torch.Tensor] = {}
         # saved by get_state: key -> sample sites of its first step, key -> steps with it
         self._structure: dict[str, tuple] = {}
         self._seen: dict[str, int] = {}
         self._steps = 0
-        # this object's own work: keys recorded here, key -> [compiled, names, verified]
+        # this object's own work: keys recorded here, key -> [Captured, parameter names]
         self._recorded: set[str] = set()
         self._traced: dict[str, list] = {}
-        # key -> |loss| when its trace was verified: the scale of the periodic check (saved)
+        # key -> |loss| when its graph was verified: the scale of the periodic check (saved)
         self._check_scale: dict[str, float] = {}
-        #: how many steps used the verified traced loss (counted across set_state)
+        #: how many steps used the verified captured loss (counted across set_state)
         self.traced_steps = 0
         #: why the lean path is off (``None`` while it is on)
         self.fallback_reason: str | None = None
-        #: why the traced loss is off (``None`` while allowed)
+        #: why the captured loss is off (``None`` while allowed)
         self.jit_reason: str | None = None if jit else "jit=False"
         self._svi: SVI | None = None
         self._pending_state: dict | None = None
         if isinstance(optim, PyroLRScheduler) or optim.pt_clip_args:
             self._svi = SVI(model, guide, optim, loss)
             self._fall_back("the optimizer is a scheduler or clips gradients; using pyro SVI")
-        if not hasattr(loss, "differentiable_loss"):
-            self._disable_jit(f"{type(loss).__name__} has no differentiable_loss")
-        elif not getattr(loss, "traceable", True):
-            self._disable_jit(
-                f"{type(loss).__name__} keeps Python state across steps (traceable = False)"
-            )
+        if not_capturable(loss) is not None:
+            self._disable_jit(not_capturable(loss))
         self._own_reasons = (self.fallback_reason, self.jit_reason)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -178,7 +178,7 @@ class FastSVI:
     def _disable_jit(self, reason: str) -> None:
         if self.jit_reason is None:
             self.jit_reason = reason
-            logger.info("FastSVI does not trace the loss: %s", reason)
+            logger.info("FastSVI does not capture the loss: %s", reason)
         self._traced.clear()
 
     def _register(self, params: dict[str, torch.Tensor]) -> bool:
@@ -226,109 +226,92 @@ class FastSVI:
                 value = self.loss.loss_and_grads(self.model, self.guide, *args, **kwargs)
         return value, rec
 
-    # ------------------------------------------------------------------ the traced loss
+    # ------------------------------------------------------------------ the captured loss
+    def _loss_fn(self, kwargs: dict) -> Callable:
+        """The eager loss of ``*args``; the sample sites of its last run go to ``self._rec``."""
+
+        def fn(*args):
+            with Recorder() as self._rec:
+                return self.loss.differentiable_loss(self.model, self.guide, *args, **kwargs)
+
+        return fn
+
     def _compile(self, key: str, args: tuple, kwargs: dict) -> None:
-        if kwargs or not all(torch.is_tensor(a) for a in args):
-            self._disable_jit("tracing needs positional tensor arguments only")
+        if kwargs:
+            self._disable_jit(NEEDS_TENSORS)
             return
         names = list(self._params)
-        params = tuple(self._params[n] for n in names)
-        data_end = len(params) + len(args)
-
-        def fn(*inputs):
-            # Pyro's ignore_jit_warnings acts only once tracing is active, i.e. in here.
-            with ignore_jit_warnings(), using_trace_inputs(self.loss, inputs[data_end:]):
-                data = inputs[len(params) : data_end]
-                return self.loss.differentiable_loss(self.model, self.guide, *data)
-
-        rng = pyro.util.get_rng_state()
+        params = [self._params[n] for n in names]
         try:
-            with (
-                pyro.validation_enabled(False),
-                pyro.poutine.block(),
-                traceable_torch_item(self.loss),
-            ):
-                inputs = params + tuple(args) + trace_inputs(self.loss)
-                compiled = torch.jit.trace(fn, inputs, check_trace=False)
-        except Exception as e:  # any tracing failure keeps the eager path
-            self._disable_jit(f"torch.jit.trace failed: {type(e).__name__}: {e}")
+            captured = capture(
+                self._loss_fn(kwargs), params, args, owner=self.loss, backend=self.backend
+            )
+        except CaptureError as e:
+            self._disable_jit(str(e))
             return
-        finally:
-            pyro.util.set_rng_state(rng)
-        self._traced[key] = [compiled, names, False]
+        self._traced[key] = [captured, names]
 
-    def _run_traced(self, key: str, args: tuple) -> torch.Tensor:
-        compiled, names, _ = self._traced[key]
-        with pyro.poutine.block(), torch.jit.optimized_execution(False):
-            params = (self._params[n] for n in names)
-            return compiled(*params, *args, *trace_inputs(self.loss))
+    def _captured(self, key: str, args: tuple) -> tuple[torch.Tensor, list, list]:
+        """The captured loss value, the parameters and their gradients."""
+        captured, names = self._traced[key]
+        params = [self._params[n] for n in names]
+        value, grads = captured(params, (), args)
+        return value, params, grads
 
-    def _agree(self, key: str, args: tuple, kwargs: dict) -> tuple[bool, float, Recorder]:
-        """Traced and eager loss and gradients under one random state; leaves eager grads."""
-        rng = pyro.util.get_rng_state()
-        params = list(self._params.values())
-        traced = self._run_traced(key, args)
-        grads = torch.autograd.grad(traced, params, allow_unused=True)
-        pyro.util.set_rng_state(rng)
-        value, rec = self._eager(args, kwargs, validate=False)
-        rtol = self.rtol or default_rtol(traced.dtype)
-        eager_grads = [p.grad for p in params]
-        close = tensors_agree(traced, torch.as_tensor(value), grads, eager_grads, rtol)
-        return close, value, rec
+    def _run_traced(self, key: str, args: tuple) -> float:
+        """One captured step: the loss value, gradients written to ``.grad``."""
+        value, params, grads = self._captured(key, args)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        return float(value)
 
     def _verify(self, key: str, args: tuple, kwargs: dict) -> float:
-        """Accept the trace if it agrees with the eager loss at a perturbed and the current point.
-
-        Python numbers computed from tensors (``float(t)``, ``t.item()``) are constants in a
-        trace; the perturbation (every parameter scaled by ``1 + 0.3 ε``, ε from a private
-        generator) moves such values far enough for the comparison to see them.
-        """
-        params = list(self._params.values())
-        rng = pyro.util.get_rng_state()
+        """:func:`~pyro_lvm.capture.verify` the captured loss; the step is the eager one."""
+        captured, names = self._traced[key]
+        params = [self._params[n] for n in names]
+        rng = get_rng_state()
         try:
-            with perturbed(params):
-                far, _, _ = self._agree(key, args, kwargs)
-        finally:
+            with pyro.validation_enabled(False):
+                value, grads = verify(captured, self._loss_fn(kwargs), params, args, rtol=self.rtol)
+        except CaptureError as e:
+            self._disable_jit(str(e))
+            value = None
+        if value is None:  # the step is the eager one
             for p in params:
                 p.grad = None
-            pyro.util.set_rng_state(rng)
-        near, value, rec = self._agree(key, args, kwargs)
-        if not self._check_structure(key, rec):
-            return value
-        if far and near:
-            self._traced[key][2] = True
-            self._check_scale.setdefault(key, abs(value))
+            set_rng_state(rng)
+            value, rec = self._eager(args, kwargs, validate=False)
         else:
-            self._disable_jit("the traced loss or its gradient differs from the eager one")
+            rec = self._rec
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+        if self._check_structure(key, rec) and captured.verified:
+            self._check_scale.setdefault(key, captured.scale)
         return value
 
     def _check(self, key: str, args: tuple, kwargs: dict) -> float:
-        """A periodic eager step that also compares the trace's loss value with the eager one.
+        """A periodic eager step that also compares the captured loss value with the eager one.
 
-        The step itself (its random draws, gradient and update) is the eager one; the trace
-        runs forward only, under the same random state (a third of a step every
-        ``check_every`` steps). A trace whose value no longer agrees (a Python number it froze
-        has changed since tracing: a KL weight schedule applied by hand with
-        :func:`~pyro_lvm.handlers.kl_weight`, an annealed temperature) is dropped for good,
-        and the reason logged. Frozen numbers that move the gradient only are what the
-        perturbed verification before the first traced step looks for.
+        The step itself (its random draws, gradient and update) is the eager one; the
+        captured loss runs under the same random state. One whose value no longer agrees
+        (:func:`~pyro_lvm.capture.drifted`: a Python number it froze has changed since
+        capture, e.g. a KL weight schedule applied by hand with
+        :func:`~pyro_lvm.handlers.kl_weight`) is dropped for good, and the reason logged.
+        Frozen numbers that move the gradient only are what the perturbed verification
+        before the first captured step looks for.
         """
-        rng = pyro.util.get_rng_state()
-        with torch.no_grad():
-            traced = self._run_traced(key, args)
-        pyro.util.set_rng_state(rng)
+        captured = self._traced[key][0]
+        captured.scale = max(captured.scale, self._check_scale.get(key, 0.0))
+        rng = get_rng_state()
+        traced = self._captured(key, args)[0]
+        set_rng_state(rng)
         value, rec = self._eager(args, kwargs, validate=False)
         rtol = self.rtol or default_rtol(traced.dtype)
-        # rounding differs between the trace and eager code by ~ε times the *terms* of the
-        # loss, which can cancel to a much smaller total as training goes on; so the
-        # tolerance is relative to the larger of |loss| now and |loss| when verified
-        scale = max(abs(value), self._check_scale.get(key, 0.0))
-        close = abs(float(traced) - value) <= rtol * scale
-        if self._check_structure(key, rec) and not close:
+        if self._check_structure(key, rec) and drifted(captured, float(traced), value, rtol):
             self._disable_jit(
-                f"the traced loss stopped matching the eager one at step {self._steps}: a Python "
-                "value it froze (e.g. a KL weight schedule) has changed since tracing; the "
-                "remaining steps run eagerly"
+                f"the captured loss stopped matching the eager one at step {self._steps}: a "
+                "Python value it froze (e.g. a KL weight schedule) has changed since capture; "
+                "the remaining steps run eagerly"
             )
         return value
 
@@ -362,14 +345,14 @@ class FastSVI:
     @contextmanager
     def _dry_run(self) -> Iterator[None]:
         """Restore the random state and the parameters' ``.grad`` on exit."""
-        rng = pyro.util.get_rng_state()
+        rng = get_rng_state()
         grads = [(p, p.grad) for p in self._params.values()]
         try:
             yield
         finally:
             for p, g in grads:
                 p.grad = g
-            pyro.util.set_rng_state(rng)
+            set_rng_state(rng)
 
     def _catch_up(self, key: str, n: int, args: tuple, kwargs: dict) -> str:
         """Redo as dry runs the work that steps ``1..n-1`` with ``key`` did but this object did
@@ -386,7 +369,7 @@ class FastSVI:
             self._recorded.add(key)
         if mode in ("verify", "traced", "check") and key not in self._traced:
             self._compile(key, args, kwargs)  # restores the random state itself
-        if self._mode(n) in ("traced", "check") and not self._traced[key][2]:
+        if self._mode(n) in ("traced", "check") and not self._traced[key][0].verified:
             with self._dry_run():
                 self._verify(key, args, kwargs)
         return self._mode(n)
@@ -406,7 +389,7 @@ class FastSVI:
                 self._structure[key] = tuple(rec.sites)
                 self._recorded.add(key)
         elif mode == "traced":
-            value = self._backward(self._run_traced(key, args))
+            value = self._run_traced(key, args)
             self.traced_steps += 1
         elif mode == "verify":
             value = self._verify(key, args, kwargs)

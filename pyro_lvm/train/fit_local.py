@@ -11,20 +11,19 @@ import pyro
 import pyro.optim
 import torch
 from pyro.infer import ELBO
-from pyro.infer.util import torch_item
-from pyro.util import ignore_jit_warnings
 
-from pyro_lvm.guides.local import LocalGuide
-from pyro_lvm.train._tracing import (
+from pyro_lvm.capture import (
+    CaptureError,
     Recorder,
-    default_rtol,
+    capture,
+    drifted,
+    get_rng_state,
     input_key,
-    perturbed,
-    tensors_agree,
-    trace_inputs,
-    traceable_torch_item,
-    using_trace_inputs,
+    not_capturable,
+    set_rng_state,
+    verify,
 )
+from pyro_lvm.guides.local import LocalGuide
 from pyro_lvm.train.estimators import resolve_estimator
 
 __all__ = ["LocalOptResult", "optimize_local"]
@@ -50,145 +49,102 @@ class LocalOptResult:
         return float(self.converged.double().mean())
 
 
-class _TracedInnerLoss:
-    r"""The inner objective as a traced function of the local leaves, verified before use.
+class _CapturedInnerLoss:
+    r"""The inner objective and its leaf gradients as a captured graph, verified before use.
 
-    The estimator's ``differentiable_loss`` is traced with :func:`torch.jit.trace` once per
-    (estimator, model, guide, input signature), with the local leaves and the parameter
-    store's tensors as inputs, so a trace is reused across minibatches (θ is read at call
-    time). A trace is used only after its value and leaf gradients matched the eager ones
-    under one random state at the current leaves and at perturbed ones (as
-    :class:`~pyro_lvm.train.fast.FastSVI` verifies its traces); a failure keeps the eager
-    path for that signature. Tracing and verification are dry runs: the random state and
-    the leaves are restored. The first inner step of every later call runs eagerly and
-    compares the reused trace's value with the eager one under the same random state (a
-    forward pass): a trace that drifted since it was verified (a Python number it froze has
-    changed, e.g. a KL weight applied by hand with :func:`~pyro_lvm.handlers.kl_weight`) is
-    dropped and the reason logged.
+    The estimator's ``differentiable_loss`` is captured by :mod:`pyro_lvm.capture` once per
+    (estimator, model, guide, input signature), with the local leaves as the differentiated
+    inputs and the parameter store's tensors as further inputs, so a graph is reused across
+    minibatches (θ is read at call time). A graph is used only after
+    :func:`~pyro_lvm.capture.verify` accepted it; a failure keeps the eager path for that
+    signature. Capture and verification are dry runs: the random state and the leaves are
+    restored. The first inner step of every later call runs eagerly and compares the reused
+    graph's value with the eager one under the same random state
+    (:func:`~pyro_lvm.capture.drifted`): a graph that drifted since it was verified (a Python
+    number it froze has changed, e.g. a KL weight applied by hand with
+    :func:`~pyro_lvm.handlers.kl_weight`) is dropped and the reason logged.
     """
 
     _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-    #: traces kept per estimator (each holds its model and guide alive)
+    #: graphs kept per estimator (each holds its model and guide alive)
     max_entries = 8
 
     def __init__(self, estimator, model, guide, x, idx, leaves: dict[str, torch.Tensor]):
         self.estimator, self.model, self.guide, self.x, self.idx = estimator, model, guide, x, idx
         self.leaves = leaves
+        self.data = (x,) if idx is None else (x, idx)
         # the entry holds model and guide, so their ids stay theirs while it exists
         self.key = (id(model), id(guide), input_key((x, idx, *leaves.values()), {}))
         self.entry = self._cache.setdefault(estimator, {}).get(self.key)
+        self._other_tensors: list[torch.Tensor] | None = None
 
-    def eager(self) -> torch.Tensor:
+    def _fn(self, *data) -> torch.Tensor:
         with self.guide.local_override(**self.leaves):
-            return self.estimator.differentiable_loss(self.model, self.guide, self.x, self.idx)
+            return self.estimator.differentiable_loss(self.model, self.guide, *data)
 
-    def checked_eager(self) -> torch.Tensor:
-        """The eager objective; a reused trace is first compared with it (same random state,
-        forward only) and dropped if it no longer agrees."""
-        entry = self.entry
-        if entry is None or entry[0] is None:
+    def eager(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The eager objective and its leaf gradients."""
+        value = self._fn(*self.data)
+        return value, list(torch.autograd.grad(value, list(self.leaves.values())))
+
+    def checked_eager(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`eager`; a reused graph is first compared with it (same random state) and
+        dropped if it no longer agrees."""
+        if self.entry is None or self.entry[0] is None:
             return self.eager()
-        rng = pyro.util.get_rng_state()
-        with torch.no_grad():
-            traced = self.traced()
-        pyro.util.set_rng_state(rng)
-        eager = self.eager()
-        rtol = default_rtol(eager.dtype)
-        # the tolerance scales with |objective| when the trace was verified (see FastSVI)
-        value = float(eager.detach())
-        scale = max(abs(value), entry[3])
-        if abs(float(traced) - value) > rtol * scale:
+        rng = get_rng_state()
+        captured_value = self.captured()[0]
+        set_rng_state(rng)
+        value, grads = self.eager()
+        captured = self.entry[0]
+        if drifted(captured, float(captured_value), float(value.detach())):
             logger.info(
-                "optimize_local: the traced inner loss of %s no longer matches the eager one "
+                "optimize_local: the captured inner loss of %s no longer matches the eager one "
                 "(a Python value it froze has changed); this signature now runs eagerly",
                 type(self.estimator).__name__,
             )
-            self.entry = self._cache[self.estimator][self.key] = (None, [], entry[2], 0.0)
-        return eager
+            self.entry = self._cache[self.estimator][self.key] = (None, [], self.entry[2])
+        return value, grads
 
-    def _inputs(self, names: list[str]) -> tuple:
+    def _others(self, names: list[str]) -> list[torch.Tensor]:
         store = dict(pyro.get_param_store().named_parameters())
-        args = (self.x,) if self.idx is None else (self.x, self.idx)
-        extra = trace_inputs(self.estimator)  # e.g. a KL schedule's current β
-        return (*self.leaves.values(), *(store[n] for n in names), *args, *extra)
+        return [store[n] for n in names]
 
-    def traced(self) -> torch.Tensor | None:
-        """The traced objective, or ``None`` when this signature runs eagerly."""
-        if not getattr(self.estimator, "traceable", True):
-            return None  # the estimator keeps Python state across calls (e.g. HMC's step size)
+    def captured(self) -> tuple[torch.Tensor, list] | None:
+        """The captured objective and leaf gradients, or ``None`` when this signature runs
+        eagerly."""
+        if not_capturable(self.estimator) is not None:
+            return None  # e.g. HMC's adapted step size
         if self.entry is None:
             entries = self._cache[self.estimator]
             self.entry = entries[self.key] = self._compile()
             while len(entries) > self.max_entries:  # drop the oldest: it holds a model alive
                 del entries[next(iter(entries))]
-        compiled, names = self.entry[:2]
-        if compiled is None:
+        captured, names = self.entry[:2]
+        if captured is None:
             return None
-        # without the optimizing executor, whose symbolic gradients are slower than eager
-        # autograd here (0.77x vs 0.99x the hand-written loop, benchmarks/RESULTS.md)
-        with pyro.poutine.block(), torch.jit.optimized_execution(False):
-            return compiled(*self._inputs(names))
+        if self._other_tensors is None:  # θ's tensors do not change within one call
+            self._other_tensors = self._others(names)
+        return captured(list(self.leaves.values()), self._other_tensors, self.data)
 
     def _compile(self) -> tuple:
-        if not all(torch.is_tensor(v) for v in (self.x, *self.leaves.values())) or (
-            self.idx is not None and not torch.is_tensor(self.idx)
-        ):
-            return None, [], None, 0.0
-        rng = pyro.util.get_rng_state()
-        with Recorder() as rec, torch.no_grad():
-            self.eager()
-        pyro.util.set_rng_state(rng)
-        names = list(rec.params)
-        inputs = self._inputs(names)
-        n_leaves = len(self.leaves)
-        data_end = n_leaves + len(names) + (1 if self.idx is None else 2)
-
-        def fn(*args):
-            with ignore_jit_warnings(), using_trace_inputs(self.estimator, args[data_end:]):
-                leaves = dict(zip(self.leaves, args[:n_leaves], strict=True))
-                data = args[n_leaves + len(names) : data_end]
-                with self.guide.local_override(**leaves):
-                    return self.estimator.differentiable_loss(self.model, self.guide, *data)
-
+        """Capture and verify (a dry run); the entry ``(Captured | None, names, programs)``."""
+        programs = (self.model, self.guide)
+        rng = get_rng_state()
         try:
-            with (
-                pyro.validation_enabled(False),
-                pyro.poutine.block(),
-                traceable_torch_item(self.estimator),
-            ):
-                compiled = torch.jit.trace(fn, inputs, check_trace=False)
-        except Exception:  # any tracing failure keeps the eager path
-            return None, [], None, 0.0
+            with Recorder() as rec, torch.no_grad():
+                self._fn(*self.data)
+            names = list(rec.params)
+            leaves, others = list(self.leaves.values()), self._others(names)
+            captured = capture(self._fn, leaves, self.data, others=others, owner=self.estimator)
+            with pyro.validation_enabled(False):
+                verify(captured, self._fn, leaves, self.data, others=others)
+        except CaptureError as e:
+            logger.info("optimize_local runs %s eagerly: %s", type(self.estimator).__name__, e)
+            return None, [], programs
         finally:
-            pyro.util.set_rng_state(rng)
-        self.entry = (compiled, names, (self.model, self.guide), 0.0)
-        scale = self._verify()
-        if scale is None:
-            return None, [], (self.model, self.guide), 0.0
-        return compiled, names, (self.model, self.guide), scale
-
-    def _verify(self) -> float | None:
-        """Whether traced and eager objective and leaf gradients agree under one random state,
-        at a moved φ and at the current one: |objective| at the current φ if so, else None."""
-        leaves = list(self.leaves.values())
-        ok, scale = True, 0.0
-        try:
-            for moved in (True, False):
-                with perturbed(leaves if moved else [], shift=0.1):
-                    rng = pyro.util.get_rng_state()
-                    with pyro.validation_enabled(False):
-                        traced = self.traced()
-                        pyro.util.set_rng_state(rng)
-                        eager = self.eager()
-                    pyro.util.set_rng_state(rng)
-                    grads = torch.autograd.grad(traced, leaves)
-                    eager_grads = torch.autograd.grad(eager, leaves)
-                    rtol = default_rtol(eager.dtype)
-                    ok &= tensors_agree(traced, eager, grads, eager_grads, rtol)
-                    scale = abs(float(eager.detach()))
-        except Exception:
-            ok = False
-        return scale if ok else None
+            set_rng_state(rng)
+        return captured, names, programs
 
 
 def optimize_local(
@@ -235,8 +191,8 @@ def optimize_local(
     :param tol: relative-change tolerance (0 disables early stopping).
     :param lr_decay: Robbins-Monro decay, step t uses ``lr / (1 + lr_decay * t)``.
     :param callback: called as ``callback(step, active_mask)`` after every step.
-    :param jit: after the first (validated) step, use a traced objective, verified against
-        the eager one before use and cached per input signature (:class:`_TracedInnerLoss`).
+    :param jit: after the first (validated) step, use a captured objective, verified against
+        the eager one before use and cached per input signature (:class:`_CapturedInnerLoss`).
     :return: a :class:`LocalOptResult`.
     """
     if not isinstance(guide, LocalGuide):
@@ -259,16 +215,14 @@ def optimize_local(
     steps = torch.zeros(batch, dtype=torch.long)
     masks = [active.reshape((-1,) + (1,) * (p.dim() - 1)) for p in params]  # views of active
     objective = None
-    inner = _TracedInnerLoss(estimator, model, guide, x, idx, leaves)
+    inner = _CapturedInnerLoss(estimator, model, guide, x, idx, leaves)
     for step in range(int(max_steps)):
-        if step == 0:  # checks shapes and supports as the user asked (and a reused trace)
-            objective = inner.checked_eager() if jit else inner.eager()
+        if step == 0:  # checks shapes and supports as the user asked (and a reused graph)
+            objective, grads = inner.checked_eager() if jit else inner.eager()
         else:
             with pyro.validation_enabled(False):
-                objective = inner.traced() if jit else None
-                if objective is None:
-                    objective = inner.eager()
-        grads = torch.autograd.grad(objective, params)
+                out = inner.captured() if jit else None
+                objective, grads = inner.eager() if out is None else out
         with torch.no_grad():
             old = [p.clone() for p in params]
             for p, g in zip(params, grads, strict=True):
@@ -288,7 +242,7 @@ def optimize_local(
         if not bool(active.any()):
             break
     guide.set_params(idx, **{name: leaf.detach() for name, leaf in leaves.items()})
-    return LocalOptResult(steps=steps, converged=~active, loss=torch_item(objective))
+    return LocalOptResult(steps=steps, converged=~active, loss=float(objective.detach()))
 
 
 def __getattr__(name: str):

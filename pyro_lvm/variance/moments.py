@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -13,8 +12,18 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO
-from pyro.util import ignore_jit_warnings
 from tqdm import tqdm
+
+from pyro_lvm.capture import (
+    NEEDS_TENSORS,
+    Captured,
+    CaptureError,
+    capture,
+    get_rng_state,
+    not_capturable,
+    set_rng_state,
+    verify,
+)
 
 __all__ = ["GradientMoments", "GroupMoments", "gradient_moments", "parameter_groups"]
 
@@ -136,103 +145,50 @@ def _loop_draw(estimator: ELBO, model, guide, names, params, args, kwargs) -> li
     return [g.detach() for g in grads]
 
 
-def _traced_draw(compiled, params, extra, args) -> list[torch.Tensor]:
-    """One gradient draw through the traced loss (its random ops draw fresh noise).
-
-    The graph runs unoptimized: the profiling executor's first calls (profiling, then
-    compiling) cost ~100 draws on small models and the optimized graph was no faster here.
-    """
-    with poutine.block(), torch.jit.optimized_execution(False):
-        loss = compiled(*params, *extra, *args)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [g.detach() for g in grads]
+def _captured_draw(captured: Captured, params, extra, args) -> list[torch.Tensor]:
+    """One gradient draw through the captured graph (its random ops draw fresh noise)."""
+    return captured(params, extra, args)[1]
 
 
-def _grads_agree(a: list, b: list, rtol: float) -> bool:
-    for x, y in zip(a, b, strict=True):
-        if (x is None) != (y is None):
-            return False
-        if x is not None and not torch.allclose(x, y, rtol=rtol, atol=rtol * float(y.abs().max())):
-            return False
-    return True
-
-
-def _compile(estimator: ELBO, model, guide, params, args, kwargs, rtol: float):
-    """Trace ``differentiable_loss`` as a function of ``(*params, *args)`` and verify it.
+def _compile(estimator: ELBO, model, guide, params, args, kwargs, rtol: float | None):
+    """Capture ``differentiable_loss`` and its gradient with :mod:`pyro_lvm.capture`, verify it.
 
     Returns ``(draw, None)``, ``draw()`` giving one gradient draw, or ``(None, reason)``.
-    Tracing and the verification run the eager loss with the random state and the
-    estimator's ``state_dict`` (where it has one) restored afterwards, so the draws that
-    follow are those of the plain loop. The trace is checked under random states other than
-    the one it was recorded with (a value frozen from the recording's noise would show) and
-    at the current and at perturbed parameters (each scaled by ``1 + 0.3 ε``, ε from a
-    private generator; a value frozen from the parameters would show). Only gradients are
-    compared: they are the draws, and a loss *value* computed with ``torch_item`` is a
-    constant in a trace without changing them.
+    Capture and verification run the eager loss with the random state and the estimator's
+    ``state_dict`` (where it has one) restored afterwards, so the draws that follow are those
+    of the plain loop. Other parameters of the param store (e.g. a baseline network) are
+    inputs too; they get no gradient and stay unperturbed.
     """
-    if not callable(getattr(estimator, "differentiable_loss", None)):
-        return None, f"{type(estimator).__name__} has no differentiable_loss"
-    if kwargs or not all(torch.is_tensor(a) for a in args):
-        return None, "tracing needs positional tensor arguments only (no keywords, no None)"
+    reason = not_capturable(estimator)
+    if reason is not None:
+        return None, reason
+    if kwargs:
+        return None, NEEDS_TENSORS
     has_state = all(
         callable(getattr(estimator, m, None)) for m in ("state_dict", "load_state_dict")
     )
     state = estimator.state_dict() if has_state else None
-    rng = pyro.util.get_rng_state()
-    saved = [p.detach().clone() for p in params]
-    # other parameters (e.g. a baseline network) are inputs too: a trace cannot hold a
-    # tensor that requires grad as a constant; they get no gradient and stay unperturbed
+    rng = get_rng_state()
     ours = {id(p) for p in params}
     extra = [
         t
         for _, t in pyro.get_param_store().named_parameters()
         if t.requires_grad and id(t) not in ours
     ]
-    num = len(params) + len(extra)
 
-    def fn(*inputs):
-        with ignore_jit_warnings():  # active only while tracing
-            return estimator.differentiable_loss(model, guide, *inputs[num:])
-
-    def agree() -> bool:
-        before = pyro.util.get_rng_state()
-        traced = _traced_draw(compiled, params, extra, args)
-        pyro.util.set_rng_state(before)
-        loss = estimator.differentiable_loss(model, guide, *args)
-        eager = torch.autograd.grad(loss, params, allow_unused=True)
-        return _grads_agree(traced, eager, rtol)
+    def fn(*data):
+        return estimator.differentiable_loss(model, guide, *data)
 
     try:
-        with poutine.block(), torch.jit.optimized_execution(False), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "`torch.jit.trace` is deprecated", DeprecationWarning)
-            compiled = torch.jit.trace(fn, (*params, *extra, *args), check_trace=False)
-        gen = torch.Generator(device=params[0].device).manual_seed(0)
-        with torch.no_grad():
-            for p in params:
-                noise = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
-                p.mul_(1 + 0.3 * noise)
-        far = agree()
-        with torch.no_grad():
-            for p, v in zip(params, saved, strict=True):
-                p.copy_(v)
-        near = agree()
-    except Exception as e:  # any failure of tracing or verification keeps the loop
-        return None, f"tracing failed: {type(e).__name__}: {e}"
+        captured = capture(fn, params, args, others=extra, owner=estimator)
+        verify(captured, fn, params, args, others=extra, rtol=rtol)
+    except CaptureError as e:
+        return None, str(e)
     finally:
-        with torch.no_grad():
-            for p, v in zip(params, saved, strict=True):
-                p.copy_(v)
-        pyro.util.set_rng_state(rng)
+        set_rng_state(rng)
         if state is not None:
             estimator.load_state_dict(state)
-    if not (far and near):
-        where = "at perturbed parameters" if near else "at the current parameters"
-        return None, (
-            f"the traced gradient differs from the eager one {where} (rtol={rtol:.2g}): the "
-            "estimator or the programs keep Python-side state or Python numbers computed "
-            "from tensors (e.g. a decaying average baseline), which a trace freezes"
-        )
-    return functools.partial(_traced_draw, compiled, params, extra, args), None
+    return functools.partial(_captured_draw, captured, params, extra, args), None
 
 
 def gradient_moments(
@@ -270,12 +226,13 @@ def gradient_moments(
     ``loss_and_grads`` for estimators without it, e.g. ``TraceGraph_ELBO``); the K particles
     inside a draw are vectorized by the estimator itself. The first draw runs with Pyro's
     validation as the caller set it, the others with validation off. Then, with ``jit``, the
-    loss is traced once with :func:`torch.jit.trace` as a function of the parameters and the
-    data (its random ops draw fresh noise at every call, from the same global generator and
-    in the same order as the eager code) and verified against the eager gradient under
-    common random states, at the current and at perturbed parameters; a verified trace
-    computes draws 2..R (``result.path == "traced"``), else the eager loop does
-    (``"loop"``, with ``result.reason``). Tracing restores the random state and the
+    loss and its gradient are captured once by :mod:`pyro_lvm.capture` as a function of the
+    parameters and the data (its random ops draw fresh noise at every call, from the same
+    global generator and in the same order as the eager code) and verified against the
+    eager loss and gradient under common random states, at perturbed and at the current
+    parameters; a verified graph computes draws 2..R (``result.path == "traced"``), else
+    the eager loop does (``"loop"``, with ``result.reason``). Capture restores the random
+    state and the
     estimator's ``state_dict`` (where it has one), so both paths give the same draws under
     one seed, to rounding. An estimator whose Python-side state changes its gradient (a
     decaying-average baseline) fails the verification and keeps the loop.
@@ -305,7 +262,7 @@ def gradient_moments(
     :param name: label stored in the rows (defaults to the estimator's class name).
     :param keep_draws: keep the ``(R, P)`` draws per group in ``result.draws``.
     :param progress: show a tqdm progress bar.
-    :param jit: try the verified traced loss; ``False`` forces the loop.
+    :param jit: try the verified captured loss; ``False`` forces the loop.
     :param rtol: relative tolerance of the verification (default
         :math:`0.01\sqrt{\epsilon}` of the dtype: 1.5e-10 in float64, 3.5e-6 in float32).
 
@@ -340,8 +297,7 @@ def gradient_moments(
     with pyro.validation_enabled(False):
         compiled, reason = None, "jit=False"
         if jit:
-            tol = rtol or 0.01 * torch.finfo(params[0].dtype).eps ** 0.5
-            compiled, reason = _compile(estimator, model, guide, params, args, kwargs, tol)
+            compiled, reason = _compile(estimator, model, guide, params, args, kwargs, rtol)
         setup = time.perf_counter() - start
         start = time.perf_counter()
         bar = tqdm(range(num_draws - 1), disable=not progress, desc=label, leave=False)

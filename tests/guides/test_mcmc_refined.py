@@ -192,5 +192,5 @@ def test_fast_svi_runs_it_eagerly():
     svi = FastSVI(vae, vae.guide, pyro.optim.Adam({"lr": 1e-2}), est)
     for _ in range(4):
         assert math.isfinite(svi.step(x))
-    assert "traceable" in svi.jit_reason and svi.traced_steps == 0
+    assert "capturable" in svi.jit_reason and svi.traced_steps == 0
     assert len(est.acceptance_history) == 4 and est.step_size < 5.0

@@ -11,6 +11,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
+from pyro_lvm.capture import RuntimeInputs
 from pyro_lvm.elbo import ESTIMATORS, make_estimator
 from pyro_lvm.handlers import KLWeightedELBO, kl_weight
 from pyro_lvm.models import VAE
@@ -57,11 +58,32 @@ def test_same_losses_and_iterates_as_svi(name):
 
 
 class _FrozenValueELBO(Trace_ELBO):
-    """Right gradient, but a loss value that passes through a Python float (a trace freezes it)."""
+    """Right gradient, but a loss value that passes through NumPy (a graph freezes it)."""
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         loss = super().differentiable_loss(model, guide, *args, **kwargs)
-        return float(loss) + (loss - loss.detach())
+        return float(loss.detach().numpy()) + (loss - loss.detach())
+
+
+class _ItemELBO(Trace_ELBO):
+    """A loss value read with ``.item()``: the capture itself refuses it."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        loss = super().differentiable_loss(model, guide, *args, **kwargs)
+        return loss.item() + (loss - loss.detach())
+
+
+def test_a_value_read_with_item_fails_the_capture_and_runs_eagerly():
+    results = []
+    for cls in (SVI, FastSVI):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        vae = VAE(10, 2, (8,), num_data=N)
+        svi = cls(vae, vae.guide, pyro.optim.Adam({"lr": 0.05}), _ItemELBO())
+        results.append([svi.step(x, idx) for x, idx in _batches()])
+    assert svi.jit_reason.startswith("capture failed") and svi.traced_steps == 0
+    expected, got = torch.tensor(results[0]), torch.tensor(results[1])
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=0)
 
 
 def test_verification_rejects_a_trace_that_freezes_the_value():
@@ -330,11 +352,12 @@ def _kl_schedule_run(cls, by_hand, change_before, **kw):
 
 
 def test_a_kl_schedule_estimator_is_traced_with_beta_as_an_input():
-    assert KLWeightedELBO(Trace_ELBO(), 0.5).trace_inputs() == ()
-    (beta,) = KLWeightedELBO(Trace_ELBO(), lambda: 0.25).trace_inputs()
+    assert isinstance(KLWeightedELBO(Trace_ELBO(), 0.5), RuntimeInputs)
+    assert KLWeightedELBO(Trace_ELBO(), 0.5).runtime_inputs() == ()
+    (beta,) = KLWeightedELBO(Trace_ELBO(), lambda: 0.25).runtime_inputs()
     assert beta.shape == () and float(beta) == 0.25
-    assert KLWeightedELBO(Trace_ELBO(), lambda: 0.5).traceable
-    assert not KLWeightedELBO(make_estimator("hmc-refined"), 0.5).traceable
+    assert KLWeightedELBO(Trace_ELBO(), lambda: 0.5).capturable
+    assert not KLWeightedELBO(make_estimator("hmc-refined"), 0.5).capturable
     # steps: 1 record, 2 trace, 3 verify, 4-7 traced; β drops to 0.5 before step 5
     expected, _ = _kl_schedule_run(SVI, by_hand=False, change_before=5)
     got, svi = _kl_schedule_run(FastSVI, by_hand=False, change_before=5)
@@ -366,7 +389,7 @@ def test_the_check_tolerance_scales_with_the_verified_loss(monkeypatch, offset, 
     """Rounding differs between trace and eager by ~ε times the loss's *terms*; when they
     cancel, |loss| shrinks but the difference does not. The check's tolerance is relative to
     the larger of |loss| now and |loss| at verification, and that scale is saved."""
-    from pyro_lvm.train._tracing import default_rtol
+    from pyro_lvm.capture import default_rtol
 
     # steps: 1 record, 2 trace, 3 verify, 4-5 traced, 6 check
     batches = list(_batches())[:6]
@@ -380,13 +403,16 @@ def test_the_check_tolerance_scales_with_the_verified_loss(monkeypatch, offset, 
     scale = svi._check_scale[key]
     rtol = default_rtol(torch.get_default_dtype())
     assert scale > 0 and svi.traced_steps == 2
-    # the trace is off by `offset` times the check's tolerance, rtol × (verified |loss|),
+    # the graph is off by `offset` times the check's tolerance, rtol × (verified |loss|),
     # which is far above rtol × |loss| for a loss near zero
-    run_traced = svi._run_traced
+    captured = svi._captured
+
+    def off(key, args):
+        value, params, grads = captured(key, args)
+        return value * 0 + offset * rtol * scale, params, grads
+
     monkeypatch.setattr(FastSVI, "_eager", lambda self, a, k, validate: (0.0, _recording(self)))
-    monkeypatch.setattr(
-        svi, "_run_traced", lambda key, args: run_traced(key, args) * 0 + offset * rtol * scale
-    )
+    monkeypatch.setattr(svi, "_captured", off)
     svi.step(*batches[5])
     assert (svi.jit_reason is None) == kept
     if kept:
@@ -395,7 +421,7 @@ def test_the_check_tolerance_scales_with_the_verified_loss(monkeypatch, offset, 
 
 def _recording(svi):
     """A Recorder whose sites and parameters match the object's first step."""
-    from pyro_lvm.train._tracing import Recorder
+    from pyro_lvm.capture import Recorder
 
     rec = Recorder().__enter__()
     rec.__exit__(None, None, None)

@@ -36,7 +36,7 @@ class Counting(Trace_ELBO):
     Its state is Python-side, so a captured (traced) loss must not freeze it.
     """
 
-    traceable = False
+    capturable = False
 
     def __init__(self):
         super().__init__(vectorize_particles=True, max_plate_nesting=1)

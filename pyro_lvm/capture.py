@@ -1,0 +1,399 @@
+r"""The capture engine: a loss *and its gradient* as one flat aten graph, verified against eager.
+
+Pyro runs a model, a guide and an estimator as Python: messengers, trace objects and
+site dictionaries cost more than the arithmetic on small models. This module records
+that arithmetic once, as the graph of aten operations that the forward pass *and* the
+backward pass execute, and replays it with no Python from Pyro or autograd:
+
+.. math::
+
+    G(w, o, d, r) = \bigl(\hat L(w, o; d, r),\; \nabla_w \hat L(w, o; d, r)\bigr),
+
+where :math:`w` are the differentiated tensors (parameters or local leaves), :math:`o`
+further tensors the programs read (other parameters), :math:`d` the data and :math:`r` the
+run-time inputs of :class:`RuntimeInputs` (a KL schedule's β). The graph is built by
+:func:`torch.fx.experimental.proxy_tensor.make_fx` (the capture under ``torch.compile`` and
+``torch.export``) from a function that calls :func:`torch.autograd.grad`; ``backend=
+"inductor"`` compiles it with :func:`torch.compile` (``fallback_random``). Random operations
+stay operations: every call draws fresh noise from the global generator, in eager order.
+
+**One policy** (:class:`~pyro_lvm.train.FastSVI`, the per-datapoint inner loop and
+:func:`~pyro_lvm.variance.gradient_moments` use it):
+
+1. *Capture* once per (estimator, model, guide, input signature), under a random state of
+   its own (restored afterwards), with validation off and :func:`capture_patches` active.
+2. *Verify* (:func:`verify`): under one random state, the captured and the eager value and
+   gradients agree (:func:`tensors_agree`, ``rtol``) at a perturbed point
+   (:func:`perturbed`) and at the current one. Python numbers computed from tensors are
+   constants in a graph; the perturbed point and the fresh random state expose them.
+3. *Re-check* on the caller's schedule (:func:`drifted`): an eager value is compared with
+   the captured one, to ``rtol`` times the larger of |loss| now and at verification.
+4. *Fall back* to eager code on any failure, with the reason logged.
+
+References: Ansel et al. (2024), *PyTorch 2: Faster Machine Learning Through Dynamic Python
+Bytecode Transformation and Graph Compilation*, ASPLOS (make_fx, AOTAutograd, Inductor).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from numbers import Number
+from typing import Any, Protocol, runtime_checkable
+
+import pyro
+import pyro.infer.util
+import pyro.util
+import torch
+from pyro.poutine.messenger import Messenger
+from torch.fx.experimental.proxy_tensor import make_fx
+
+__all__ = [
+    "BACKENDS",
+    "CaptureError",
+    "Captured",
+    "Recorder",
+    "RuntimeInputs",
+    "capture",
+    "capture_patches",
+    "default_rtol",
+    "drifted",
+    "get_rng_state",
+    "input_key",
+    "not_capturable",
+    "perturbed",
+    "runtime_inputs",
+    "set_rng_state",
+    "tensors_agree",
+    "verify",
+]
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("aten", "inductor")  #: replay the make_fx graph, or compile it with torch.compile
+NEEDS_TENSORS = "capture needs positional tensor arguments only (no keywords, no None)"
+_CAPTURE_SEED = 20261203  # a random state other than any the verification uses
+
+
+class CaptureError(RuntimeError):
+    """Capture or verification failed; the message is the reason for the fallback."""
+
+
+@runtime_checkable
+class RuntimeInputs(Protocol):
+    """What an estimator or handler implements to feed values that change between steps.
+
+    A captured graph runs no Python from the estimator, so a value it computes in Python at
+    every step (the β of a KL schedule, a baseline) would be frozen at its captured value.
+    An estimator that implements this protocol hands such values over as tensors: the
+    engine reads :meth:`runtime_inputs` before every captured call and passes them to the
+    graph as inputs; while capturing, the estimator reads them back inside
+    :meth:`using_runtime_inputs`. Example: :class:`~pyro_lvm.handlers.KLWeightedELBO`.
+
+    An estimator whose Python state cannot be expressed so (an adapted HMC step size) sets
+    the class attribute ``capturable = False``; the engine then never captures it.
+    """
+
+    def runtime_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The current values, as tensors (``()`` when there are none)."""
+
+    def using_runtime_inputs(self, values: Sequence[torch.Tensor]) -> AbstractContextManager:
+        """A context in which the estimator reads ``values`` instead of computing them."""
+
+
+def get_rng_state() -> dict:
+    """The random state of a run: Pyro's (torch's CPU generator, ``random``, NumPy) and, once
+    CUDA is initialized, every CUDA device's generator (Pyro's omits those)."""
+    state = pyro.util.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state = {**state, "cuda": torch.cuda.get_rng_state_all()}
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`get_rng_state`."""
+    pyro.util.set_rng_state({k: v for k, v in state.items() if k != "cuda"})
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def runtime_inputs(owner: Any) -> tuple[torch.Tensor, ...]:
+    """``owner.runtime_inputs()`` for a :class:`RuntimeInputs`, else ``()``."""
+    return tuple(owner.runtime_inputs()) if isinstance(owner, RuntimeInputs) else ()
+
+
+def not_capturable(loss: Any) -> str | None:
+    """Why ``loss`` cannot be captured (no differentiable_loss, capturable = False), or None."""
+    if not callable(getattr(loss, "differentiable_loss", None)):
+        return f"{type(loss).__name__} has no differentiable_loss"
+    if not getattr(loss, "capturable", True):
+        return f"{type(loss).__name__} keeps Python state across steps (capturable = False)"
+    return None
+
+
+def _detached(x: Any) -> Any:  # torch_item while capturing: the value stays in the graph
+    return x if isinstance(x, Number) else x.detach()
+
+
+def _no_nan_check(value: Any, *args: Any, **kwargs: Any) -> Any:  # its test reads a value
+    return value
+
+
+_SWAPS = {"torch_item": (pyro.infer.util.torch_item, _detached)}
+_SWAPS["warn_if_nan"] = (pyro.util.warn_if_nan, _no_nan_check)
+
+
+@contextmanager
+def capture_patches(owner: Any = None) -> Iterator[None]:
+    """The one place where Pyro is adapted to capture; undone on exit.
+
+    Pyro's ``torch_item`` (a Python float of the loss value, ``.item()``) and
+    ``warn_if_nan`` (``if torch.isnan(x).any()``) read tensor values, which a graph cannot
+    record. Every loaded module of ``pyro`` and ``pyro_lvm``, and those of ``owner``'s
+    classes, that imported them gets ``torch_item`` → a detached tensor (so a loss value
+    stays in the graph and ``x - torch_item(x)`` keeps its gradient) and ``warn_if_nan`` →
+    the identity. Non-finite losses are still caught by the training loop's guard.
+    """
+    names = {c.__module__ for c in type(owner).__mro__} if owner is not None else set()
+    swapped = []
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name.startswith("pyro") or name in names):
+            continue
+        for attr, (original, replacement) in _SWAPS.items():
+            if getattr(module, attr, None) is original:
+                setattr(module, attr, replacement)
+                swapped.append((module, attr, original))
+    try:
+        yield
+    finally:
+        for module, attr, original in swapped:
+            setattr(module, attr, original)
+
+
+class Captured:
+    """A captured loss: ``captured(wrt, others, data) -> (value, grads)`` with no autograd.
+    ``scale`` is |loss| at verification; ``verified`` whether :func:`verify` accepted it."""
+
+    def __init__(self, graph: Callable, num_wrt: int, owner: Any, backend: str):
+        self.graph, self.num_wrt, self.owner, self.backend = graph, num_wrt, owner, backend
+        self.scale, self.verified = 0.0, False
+
+    def __call__(
+        self, wrt: Sequence[torch.Tensor], others: Sequence[torch.Tensor], data: Sequence
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        with torch.no_grad():
+            value, grads = self.graph(*wrt, *others, *data, *runtime_inputs(self.owner))
+        return value, list(grads)
+
+
+def capture(
+    fn: Callable[..., torch.Tensor],
+    wrt: Sequence[torch.Tensor],
+    data: Sequence[torch.Tensor],
+    *,
+    others: Sequence[torch.Tensor] = (),
+    owner: Any = None,
+    backend: str = "aten",
+) -> Captured:
+    """Capture ``fn(*data)`` (a scalar loss reading ``wrt`` and ``others`` by identity) and its
+    gradient with respect to ``wrt`` as one graph.
+
+    Runs ``fn`` once, with validation off, Pyro's effects blocked, :func:`capture_patches`
+    active and a random state of its own (the caller's is restored). Unused ``wrt`` get a
+    ``None`` gradient.
+
+    :param owner: the estimator, read for :class:`RuntimeInputs` and patched by
+        :func:`capture_patches`.
+    :param backend: one of :data:`BACKENDS`.
+    :raises CaptureError: naming the failure (a tensor read is data-dependent, ...).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not all(torch.is_tensor(t) for t in (*wrt, *data)):
+        raise CaptureError(NEEDS_TENSORS)
+    wrt, others, data = list(wrt), list(others), list(data)
+    extra = runtime_inputs(owner)
+    n_wrt, n_in = len(wrt), len(wrt) + len(others) + len(data)
+    use = getattr(owner, "using_runtime_inputs", None) if extra else None
+
+    def both(*inputs):
+        with use(inputs[n_in:]) if use is not None else nullcontext():
+            value = fn(*inputs[n_wrt + len(others) : n_in])
+        grads = torch.autograd.grad(value, inputs[:n_wrt], allow_unused=True)
+        return value.detach(), grads
+
+    rng = get_rng_state()
+    try:
+        pyro.set_rng_seed(_CAPTURE_SEED)
+        with pyro.validation_enabled(False), pyro.poutine.block(), capture_patches(owner):
+            graph = make_fx(both)(*wrt, *others, *data, *extra)
+        _prune(graph)
+        if backend == "inductor":  # compiled at its first call, here
+            with torch.no_grad(), warnings.catch_warnings():
+                # modules of torch that Inductor imports still warn about TorchScript
+                warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
+                graph = torch.compile(graph, dynamic=False, options={"fallback_random": True})
+                graph(*wrt, *others, *data, *extra)
+    except Exception as e:  # any capture failure keeps the eager path
+        raise CaptureError(f"capture failed: {type(e).__name__}: {e}") from e
+    finally:
+        set_rng_state(rng)
+    return Captured(graph, n_wrt, owner, backend)
+
+
+def _prune(graph: torch.fx.GraphModule) -> None:
+    """Drop what a replay without autograd does not need: ``detach`` (an alias there) and
+    unused nodes (random ones are impure and stay). A few per cent of a small step."""
+    for node in list(graph.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.detach.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.graph.erase_node(node)
+    graph.graph.eliminate_dead_code()
+    graph.recompile()
+
+
+def verify(
+    captured: Captured,
+    fn: Callable[..., torch.Tensor],
+    wrt: Sequence[torch.Tensor],
+    data: Sequence[torch.Tensor],
+    *,
+    others: Sequence[torch.Tensor] = (),
+    rtol: float | None = None,
+) -> tuple[float, list[torch.Tensor | None]]:
+    """Accept ``captured`` if it agrees with the eager ``fn`` at a perturbed and the current point.
+
+    At each point the random state is saved, the captured value and gradients computed, the
+    state restored and the eager ones computed (so both draw the same noise), and compared
+    with :func:`tensors_agree`. The perturbation moves ``wrt`` (:func:`perturbed`, a private
+    generator, restored after). On success ``captured.scale`` is |loss| at the current point.
+
+    :returns: the eager value (a float) and gradients at the current point, whose random
+        draws are those of an eager step.
+    :raises CaptureError: saying where the two differ.
+    """
+    rtol = rtol or default_rtol(wrt[0].dtype)
+    rng = get_rng_state()
+    try:
+        with perturbed(wrt, shift=0.1):
+            far, _, _ = _agree(captured, fn, wrt, others, data, rtol)
+    finally:
+        set_rng_state(rng)
+    near, value, grads = _agree(captured, fn, wrt, others, data, rtol)
+    if not (far and near):
+        where = "at perturbed parameters" if near else "at the current parameters"
+        raise CaptureError(
+            f"the captured loss or its gradient differs from the eager one {where} "
+            f"(rtol={rtol:.2g}): the estimator or the programs use Python numbers computed "
+            "from tensors or Python-side state, which a graph freezes"
+        )
+    captured.scale, captured.verified = abs(value), True
+    return value, grads
+
+
+def _agree(captured, fn, wrt, others, data, rtol) -> tuple[bool, float, list]:
+    rng = get_rng_state()
+    try:
+        value, grads = captured(wrt, others, data)
+    except Exception as e:  # any failure keeps the eager path
+        raise CaptureError(f"the captured loss failed: {type(e).__name__}: {e}") from e
+    finally:
+        set_rng_state(rng)
+    eager = fn(*data)
+    eager_grads = list(torch.autograd.grad(eager, wrt, allow_unused=True))
+    ok = tensors_agree(value, eager, grads, eager_grads, rtol)
+    return ok, float(eager.detach()), eager_grads
+
+
+def drifted(captured: Captured, value: float, eager_value: float, rtol: float = 0.0) -> bool:
+    """Whether a captured ``value`` no longer matches the eager one (same random state). Graph
+    and eager rounding differ by ~ε times the loss's *terms*, which can cancel to a much smaller
+    total, so the tolerance is ``rtol`` times the larger of |loss| now and at verification."""
+    rtol = rtol or default_rtol(torch.get_default_dtype())
+    return abs(value - eager_value) > rtol * max(abs(eager_value), captured.scale)
+
+
+class Recorder(Messenger):
+    """Record the structure of a run: sample sites (name, shape, observed) and parameters."""
+
+    def __enter__(self):
+        self.sites: list[tuple] = []
+        self.params: dict[str, torch.Tensor] = {}
+        return super().__enter__()
+
+    def _postprocess_message(self, msg: dict) -> None:
+        if msg["type"] == "sample":
+            value = msg["value"]
+            shape = tuple(value.shape) if torch.is_tensor(value) else ()
+            self.sites.append((msg["name"], shape, bool(msg["is_observed"])))
+        elif msg["type"] == "param":
+            value = msg["value"]
+            self.params[msg["name"]] = (
+                value.unconstrained() if hasattr(value, "unconstrained") else value
+            )
+
+
+def input_key(args: tuple, kwargs: dict) -> str:
+    """The input signature as a string (saved by checkpoints): shapes, dtypes and devices of
+    tensors, other hashable values by ``repr``, unhashable ones by ``id``."""
+
+    def one(v: Any) -> Any:
+        if torch.is_tensor(v):
+            return ("tensor", tuple(v.shape), v.dtype, v.device)
+        try:
+            hash(v)
+            return v
+        except TypeError:
+            return ("id", id(v))
+
+    return repr((tuple(map(one, args)), tuple((k, one(v)) for k, v in sorted(kwargs.items()))))
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Relative tolerance of a verification: 1% of √ε of ``dtype`` (3.5e-6 in float32)."""
+    return 0.01 * torch.finfo(dtype).eps ** 0.5
+
+
+def tensors_agree(
+    value: torch.Tensor,
+    reference: torch.Tensor,
+    grads: Sequence[torch.Tensor | None],
+    reference_grads: Sequence[torch.Tensor | None],
+    rtol: float,
+) -> bool:
+    """Whether a captured loss and its gradients match the eager ones.
+
+    Values compare at ``rtol``; each gradient at ``rtol`` with an absolute floor of ``rtol``
+    times the reference gradient's largest entry. A gradient present on one side only is a
+    mismatch.
+    """
+    close = bool(torch.allclose(value.detach(), reference.detach().to(value.dtype), rtol=rtol))
+    for g, h in zip(grads, reference_grads, strict=True):
+        if (g is None) != (h is None):
+            return False
+        if g is not None:
+            close &= bool(torch.allclose(g, h, rtol=rtol, atol=rtol * float(h.abs().max())))
+    return close
+
+
+@contextmanager
+def perturbed(tensors: Sequence[torch.Tensor], shift: float = 0.1) -> Iterator[None]:
+    """Move ``tensors`` in place to ``t (1 + 0.3 ε) + shift ε`` and restore them on exit; ε is
+    standard normal from a private generator (seed 0), so the run's random stream is untouched.
+    ``shift`` moves entries that are exactly zero (fresh biases, local means)."""
+    saved = [t.detach().clone() for t in tensors]
+    device = tensors[0].device if tensors else "cpu"
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for t in tensors:
+            noise = torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype)
+            t.mul_(1 + 0.3 * noise).add_(shift * noise)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, v in zip(tensors, saved, strict=True):
+                t.copy_(v)
