@@ -8,19 +8,19 @@ from numbers import Number
 
 import torch
 from pyro import poutine
-from pyro.distributions.util import detach, is_identically_zero, scale_and_mask
+from pyro.distributions.util import is_identically_zero
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine import Trace
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
 
-from pyro_lvm.elbo.base import DerivedLossMixin
+from pyro_lvm.elbo.base import PARTICLE_PLATE, Estimator, stopped_log_prob
 
-__all__ = ["LogWeights", "MultiSampleELBO", "PARTICLE_PLATE", "SamplePathScale"]
+__all__ = ["LogWeights", "MultiSampleELBO", "PARTICLE_PLATE", "SamplePathScale", "log_weights"]
 
-#: name of the plate that :class:`pyro.infer.ELBO` wraps around vectorized particles
-PARTICLE_PLATE = "num_particles_vectorized"
+#: key of a guide site holding the alias of its value that the model saw (DReG)
+ALIAS = "_pyro_lvm_path_alias"
 
 
 @dataclass
@@ -162,6 +162,13 @@ class _Reducer:
             for frame in site_frames:
                 if not _is_subsampled(frame):
                     continue
+                if not frame.vectorized:
+                    raise ValueError(
+                        f"plate {frame.name!r} (around site {name!r}) is subsampled and "
+                        "sequential (iterated in Python): a multi-sample bound combines particles "
+                        "per data point of a vectorized plate. Use `with pyro.plate(...)` (give "
+                        "it a dim=) instead of iterating over it, or do not subsample it"
+                    )
                 if frame not in common:
                     outside = next(
                         n for (n, _), fs in zip(sites, frames, strict=True) if frame not in fs
@@ -171,11 +178,6 @@ class _Reducer:
                         f"{outside!r}: a multi-sample bound combines particles per data point "
                         "of a plate that encloses every site. Either move every site inside "
                         f"plate {frame.name!r} or do not subsample it (site {name!r} is in it)."
-                    )
-                if not frame.vectorized:
-                    raise ValueError(
-                        f"plate {frame.name!r} (around site {name!r}) is subsampled but "
-                        "sequential; give it a dim= so particles can be combined per data point"
                     )
         common = sorted((f for f in common if f.vectorized), key=lambda f: f.dim)
         self.scale = float(math.prod(f.full_size / f.size for f in common if _is_subsampled(f)))
@@ -213,13 +215,16 @@ def log_weights(
     model_trace: Trace,
     guide_trace: Trace,
     stop_guide: bool = False,
+    estimator: str = "this estimator",
 ) -> LogWeights:
     """Per-particle, per-datapoint log importance weights of a (model, guide) trace pair.
 
     :param model_trace: the model replayed against ``guide_trace`` (log-probs computed).
     :param guide_trace: the guide trace (score parts computed), subsample sites pruned.
     :param stop_guide: also compute ``log_w_stop`` (guide densities with stopped parameters).
-    :raises ValueError: on subsampling in a plate that does not enclose every site.
+    :param estimator: the caller's name, for error messages.
+    :raises ValueError: on subsampling in a plate that does not enclose every site, or a
+        guide density that cannot be rescored with stopped parameters.
     """
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
     reduce = _Reducer(model_sites + guide_sites)
@@ -235,10 +240,10 @@ def log_weights(
             if stop_guide:
                 log_q_stop = log_q_stop + reduce(site["log_prob"])
         elif stop_guide:
-            stopped = detach(site["fn"]).log_prob(site["value"], *site["args"], **site["kwargs"])
-            stopped = scale_and_mask(stopped, site["scale"], site["mask"])
+            stopped = stopped_log_prob(site, estimator, site.get(ALIAS))
             log_q_stop = log_q_stop + reduce(stopped)
-    like = next(site["log_prob"] for _, site in model_sites + guide_sites)
+    # an empty model and guide: log w = 0 for every particle (the bound is 0, as Trace_ELBO's)
+    like = next((site["log_prob"] for _, site in model_sites + guide_sites), torch.zeros(()))
     log_w = reduce.finish(log_p - log_q, like)
     log_w_stop = reduce.finish(log_p - log_q_stop, like) if stop_guide else None
     return LogWeights(
@@ -252,7 +257,7 @@ def log_weights(
     )
 
 
-class MultiSampleELBO(DerivedLossMixin, ELBO):
+class MultiSampleELBO(Estimator, ELBO):
     r"""Base class of bounds that combine ``K`` particles per data point.
 
     A subclass implements one method, :meth:`_bound_and_surrogate`, which maps the
@@ -275,8 +280,6 @@ class MultiSampleELBO(DerivedLossMixin, ELBO):
     :raises ValueError: on ``num_particles`` below ``min_particles``.
     """
 
-    #: the smallest number of particles the estimator accepts
-    min_particles = 1
     #: whether the estimator needs ``log_w_stop``
     _stop_guide = False
     #: whether the estimator rescales the gradient along the sample path
@@ -291,15 +294,8 @@ class MultiSampleELBO(DerivedLossMixin, ELBO):
         vectorize_particles: bool = True,
         **kwargs,
     ):
-        if isinstance(num_particles, bool) or not isinstance(num_particles, int | torch.Tensor):
-            raise ValueError(f"num_particles must be an integer, got {num_particles!r}")
-        if int(num_particles) < self.min_particles:
-            raise ValueError(
-                f"{type(self).__name__} needs num_particles >= {self.min_particles}, got "
-                f"{num_particles}; pass num_particles={max(self.min_particles, 2)} or more"
-            )
         super().__init__(
-            num_particles=int(num_particles),
+            num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
             **kwargs,
@@ -311,18 +307,22 @@ class MultiSampleELBO(DerivedLossMixin, ELBO):
         Mirrors :func:`pyro.infer.enum.get_importance_trace`.
         """
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        handle = self._sample_path
+        handle, replayed = self._sample_path, guide_trace
         if handle is not None:
+            # the model (and the stopped guide density) see an alias of each sample; the guide
+            # trace keeps the sample itself, which distributions may cache by identity
             handle.new_trace()
-            for site in guide_trace.nodes.values():
+            replayed = guide_trace.copy()
+            for name, site in guide_trace.nodes.items():
                 if (
                     site["type"] == "sample"
                     and not site["is_observed"]
                     and not site_is_subsample(site)
                     and getattr(site["fn"], "has_rsample", False)
                 ):
-                    site["value"] = handle.attach(site["value"], site["fn"].event_dim)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                    site[ALIAS] = handle.attach(site["value"], site["fn"].event_dim)
+                    replayed.nodes[name] = dict(site, value=site[ALIAS])
+        model_trace = poutine.trace(poutine.replay(model, trace=replayed)).get_trace(
             *args, **kwargs
         )
         if is_validation_enabled():
@@ -343,7 +343,7 @@ class MultiSampleELBO(DerivedLossMixin, ELBO):
         handle = self._sample_path = SamplePathScale() if self._rescale_sample_path else None
         try:
             parts = [
-                log_weights(model_trace, guide_trace, self._stop_guide)
+                log_weights(model_trace, guide_trace, self._stop_guide, type(self).__name__)
                 for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs)
             ]
         finally:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pyro_lvm.elbo.iwae import IWAE
+from pyro_lvm.elbo.renyi import RenyiBound
 from pyro_lvm.elbo.vimco import VIMCO
 from tests.elbo.test_multisample import (
     cat_exact_iwae,
@@ -42,8 +43,13 @@ def exact_logit_grad():
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: VIMCO(K, max_plate_nesting=1), lambda: IWAE(K, max_plate_nesting=1)],
-    ids=["vimco", "iwae-score-function"],
+    [
+        lambda: VIMCO(K, max_plate_nesting=1),
+        lambda: IWAE(K, max_plate_nesting=1),
+        lambda: IWAE(K, score_baseline="none", max_plate_nesting=1),
+        lambda: RenyiBound(0.0, K, max_plate_nesting=1),
+    ],
+    ids=["vimco", "iwae-loo", "iwae-no-baseline", "renyi-alpha0"],
 )
 def test_mean_gradient_equals_exact_iwae_gradient(make):
     rows = 4000
@@ -58,13 +64,22 @@ def test_mean_gradient_equals_exact_iwae_gradient(make):
 def test_vimco_has_lower_variance_than_plain_score_function():
     rows = 4000
     _, vimco, _ = per_row_logit_grads(VIMCO(K, max_plate_nesting=1), rows)
-    _, iwae, _ = per_row_logit_grads(IWAE(K, max_plate_nesting=1), rows)
-    assert (vimco["logits"].var(0) < iwae["logits"].var(0)).all()
+    _, plain, _ = per_row_logit_grads(IWAE(K, score_baseline="none", max_plate_nesting=1), rows)
+    assert (vimco["logits"].var(0) < plain["logits"].var(0)).all()
+
+
+def test_iwae_and_renyi_at_discrete_sites_are_vimco_under_one_seed():
+    """The leave-one-out score term is the default of the whole Rényi family (α = 0: VIMCO)."""
+    _, vimco, _ = per_row_logit_grads(VIMCO(K, max_plate_nesting=1), 7)
+    for other in (IWAE(K, max_plate_nesting=1), RenyiBound(0.0, K, max_plate_nesting=1)):
+        _, grads, _ = per_row_logit_grads(other, 7)
+        for name, value in vimco.items():
+            assert torch.allclose(grads[name], value, rtol=1e-10, atol=1e-12), name
 
 
 def test_model_gradients_equal_iwae_under_one_seed():
     _, vimco, _ = per_row_logit_grads(VIMCO(K, max_plate_nesting=1), 7)
-    _, iwae, _ = per_row_logit_grads(IWAE(K, max_plate_nesting=1), 7)
+    _, iwae, _ = per_row_logit_grads(IWAE(K, score_baseline="none", max_plate_nesting=1), 7)
     for name in ("locs", "prior_logits"):
         assert torch.allclose(vimco[name], iwae[name], rtol=1e-10, atol=1e-12)
     assert not torch.allclose(vimco["logits"], iwae["logits"])
