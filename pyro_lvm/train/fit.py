@@ -18,7 +18,7 @@ from pyro.optim import PyroOptim
 from tqdm import tqdm
 
 from pyro_lvm.data import Minibatches
-from pyro_lvm.elbo import make_estimator
+from pyro_lvm.elbo import make_estimator, prepare_for_fit
 from pyro_lvm.train.checkpoint import load_checkpoint, save_checkpoint
 from pyro_lvm.train.fast import FastSVI
 from pyro_lvm.train.history import FitHistory
@@ -206,10 +206,12 @@ def fit(
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint path to resume from")
     estimator, loss_name = _resolve_loss(loss, num_particles)
+    # Pyro ELBOs whose loss is not a bound are adapted, those that cannot train refused
+    estimator = prepare_for_fit(estimator, train_data.shape[0], int(batch_size))
     if valid_loss is None:
         valid_estimator = estimator
     elif isinstance(valid_loss, ELBO):
-        valid_estimator = valid_loss
+        valid_estimator = prepare_for_fit(valid_loss)
     else:
         valid_estimator = _resolve_loss(valid_loss, num_particles)[0]
     if optimizer is None:
