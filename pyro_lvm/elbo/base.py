@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from pyro.distributions.util import detach, scale_and_mask
+from pyro.distributions.util import detach, is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO
 from pyro.infer.util import torch_item
 from pyro.poutine.messenger import Messenger
@@ -36,6 +36,7 @@ __all__ = [
     "SurrogateELBO",
     "check_num_particles",
     "particle_dim",
+    "require_reparameterized",
     "stopped_log_prob",
 ]
 
@@ -89,6 +90,26 @@ def stopped_log_prob(site: dict, estimator: str, value: torch.Tensor | None = No
             "invertible transform (e.g. affine_autoregressive)"
         ) from e
     return scale_and_mask(log_q, site["scale"], site["mask"])
+
+
+def require_reparameterized(guide_trace, estimator: str) -> None:
+    """Raise a ``ValueError`` naming the guide sites that are not fully reparameterized:
+    no ``rsample``, or ``score_parts`` with a score-function term (rejection samplers)."""
+    bad = []
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or isinstance(site["fn"], _Subsample):
+            continue
+        parts = site.get("score_parts")
+        if not site["fn"].has_rsample or (
+            parts is not None and not is_identically_zero(parts.score_function)
+        ):
+            bad.append(name)
+    if bad:
+        raise ValueError(
+            f"{estimator} needs fully reparameterized guide sites, but {bad} have no rsample or "
+            "carry a score-function term (e.g. a rejection sampler); use 'elbo', 'iwae' or "
+            "'vimco', which add the score-function term"
+        )
 
 
 class DetachSamples(Messenger):

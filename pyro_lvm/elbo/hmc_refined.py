@@ -9,7 +9,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
 
-from pyro_lvm.elbo.base import SurrogateELBO
+from pyro_lvm.elbo.base import SurrogateELBO, require_reparameterized
 from pyro_lvm.elbo.registry import register
 
 __all__ = ["HMCRefinedELBO"]
@@ -194,9 +194,7 @@ class HMCRefinedELBO(SurrogateELBO):
             for name, site in guide_trace.nodes.items()
             if site["type"] == "sample" and not site["is_observed"]
         }
-        for name in latents:
-            if not guide_trace.nodes[name]["fn"].has_rsample:
-                raise ValueError(f"HMCRefinedELBO needs a reparameterized guide; {name!r} is not")
+        require_reparameterized(guide_trace, "HMCRefinedELBO")
         elbo = torch.as_tensor(model_trace.log_prob_sum() - guide_trace.log_prob_sum())
         surrogate = elbo
         if self.num_hmc_steps > 0 and latents:

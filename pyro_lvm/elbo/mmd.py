@@ -8,7 +8,7 @@ from typing import Literal
 import pyro.poutine as poutine
 import torch
 
-from pyro_lvm.elbo.base import SurrogateELBO
+from pyro_lvm.elbo.base import SurrogateELBO, require_reparameterized
 from pyro_lvm.elbo.registry import register
 
 __all__ = ["MMDELBO", "InfoVAE", "WAEMMD", "mmd"]
@@ -141,10 +141,9 @@ class MMDELBO(SurrogateELBO):
                 term = term - site["log_prob_sum"]
             elif self.kl_weight:
                 term = term - self.kl_weight * site["log_prob_sum"]
+        require_reparameterized(guide_trace, type(self).__name__)
         for name in latents:
             site = guide_trace.nodes[name]
-            if not site["fn"].has_rsample:
-                raise ValueError(f"MMD objectives need reparameterized latents; {name!r} is not")
             if self.kl_weight:
                 term = term + self.kl_weight * site["log_prob_sum"]
         if self.mmd_weight:
@@ -161,7 +160,15 @@ class MMDELBO(SurrogateELBO):
             # zq holds P particles x B points; the bound's terms are summed over particles
             # and divided by P by the base, so the penalty is counted P times here.
             num_particles = max(zq.shape[0] // zp.shape[0], 1)
-            scale = torch.as_tensor(model_trace.nodes[latents[0]]["scale"]).mean()
+            # the data plate's subsample scale, read at an observed site: a latent site's scale
+            # also carries a KL weight (KLWeightedELBO), which must not reweigh the MMD
+            observed = [
+                site
+                for site in model_trace.nodes.values()
+                if site["type"] == "sample" and site["is_observed"]
+            ]
+            reference = observed[0] if observed else model_trace.nodes[latents[0]]
+            scale = torch.as_tensor(reference["scale"]).mean()
             num_data = scale * zp.shape[0]
             penalty = mmd(zq, zp, self.kernel, self.bandwidth)
             term = term + self.mmd_weight * num_data * num_particles * penalty
