@@ -6,7 +6,13 @@ once with :func:`register`; ``ESTIMATORS`` maps a name to a factory
 and capabilities.
 """
 
-from pyro_lvm.elbo.base import Estimator, SurrogateELBO
+from pyro_lvm.elbo.base import (
+    Estimator,
+    Stateful,
+    SurrogateELBO,
+    estimator_state,
+    load_estimator_state,
+)
 from pyro_lvm.elbo.baselines import DecayingAverageBaseline, NVILBaseline
 from pyro_lvm.elbo.hmc_refined import HMCRefinedELBO
 from pyro_lvm.elbo.iwae import IWAE
@@ -54,12 +60,15 @@ __all__ = [
     "REFINED_NAMES",
     "RenyiBound",
     "SPECS",
+    "Stateful",
     "STL",
     "ScoreFunctionELBO",
     "SurrogateELBO",
     "VIMCO",
     "WAEMMD",
+    "estimator_state",
     "estimator_table",
+    "load_estimator_state",
     "log_weights",
     "make_estimator",
     "mmd",

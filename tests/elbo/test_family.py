@@ -129,6 +129,17 @@ def test_state_round_trips_and_loss_leaves_it_unchanged(name):
         fresh.load_state_dict({"nonsense": 1})
 
 
+def test_checkpoint_protocol_covers_every_estimator():
+    """What a checkpoint stores: the state of ours, {} for Pyro's; a stale state is refused."""
+    for name in NAMES:
+        est = make_estimator(name, _k(name))
+        state = E.estimator_state(est)
+        assert isinstance(est, E.Stateful) == (name not in PYRO_NAMES) and _plain(state)
+        E.load_estimator_state(est, state)
+    with pytest.raises(ValueError, match="keeps no state"):
+        E.load_estimator_state(Trace_ELBO(), {"step_size": 0.1})
+
+
 def test_hmc_step_size_adapts_on_the_gradient_path_only():
     model, guide, x = _setup()
     est = make_estimator("hmc-refined", num_hmc_steps=2, step_size=5.0)
