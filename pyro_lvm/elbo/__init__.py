@@ -17,7 +17,12 @@ from pyro_lvm.elbo.baselines import DecayingAverageBaseline, NVILBaseline
 from pyro_lvm.elbo.hmc_refined import HMCRefinedELBO
 from pyro_lvm.elbo.iwae import IWAE
 from pyro_lvm.elbo.mmd import MMDELBO, WAEMMD, InfoVAE, mmd
-from pyro_lvm.elbo.multisample import LogWeights, MultiSampleELBO, log_weights
+from pyro_lvm.elbo.multisample import (
+    LogWeights,
+    MultiSampleELBO,
+    iter_importance_weights,
+    log_weights,
+)
 from pyro_lvm.elbo.pyro_elbos import prepare_for_fit
 from pyro_lvm.elbo.registry import (
     ESTIMATORS,
@@ -68,6 +73,7 @@ __all__ = [
     "WAEMMD",
     "estimator_state",
     "estimator_table",
+    "iter_importance_weights",
     "load_estimator_state",
     "log_weights",
     "make_estimator",

@@ -70,6 +70,28 @@ class LogWeights:
         value = scale_and_mask(value, site["scale"], site["mask"])
         return self.reducer.finish(self.reducer(value), self.log_w)
 
+    def per_row(self, rows: int, term: torch.Tensor | None = None) -> torch.Tensor:
+        """``log_w`` (or a ``term`` of its shape) as ``(K, rows)``: the outermost plate
+        enclosing every site must have one entry per data row; inner plates are summed.
+
+        :raises ValueError: naming the sites outside such a plate (a global latent).
+        """
+        log_w = self.log_w
+        if log_w.dim() < 2 or log_w.shape[1] != rows:
+            outside = sorted(
+                name
+                for name, fs in self.reducer.site_frames.items()
+                if not any(f.size == rows for f in fs)
+            )
+            raise ValueError(
+                f"sample site(s) {outside} are outside the data plate (no plate of size {rows}, "
+                "the rows of x, encloses them), so they have no per-datapoint log-probability "
+                "(a global latent couples all data points); put every site inside "
+                "pyro_lvm.plates.data_plate or make it a parameter for evaluation"
+            )
+        term = log_w if term is None else term
+        return term.reshape(log_w.shape[0], rows, -1).sum(-1)
+
     def per_datapoint_scaled(self, site: dict) -> torch.Tensor:
         """The site's (scaled) ``log_prob`` as ``(K, *plates)``, scale divided out."""
         return self.reducer.finish(self.reducer(site["log_prob"]), self.log_w)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import torch
@@ -21,7 +22,14 @@ from pyro_lvm.elbo.log_weights import (
     log_weights,
 )
 
-__all__ = ["LogWeights", "MultiSampleELBO", "PARTICLE_PLATE", "SamplePathScale", "log_weights"]
+__all__ = [
+    "LogWeights",
+    "MultiSampleELBO",
+    "PARTICLE_PLATE",
+    "SamplePathScale",
+    "iter_importance_weights",
+    "log_weights",
+]
 
 
 class MultiSampleELBO(Estimator, ELBO):
@@ -180,3 +188,60 @@ class MultiSampleELBO(Estimator, ELBO):
         loss = -weights.scale * per_datapoint.sum()
         warn_if_nan(loss, "loss")
         return loss
+
+
+class _Engine(MultiSampleELBO):
+    """The multi-sample machinery without a bound: log weights for evaluation."""
+
+    def _bound_and_surrogate(self, weights: LogWeights):  # pragma: no cover - never a loss
+        raise NotImplementedError("the evaluation engine computes weights, not a bound")
+
+
+def _chunks(n: int, size: int | None) -> Iterator[slice]:
+    size = n if size is None else int(size)
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def iter_importance_weights(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    num_samples: int,
+    sample_chunk: int | None = None,
+    data_chunk: int | None = None,
+    idx: torch.Tensor | None = None,
+    max_plate_nesting: int | None = None,
+) -> Iterator[tuple[slice, LogWeights]]:
+    """Yield ``(rows, weights)``: the :class:`LogWeights` of up to ``sample_chunk`` guide draws
+    for the rows ``x[rows]``, chunk by chunk, from the multi-sample bounds' own machinery.
+
+    ``model(x[rows], idx[rows])`` and the guide are traced with the particles vectorized;
+    :meth:`LogWeights.per_row` gives ``(K, len(rows))`` tensors. ``max_plate_nesting`` (the
+    model's, particles excluded) is guessed once by a dry run, as Pyro's ELBOs do, unless
+    given. Run under ``torch.no_grad()`` to evaluate.
+
+    :raises ValueError: on a non-positive size, an ``x`` without rows, an ``idx`` of another
+        length, or (from the engine) a model/guide mismatch.
+    """
+    for name, value in (
+        ("num_samples", num_samples),
+        ("sample_chunk", sample_chunk),
+        ("data_chunk", data_chunk),
+    ):
+        if value is not None and int(value) < 1:
+            raise ValueError(f"{name} must be a positive integer (or None), got {value}")
+    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(
+            f"x must be a non-empty tensor with data points along dim 0, got {x!r:.80}"
+        )
+    if idx is not None and len(idx) != x.shape[0]:
+        raise ValueError(f"idx must hold one index per row of x; got {len(idx)} for {x.shape[0]}")
+    sample_chunk = num_samples if sample_chunk is None else min(int(sample_chunk), num_samples)
+    nesting = float("inf") if max_plate_nesting is None else int(max_plate_nesting) + 1
+    engine = _Engine(num_particles=max(sample_chunk, 2), max_plate_nesting=nesting)
+    for rows in _chunks(x.shape[0], data_chunk):
+        xc, ic = x[rows], None if idx is None else idx[rows]
+        for start in range(0, num_samples, sample_chunk):
+            engine.num_particles = min(sample_chunk, num_samples - start)
+            yield rows, engine.importance_weights(model, guide, xc, ic)

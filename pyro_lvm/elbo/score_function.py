@@ -225,14 +225,14 @@ class ScoreFunctionELBO(SurrogateELBO):
         if options is not None:
             if options["use_decaying_avg_baseline"]:
                 baseline = self.averages(
-                    name, signal, options["baseline_beta"], update=self._update_state
+                    name, signal, options["baseline_beta"], update=self.updates_state
                 )
             if options["nn_baseline"] is not None:
                 learned = options["nn_baseline"](detach(options["nn_baseline_input"]))
             elif options["baseline_value"] is not None:
                 learned = options["baseline_value"]
         elif self.baseline == "avg":
-            baseline = self.averages(name, signal, self.baseline_beta, update=self._update_state)
+            baseline = self.averages(name, signal, self.baseline_beta, update=self.updates_state)
         elif self.baseline == "loo":
             dim = particle_dim(site)
             if dim is None:

@@ -11,7 +11,7 @@ from pyro.distributions.kl import kl_divergence
 from pyro.infer.inspect import get_dependencies
 from pyro.poutine.util import site_is_subsample
 
-from pyro_lvm.evaluate.loglik import _iter_weights, _per_row
+from pyro_lvm.elbo.multisample import iter_importance_weights
 
 __all__ = ["ELBODecomposition", "elbo_decomposition"]
 
@@ -99,7 +99,7 @@ def elbo_decomposition(
     recon = None
     kl_sites: dict[str, torch.Tensor] = {}
     methods: dict[str, str] = {}
-    for rows, weights in _iter_weights(
+    for rows, weights in iter_importance_weights(
         model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
     ):
         if recon is None:
@@ -113,7 +113,7 @@ def elbo_decomposition(
                 or site["infer"].get("_deterministic")
             ):
                 continue
-            log_p = _per_row(weights, n_rows, weights.per_datapoint_scaled(site))
+            log_p = weights.per_row(n_rows, weights.per_datapoint_scaled(site))
             if site["is_observed"]:
                 recon[rows] += log_p.sum(0)
                 continue
@@ -122,12 +122,12 @@ def elbo_decomposition(
             if analytic_sites and name in analytic_sites and methods.get(name) != "monte-carlo":
                 try:
                     kl_site = kl_divergence(guide_site["fn"], site["fn"])
-                    term = _per_row(weights, n_rows, weights.per_datapoint(site, kl_site))
+                    term = weights.per_row(n_rows, weights.per_datapoint(site, kl_site))
                 except NotImplementedError:  # pair not registered
                     term = None
             methods[name] = "monte-carlo" if term is None else "analytic"
             if term is None:
-                log_q = _per_row(weights, n_rows, weights.per_datapoint_scaled(guide_site))
+                log_q = weights.per_row(n_rows, weights.per_datapoint_scaled(guide_site))
                 term = log_q - log_p
             kl_sites.setdefault(name, x.new_zeros(n))[rows] += term.sum(0)
     recon = recon / num_samples

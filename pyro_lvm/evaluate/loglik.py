@@ -7,71 +7,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from pyro_lvm.elbo.iwae import IWAE
-from pyro_lvm.elbo.log_weights import LogWeights
+from pyro_lvm.elbo.multisample import iter_importance_weights
 
 __all__ = ["elbo_estimate", "log_importance_weights", "log_likelihood"]
-
-
-def _check_positive(**values: int | None) -> None:
-    for name, value in values.items():
-        if value is not None and int(value) < 1:
-            raise ValueError(f"{name} must be a positive integer (or None), got {value}")
-
-
-def _chunks(n: int, size: int | None) -> Iterator[slice]:
-    size = n if size is None else int(size)
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
-def _per_row(weights: LogWeights, rows: int, term: torch.Tensor | None = None) -> torch.Tensor:
-    """``(K, *plates)`` log weights (or a ``term`` of their shape) as ``(K, rows)``: the
-    outermost plate enclosing every site must have one entry per row of ``x``; the dims of
-    inner enclosing plates are summed."""
-    log_w = weights.log_w
-    if log_w.dim() < 2 or log_w.shape[1] != rows:
-        frames = weights.reducer.site_frames
-        outside = sorted(name for name, fs in frames.items() if not any(f.size == rows for f in fs))
-        raise ValueError(
-            f"sample site(s) {outside} are outside the data plate (no plate of size {rows}, the "
-            "rows of x, encloses them), so they have no per-datapoint log-probability (a "
-            "global latent couples all data points); put every site inside "
-            "pyro_lvm.plates.data_plate or make it a parameter for evaluation"
-        )
-    term = log_w if term is None else term
-    return term.reshape(log_w.shape[0], rows, -1).sum(-1)
-
-
-def _iter_weights(
-    model: Callable,
-    guide: Callable,
-    x: torch.Tensor,
-    num_samples: int,
-    sample_chunk: int | None,
-    data_chunk: int | None,
-    idx: torch.Tensor | None,
-    max_plate_nesting: int | None = None,
-) -> Iterator[tuple[slice, LogWeights]]:
-    """Yield ``(rows, weights)`` chunk by chunk, from the multi-sample bounds' engine.
-
-    ``max_plate_nesting`` is guessed once by a dry run (as Pyro's ELBOs do) unless given.
-    """
-    _check_positive(num_samples=num_samples, sample_chunk=sample_chunk, data_chunk=data_chunk)
-    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
-        raise ValueError(
-            f"x must be a non-empty tensor with data points along dim 0, got {x!r:.80}"
-        )
-    if idx is not None and len(idx) != x.shape[0]:
-        raise ValueError(f"idx must hold one index per row of x; got {len(idx)} for {x.shape[0]}")
-    sample_chunk = num_samples if sample_chunk is None else min(int(sample_chunk), num_samples)
-    nesting = float("inf") if max_plate_nesting is None else int(max_plate_nesting) + 1
-    engine = IWAE(num_particles=max(sample_chunk, 2), max_plate_nesting=nesting)
-    for rows in _chunks(x.shape[0], data_chunk):
-        xc, ic = x[rows], None if idx is None else idx[rows]
-        for start in range(0, num_samples, sample_chunk):
-            engine.num_particles = min(sample_chunk, num_samples - start)
-            yield rows, engine.importance_weights(model, guide, xc, ic)
 
 
 def _iter_log_weights(
@@ -85,10 +23,10 @@ def _iter_log_weights(
     max_plate_nesting: int | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, log_w)`` with ``log_w`` of shape ``(S, len(rows))`` chunk by chunk."""
-    for rows, weights in _iter_weights(
+    for rows, weights in iter_importance_weights(
         model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
     ):
-        yield rows, _per_row(weights, rows.stop - rows.start)
+        yield rows, weights.per_row(rows.stop - rows.start)
 
 
 @torch.no_grad()
