@@ -11,7 +11,7 @@ Register a class (or any factory ``f(num_particles=..., **kwargs) -> ELBO``) wit
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import Any
@@ -52,6 +52,7 @@ class EstimatorSpec:
     :ivar sites: one of :data:`SITES`.
     :ivar min_particles: the smallest K it accepts.
     :ivar summary: one line for the docs table.
+    :ivar module: the module that defines the registered class or function.
     """
 
     name: str
@@ -60,6 +61,7 @@ class EstimatorSpec:
     sites: str
     min_particles: int
     summary: str
+    module: str = ""
 
 
 #: name -> :class:`EstimatorSpec`, in registration order
@@ -109,6 +111,7 @@ def register(
                 min_particles if min_particles is not None else getattr(target, "min_particles", 1)
             ),
             summary=summary or doc,
+            module=getattr(getattr(target, "func", target), "__module__", "") or "",
         )
         ESTIMATORS[name] = factory
         return target
@@ -166,13 +169,19 @@ def make_estimator(name: str, num_particles: int = 1, **kwargs: Any) -> ELBO:
     return spec.factory(num_particles=int(num_particles), **kwargs)
 
 
-def estimator_table() -> str:
-    """The registry as a markdown table (name, category, guide sites, K, summary)."""
+def estimator_table(only: Iterable[str] | None = None) -> str:
+    """The registry as a markdown table (name, category, guide sites, K, summary).
+
+    :param only: the names to list, in registration order (default: all).
+    """
     rows = [
         "| name | category | guide sites | K | what it is |",
         "| --- | --- | --- | --- | --- |",
     ]
+    keep = None if only is None else set(only)
     for spec in SPECS.values():
+        if keep is not None and spec.name not in keep:
+            continue
         k = f"≥ {spec.min_particles}"
         rows.append(f"| `{spec.name}` | {spec.category} | {spec.sites} | {k} | {spec.summary} |")
     return "\n".join(rows)
