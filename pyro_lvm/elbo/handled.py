@@ -9,6 +9,7 @@ compose with every estimator: ``FreeBitsELBO(0.5, base=make_estimator("iwae-dreg
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -191,8 +192,16 @@ class _FloorPrior(Messenger):
             msg["fn"] = _FlooredPrior(msg["fn"], q, self.owner.free_bits)
 
 
-def free_bits(model, guide, free_bits: float = 0.5, sites: set[str] | None = None):
-    """Handler form: ``model, guide = free_bits(model, guide, 0.5)`` for any estimator."""
+def free_bits(
+    model: Callable, guide: Callable, free_bits: float = 0.5, sites: set[str] | None = None
+) -> tuple[Callable, Callable]:
+    """Handler form: ``model, guide = free_bits(model, guide, 0.5)`` for any estimator.
+
+    :param model: the model.
+    :param guide: its guide.
+    :param free_bits: λ ≥ 0 in nats per group (see :class:`FreeBitsMessenger`).
+    :param sites: latent sites to floor (default: all).
+    """
     messenger = FreeBitsMessenger(free_bits, sites)
     return messenger.model(model), messenger.guide(guide)
 
