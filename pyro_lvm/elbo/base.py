@@ -33,6 +33,7 @@ __all__ = [
     "DetachSamples",
     "Estimator",
     "PARTICLE_PLATE",
+    "RNGNeutralGuess",
     "SurrogateELBO",
     "Stateful",
     "check_num_particles",
@@ -161,7 +162,17 @@ class DetachSamples(Messenger):
         msg["value"] = msg["value"].detach()
 
 
-class Estimator:
+class RNGNeutralGuess:
+    """Mixin: Pyro's first-call guess of ``max_plate_nesting`` (a dry run of the model and
+    guide) without drawing from the caller's random stream, so that the first call gives the
+    same sample as every later one under one seed."""
+
+    def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
+        with torch.random.fork_rng(devices=[]):
+            super()._guess_max_plate_nesting(model, guide, args, kwargs)
+
+
+class Estimator(RNGNeutralGuess):
     r"""Mixin of every registered estimator (put it before the ``pyro.infer.ELBO`` class).
 
     Subclass contract: implement ``differentiable_loss`` (the family bases do, from one
@@ -205,12 +216,6 @@ class Estimator:
             yield
         finally:
             self._update_state = update
-
-    def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
-        # Pyro's dry run, without drawing from the caller's random stream, so that the
-        # first call gives the same sample as every later one under one seed
-        with torch.random.fork_rng(devices=[]):
-            super()._guess_max_plate_nesting(model, guide, args, kwargs)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """The negative bound estimate as a float; no gradient, no state update."""

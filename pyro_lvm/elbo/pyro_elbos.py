@@ -10,11 +10,31 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyro.infer
 import torch
-from pyro.infer import ELBO, RenyiELBO, ReweightedWakeSleep, Trace_ELBO, TraceTailAdaptive_ELBO
+from pyro.infer import ELBO, RenyiELBO, ReweightedWakeSleep, TraceTailAdaptive_ELBO
 from pyro.infer.util import torch_item
 
-__all__ = ["TailAdaptiveWithBound", "WakeSleepLoss", "prepare_for_fit"]
+from pyro_lvm.elbo.base import RNGNeutralGuess
+
+__all__ = [
+    "TailAdaptiveWithBound",
+    "TraceMeanField_ELBO",
+    "Trace_ELBO",
+    "WakeSleepLoss",
+    "prepare_for_fit",
+]
+
+
+class Trace_ELBO(RNGNeutralGuess, pyro.infer.Trace_ELBO):  # noqa: N801 - Pyro's name
+    """Pyro's :class:`pyro.infer.Trace_ELBO` (registered as ``"elbo"``), whose first-call
+    ``max_plate_nesting`` dry run leaves the caller's random stream untouched."""
+
+
+class TraceMeanField_ELBO(RNGNeutralGuess, pyro.infer.TraceMeanField_ELBO):  # noqa: N801
+    """Pyro's :class:`pyro.infer.TraceMeanField_ELBO` (registered as ``"elbo-analytic-kl"``),
+    with the RNG-neutral dry run of :class:`Trace_ELBO`."""
+
 
 _JIT_PREFIX = "Jit"
 
@@ -77,7 +97,7 @@ class TailAdaptiveWithBound(TraceTailAdaptive_ELBO):
     def loss(self, model, guide, *args, **kwargs) -> float:
         """The negative ELBO estimate, no gradient."""
         with torch.no_grad():
-            return Trace_ELBO.loss(self, model, guide, *args, **kwargs)
+            return pyro.infer.Trace_ELBO.loss(self, model, guide, *args, **kwargs)
 
 
 def _refuse(loss: ELBO, why: str, instead: str) -> ValueError:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from typing import Any
 
-import torch
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO
+
+from pyro_lvm.elbo.pyro_elbos import Trace_ELBO, TraceMeanField_ELBO
 
 __all__ = [
     "CATEGORIES",
@@ -187,24 +188,9 @@ def estimator_table(only: Iterable[str] | None = None) -> str:
     return "\n".join(rows)
 
 
-@cache
-def _rng_neutral(cls: type[ELBO]) -> type[ELBO]:
-    """``cls`` whose first-call guess of ``max_plate_nesting`` leaves the RNG untouched."""
-
-    def _guess_max_plate_nesting(self, model, guide, args, kwargs):
-        with torch.random.fork_rng(devices=[]):
-            cls._guess_max_plate_nesting(self, model, guide, args, kwargs)
-
-    return type(
-        cls.__name__,
-        (cls,),
-        {"_guess_max_plate_nesting": _guess_max_plate_nesting, "__doc__": cls.__doc__},
-    )
-
-
 def _pyro_elbo(cls: type[ELBO], num_particles: int = 1, **kwargs: Any) -> ELBO:
     kwargs.setdefault("vectorize_particles", True)
-    return _rng_neutral(cls)(num_particles=num_particles, **kwargs)
+    return cls(num_particles=num_particles, **kwargs)
 
 
 register("elbo", "elbo", summary="Pyro's `Trace_ELBO`")(partial(_pyro_elbo, Trace_ELBO))
