@@ -176,6 +176,11 @@ class _RecordPosterior(Messenger):
         super().__init__()
         self.owner = owner
 
+    def __enter__(self):
+        # each guide run starts afresh: a model run never floors with a stale q
+        self.owner._posteriors.clear()
+        return super().__enter__()
+
     def _postprocess_message(self, msg) -> None:
         if self.owner._wants(msg):
             self.owner._posteriors[msg["name"]] = msg["fn"]
