@@ -1,23 +1,31 @@
-"""KL weight (β) handlers with linear and cyclical warm-up schedules, and the free-bits ELBO."""
+"""KL weight (β) handlers with linear and cyclical warm-up schedules, and the free-bits ELBO.
+
+Both wrap any estimator (:class:`~pyro_lvm.elbo.handled.HandledELBO`): the KL weight scales
+the latent sites' log-densities, free bits (:mod:`pyro_lvm.elbo.handled`) floor their KL.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
-from pyro.infer import ELBO, Trace_ELBO
-from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.infer import ELBO
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 
 from pyro_lvm.capture import RuntimeInputs
+from pyro_lvm.elbo.handled import FreeBitsELBO, FreeBitsMessenger, HandledELBO, free_bits
 
 __all__ = [
     "FreeBitsELBO",
+    "FreeBitsMessenger",
     "KLWeightMessenger",
     "KLWeightedELBO",
     "cyclical_schedule",
+    "free_bits",
     "kl_weight",
     "linear_schedule",
 ]
@@ -165,7 +173,7 @@ def cyclical_schedule(
     return _Cyclical(int(period), float(ratio), float(start), float(end))
 
 
-class KLWeightedELBO(ELBO, RuntimeInputs):
+class KLWeightedELBO(HandledELBO, RuntimeInputs):
     r"""Estimator option: any estimator run on ``kl_weight(model, β)``, ``kl_weight(guide, β)``.
 
     Equivalent to wrapping the model and guide by hand (see :class:`KLWeightMessenger`), but
@@ -182,15 +190,8 @@ class KLWeightedELBO(ELBO, RuntimeInputs):
     """
 
     def __init__(self, base: ELBO, beta: Beta = 1.0, sites: set[str] | None = None):
-        if not isinstance(base, ELBO):
-            raise ValueError(f"base must be a pyro.infer.ELBO instance, got {type(base).__name__}")
-        super().__init__(
-            num_particles=base.num_particles,
-            max_plate_nesting=base.max_plate_nesting,
-            vectorize_particles=base.vectorize_particles,
-            retain_graph=base.retain_graph,
-        )
-        self.base, self.messenger = base, KLWeightMessenger(beta, sites)
+        super().__init__(base)
+        self.messenger = KLWeightMessenger(beta, sites)
 
     @property
     def capturable(self) -> bool:
@@ -229,82 +230,16 @@ class KLWeightedELBO(ELBO, RuntimeInputs):
     def _wrap(self, model, guide):
         return self.messenger(model), self.messenger(guide)
 
-    def _get_trace(self, model, guide, args, kwargs):
-        return self.base._get_trace(*self._wrap(model, guide), args, kwargs)
+    def state_dict(self) -> dict[str, Any]:
+        """The base's state and, for a schedule, its step count ``beta_step`` (an int)."""
+        state = super().state_dict()
+        beta = self.messenger.beta
+        if isinstance(beta, _Schedule):
+            state["beta_step"] = int(beta.t)
+        return state
 
-    def loss(self, model, guide, *args, **kwargs):
-        return self.base.loss(*self._wrap(model, guide), *args, **kwargs)
-
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        return self.base.differentiable_loss(*self._wrap(model, guide), *args, **kwargs)
-
-    def loss_and_grads(self, model, guide, *args, **kwargs):
-        return self.base.loss_and_grads(*self._wrap(model, guide), *args, **kwargs)
-
-
-class FreeBitsELBO(Trace_ELBO):
-    r"""The ELBO with free bits (Kingma et al. 2016, arXiv:1606.04934, section 4.2).
-
-    Each group j of latent units pays at least λ nats of KL, averaged over the minibatch:
-
-    .. math::
-
-        \tilde{\mathcal L} = \mathbb E_q[\log p(x \mid z)]
-        - N \sum_j \max\Bigl(\lambda, \frac1B \sum_{i=1}^B \mathbb E_q\bigl[\log q(z_{ij}
-        \mid x_i) - \log p(z_{ij})\bigr]\Bigr),
-
-    so units whose KL is below λ get no gradient pushing them further towards the prior.
-    A group is one latent dimension when the site's prior and posterior are both factorized
-    (``Independent`` over one event dim, per-dimension log-densities), else the whole site.
-    N is the data plate's size (B times the subsample scale).
-
-    .. warning:: Latent sites must be reparameterized.
-
-    :param free_bits: λ ≥ 0, in nats per group.
-    """
-
-    def __init__(self, free_bits: float = 0.5, **kwargs):
-        if not (free_bits >= 0 and math.isfinite(free_bits)):
-            raise ValueError(f"free_bits must be a finite non-negative number, got {free_bits}")
-        kwargs.setdefault("vectorize_particles", True)
-        kwargs.setdefault("max_plate_nesting", 1)
-        super().__init__(**kwargs)
-        self.free_bits = float(free_bits)
-
-    def _kl_groups(self, model_site, guide_site) -> torch.Tensor:
-        """Per-sample KL terms of shape ``(..., G)``: one column per group."""
-        p, q, z = model_site["fn"], guide_site["fn"], guide_site["value"]
-        per_dim = (
-            all(hasattr(d, "base_dist") and d.reinterpreted_batch_ndims == 1 for d in (p, q))
-            and len(z.shape) >= 1
-        )
-        if per_dim:
-            return q.base_dist.log_prob(z) - p.base_dist.log_prob(z)
-        return (q.log_prob(z) - p.log_prob(z)).unsqueeze(-1)
-
-    def _differentiable_loss_particle(self, model_trace, guide_trace):
-        loss = 0.0
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if site["is_observed"]:
-                loss = loss - site["log_prob_sum"]
-                continue
-            guide_site = guide_trace.nodes.get(name)
-            if guide_site is None:
-                raise ValueError(f"latent site {name!r} of the model is missing from the guide")
-            if not guide_site["fn"].has_rsample:
-                raise ValueError(
-                    f"FreeBitsELBO needs reparameterized latents; site {name!r} is not"
-                )
-            kl = self._kl_groups(site, guide_site)
-            count = kl[..., 0].numel()
-            scale = site["scale"]
-            total = count * torch.as_tensor(scale, dtype=kl.dtype)  # P * N
-            kl_mean = kl.reshape(-1, kl.shape[-1]).mean(0)
-            loss = loss + total * kl_mean.clamp(min=self.free_bits).sum()
-        return torch_item(loss), loss
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` exactly (the schedule's step included)."""
+        super().load_state_dict(state)
+        if "beta_step" in state:
+            self.messenger.beta.t = int(state["beta_step"])

@@ -1,24 +1,51 @@
 """Estimators of the ELBO and of tighter bounds, as ``pyro.infer.ELBO`` subclasses.
 
-``ESTIMATORS`` maps a name to a factory ``f(num_particles=1, **pyro_elbo_kwargs) -> ELBO``.
+Every estimator derives from one family base (:mod:`pyro_lvm.elbo.base`) and is registered
+once with :func:`register`; ``ESTIMATORS`` maps a name to a factory
+``f(num_particles=1, **pyro_elbo_kwargs) -> ELBO`` and :data:`SPECS` holds its category
+and capabilities.
 """
 
+from pyro_lvm.elbo.base import (
+    Estimator,
+    Stateful,
+    SurrogateELBO,
+    estimator_state,
+    load_estimator_state,
+)
 from pyro_lvm.elbo.baselines import DecayingAverageBaseline, NVILBaseline
 from pyro_lvm.elbo.hmc_refined import HMCRefinedELBO
 from pyro_lvm.elbo.iwae import IWAE
 from pyro_lvm.elbo.mmd import MMDELBO, WAEMMD, InfoVAE, mmd
+from pyro_lvm.elbo.multisample import (
+    LogWeights,
+    MultiSampleELBO,
+    iter_importance_weights,
+    log_weights,
+)
+from pyro_lvm.elbo.pyro_elbos import prepare_for_fit
 from pyro_lvm.elbo.registry import (
-    BOUND_NAMES,
-    DIVERGENCE_NAMES,
-    ELBO_NAMES,
     ESTIMATORS,
-    REFINED_NAMES,
+    SPECS,
+    EstimatorSpec,
+    estimator_table,
     make_estimator,
+    names,
+    register,
 )
 from pyro_lvm.elbo.renyi import RenyiBound
 from pyro_lvm.elbo.score_function import ScoreFunctionELBO
 from pyro_lvm.elbo.stl import STL
 from pyro_lvm.elbo.vimco import VIMCO
+
+#: the names whose objective is the ELBO itself (their mean gradient is the ELBO's)
+ELBO_NAMES = names("elbo")
+#: the names of multi-sample bounds: ELBO at K = 1, between the ELBO and log p(x) for K > 1
+BOUND_NAMES = names("bound")
+#: objectives that are not bounds on log p(x) (InfoVAE, WAE)
+DIVERGENCE_NAMES = names("divergence")
+#: the ELBO's value with an MCMC-refined model gradient
+REFINED_NAMES = names("refined")
 
 __all__ = [
     "BOUND_NAMES",
@@ -26,17 +53,32 @@ __all__ = [
     "DecayingAverageBaseline",
     "ELBO_NAMES",
     "ESTIMATORS",
+    "Estimator",
+    "EstimatorSpec",
     "HMCRefinedELBO",
     "IWAE",
     "InfoVAE",
+    "LogWeights",
     "MMDELBO",
+    "MultiSampleELBO",
     "NVILBaseline",
     "REFINED_NAMES",
     "RenyiBound",
+    "SPECS",
+    "Stateful",
     "STL",
     "ScoreFunctionELBO",
+    "SurrogateELBO",
     "VIMCO",
     "WAEMMD",
+    "estimator_state",
+    "estimator_table",
+    "iter_importance_weights",
+    "load_estimator_state",
+    "log_weights",
     "make_estimator",
     "mmd",
+    "names",
+    "prepare_for_fit",
+    "register",
 ]

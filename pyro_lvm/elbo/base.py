@@ -1,10 +1,28 @@
-"""Shared pieces of the estimators: argument checks, stopped sampling, a surrogate-first ELBO."""
+r"""The estimator family base: derived loss methods, estimator state, stopped rescoring.
+
+Every registered estimator derives from :class:`Estimator` through one of two family bases:
+
+- :class:`SurrogateELBO` (single-sample surrogates: STL, score function, MMD/WAE,
+  HMC-refined) implements ``_differentiable_loss_particle(model_trace, guide_trace)``;
+- :class:`~pyro_lvm.elbo.multisample.MultiSampleELBO` (multi-sample bounds: Rényi/IWAE,
+  VIMCO) implements ``_bound_and_surrogate(weights)``.
+
+In both, ``differentiable_loss`` is the single source of truth; :meth:`Estimator.loss` and
+:meth:`Estimator.loss_and_grads` derive from it, so the three agree under one seed.
+State kept across steps (baselines, an adapted step size) is updated only on the
+gradient path: :meth:`Estimator.loss` runs with the state frozen, and
+:meth:`Estimator.state_dict` / :meth:`Estimator.load_state_dict` round-trip it as plain
+tensors, floats and ints.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+from pyro.distributions.util import detach, is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO
 from pyro.infer.util import torch_item
 from pyro.poutine.messenger import Messenger
@@ -12,13 +30,21 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.util import warn_if_nan
 
 __all__ = [
-    "DerivedLossMixin",
     "DetachSamples",
+    "Estimator",
+    "PARTICLE_PLATE",
+    "RNGNeutralGuess",
     "SurrogateELBO",
+    "Stateful",
     "check_num_particles",
+    "estimator_state",
+    "load_estimator_state",
     "particle_dim",
+    "require_reparameterized",
+    "stopped_log_prob",
 ]
 
+#: name of the plate that :class:`pyro.infer.ELBO` wraps around vectorized particles
 PARTICLE_PLATE = "num_particles_vectorized"
 
 
@@ -34,7 +60,8 @@ def check_num_particles(num_particles: Any, minimum: int = 1, remedy: str = "") 
     if int(num_particles) < minimum:
         raise ValueError(
             f"num_particles={num_particles} is too small: this estimator needs "
-            f"num_particles >= {minimum}. {remedy}".rstrip()
+            f"num_particles >= {minimum}; pass num_particles={max(minimum, 2)} or more. "
+            f"{remedy}".rstrip()
         )
     return int(num_particles)
 
@@ -45,6 +72,77 @@ def particle_dim(site: dict) -> int | None:
         if frame.name == PARTICLE_PLATE and frame.vectorized:
             return frame.dim
     return None
+
+
+def stopped_log_prob(site: dict, estimator: str, value: torch.Tensor | None = None):
+    r"""The site's scaled, masked :math:`\log q_{\bar\phi}(z)`: its density with every
+    parameter detached, at its sample (or ``value``) with the sample's gradient path kept.
+
+    :raises ValueError: when the distribution cannot score a value with stopped parameters:
+        a transform with no inverse that caches its output by identity (Pyro's ``Planar``,
+        ``Radial``), whose stopped copy would need :math:`T^{-1}(z)`.
+    """
+    value = site["value"] if value is None else value
+    try:
+        log_q = detach(site["fn"]).log_prob(value, *site["args"], **site["kwargs"])
+    except (KeyError, NotImplementedError) as e:
+        raise ValueError(
+            f"{estimator} rescores guide site {site['name']!r} with stopped parameters, but its "
+            f"distribution ({type(site['fn']).__name__}) cannot score a sample it did not just "
+            f"draw ({type(e).__name__}: {e}): a flow without an inverse (Planar, Radial) "
+            "caches log|det J| by sample identity. Use 'elbo' or 'iwae' (full gradient), or an "
+            "invertible transform (e.g. affine_autoregressive)"
+        ) from e
+    return scale_and_mask(log_q, site["scale"], site["mask"])
+
+
+def require_reparameterized(guide_trace, estimator: str) -> None:
+    """Raise a ``ValueError`` naming the guide sites that are not fully reparameterized:
+    no ``rsample``, or ``score_parts`` with a score-function term (rejection samplers)."""
+    bad = []
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or isinstance(site["fn"], _Subsample):
+            continue
+        parts = site.get("score_parts")
+        if not site["fn"].has_rsample or (
+            parts is not None and not is_identically_zero(parts.score_function)
+        ):
+            bad.append(name)
+    if bad:
+        raise ValueError(
+            f"{estimator} needs fully reparameterized guide sites, but {bad} have no rsample or "
+            "carry a score-function term (e.g. a rejection sampler); use 'elbo', 'iwae' or "
+            "'vimco', which add the score-function term"
+        )
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """An estimator with state kept across steps (the checkpoint protocol)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def estimator_state(loss: Any) -> dict[str, Any]:
+    """``loss.state_dict()`` for a :class:`Stateful` estimator, ``{}`` for any other ELBO
+    (Pyro's own keep no state): what a checkpoint stores next to the param store."""
+    return loss.state_dict() if isinstance(loss, Stateful) else {}
+
+
+def load_estimator_state(loss: Any, state: dict[str, Any]) -> None:
+    """Restore :func:`estimator_state` into ``loss``.
+
+    :raises ValueError: on a non-empty state for an estimator that keeps none.
+    """
+    if isinstance(loss, Stateful):
+        loss.load_state_dict(state)
+    elif state:
+        raise ValueError(
+            f"{type(loss).__name__} keeps no state, but the checkpoint holds {sorted(state)}; "
+            "resume with the estimator the checkpoint was written with"
+        )
 
 
 class DetachSamples(Messenger):
@@ -64,16 +162,64 @@ class DetachSamples(Messenger):
         msg["value"] = msg["value"].detach()
 
 
-class DerivedLossMixin:
-    """``loss`` and ``loss_and_grads`` derived from ``differentiable_loss``.
+class RNGNeutralGuess:
+    """Mixin: Pyro's first-call guess of ``max_plate_nesting`` (a dry run of the model and
+    guide) without drawing from the caller's random stream, so that the first call gives the
+    same sample as every later one under one seed."""
 
-    Mixed into every estimator here so that ``differentiable_loss`` is the single source of
-    truth: the three methods agree under one seed by construction.
+    def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
+        with torch.random.fork_rng(devices=[]):
+            super()._guess_max_plate_nesting(model, guide, args, kwargs)
+
+
+class Estimator(RNGNeutralGuess):
+    r"""Mixin of every registered estimator (put it before the ``pyro.infer.ELBO`` class).
+
+    Subclass contract: implement ``differentiable_loss`` (the family bases do, from one
+    smaller method each); :meth:`loss` and :meth:`loss_and_grads` derive from it. Estimators
+    that keep state across steps update it only while :attr:`updates_state` is true and
+    override :meth:`state_dict` / :meth:`load_state_dict`; :meth:`loss` freezes the state.
+
+    ``max_plate_nesting`` is guessed on the first call, as Pyro guesses it, unless given;
+    the dry run does not consume the caller's random stream.
+
+    :param num_particles: K, at least :attr:`min_particles`; vectorized by default.
+    :param kwargs: Pyro's ``ELBO`` keyword arguments.
     """
 
+    #: the smallest number of particles the estimator accepts
+    min_particles = 1
+    #: advice appended to the error on too few particles
+    _particles_remedy = ""
+
+    def __init__(self, num_particles: int = 1, **kwargs: Any):
+        kwargs.setdefault("vectorize_particles", True)
+        num_particles = check_num_particles(
+            num_particles, self.min_particles, self._particles_remedy
+        )
+        super().__init__(num_particles=num_particles, **kwargs)
+        self._update_state = True
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_particles={self.num_particles})"
+
+    @property
+    def updates_state(self) -> bool:
+        """Whether this call may update state kept across steps (false inside :meth:`loss`)."""
+        return self._update_state
+
+    @contextmanager
+    def frozen_state(self) -> Iterator[None]:
+        """Run the block without updating any state kept across steps."""
+        update, self._update_state = self._update_state, False
+        try:
+            yield
+        finally:
+            self._update_state = update
+
     def loss(self, model, guide, *args, **kwargs) -> float:
-        """The negative bound estimate as a float (no gradient)."""
-        with torch.no_grad():
+        """The negative bound estimate as a float; no gradient, no state update."""
+        with torch.no_grad(), self.frozen_state():
             return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
@@ -83,38 +229,55 @@ class DerivedLossMixin:
             loss.backward(retain_graph=self.retain_graph)
         return torch_item(loss)
 
+    @property
+    def capturable(self) -> bool:
+        """Whether :mod:`pyro_lvm.capture` may record this estimator's loss as a graph.
 
-class SurrogateELBO(DerivedLossMixin, Trace_ELBO):
-    r"""A ``Trace_ELBO`` whose :meth:`differentiable_loss` is the single source of truth.
+        Not when the class keeps state across steps (it overrides :meth:`state_dict`): a
+        graph would replay the state it was captured with.
+        """
+        return type(self).state_dict is Estimator.state_dict
+
+    def state_dict(self) -> dict[str, Any]:
+        """State kept across steps, as plain tensors, floats and ints (none by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` exactly.
+
+        :raises ValueError: on keys this estimator does not keep.
+        """
+        unknown = set(state) - set(self.state_dict())
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} keeps no state named {sorted(unknown)}; pass the "
+                "state_dict() of an estimator of the same kind"
+            )
+
+
+class SurrogateELBO(Estimator, Trace_ELBO):
+    r"""Single-sample family base: a ``Trace_ELBO`` whose :meth:`differentiable_loss` is primary.
 
     Subclass contract: implement ``_differentiable_loss_particle(model_trace, guide_trace)``
     returning ``(loss, surrogate_loss)`` for one (possibly vectorized) particle, where
-    ``loss`` is the negative bound estimate and ``surrogate_loss`` carries the gradient.
-    :meth:`differentiable_loss` averages over particles and returns the splice
+    ``loss`` is the negative bound estimate (a float or a detached tensor) and
+    ``surrogate_loss`` carries the gradient; optionally :meth:`_prepare`, run once per call
+    before the particles are drawn. :meth:`differentiable_loss` averages over particles
+    and returns the splice
 
     .. math::
 
         \hat L = \mathrm{loss} + (\mathrm{surrogate} - \mathrm{stop}(\mathrm{surrogate})),
 
-    whose value is the loss and whose gradient is the estimator's. :meth:`loss` and
-    :meth:`loss_and_grads` call the same code, so the three agree under one seed.
-    Subclasses keeping state across steps (baselines) update it only when
-    ``self._update_state`` is true, which :meth:`loss` turns off.
-
-    Particles are vectorized by default (``vectorize_particles=True``).
+    whose value is the loss and whose gradient is the estimator's.
     """
 
-    def __init__(self, num_particles: int = 1, **kwargs: Any):
-        kwargs.setdefault("vectorize_particles", True)
-        super().__init__(num_particles=check_num_particles(num_particles), **kwargs)
-        self._update_state = True
-
-    def _prepare(self, args: tuple, kwargs: dict) -> None:
+    def _prepare(self, model, guide, args: tuple, kwargs: dict) -> None:
         """Hook run once per call before the particles are drawn (default: nothing)."""
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """The negative bound estimate as a tensor whose gradient is the estimator's."""
-        self._prepare(args, kwargs)
+        self._prepare(model, guide, args, kwargs)
         loss = 0.0
         surrogate = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
@@ -122,13 +285,6 @@ class SurrogateELBO(DerivedLossMixin, Trace_ELBO):
             loss = loss + loss_p / self.num_particles
             surrogate = surrogate + surrogate_p / self.num_particles
         surrogate = torch.as_tensor(surrogate)
+        loss = torch.as_tensor(loss, dtype=surrogate.dtype).detach()
         warn_if_nan(loss, "loss")
-        return torch.as_tensor(loss, dtype=surrogate.dtype) + (surrogate - surrogate.detach())
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        """The negative bound estimate as a float; no gradient, no state update."""
-        update, self._update_state = self._update_state, False
-        try:
-            return super().loss(model, guide, *args, **kwargs)
-        finally:
-            self._update_state = update
+        return loss + (surrogate - surrogate.detach())

@@ -152,6 +152,7 @@ class NVILBaseline(nn.Module):
 
     def __init__(self, in_dim: int, hidden: Sequence[int] = (32,)):
         super().__init__()
+        self.in_dim = int(in_dim)
         self.net = mlp(in_dim, hidden, 1, activation=nn.Tanh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

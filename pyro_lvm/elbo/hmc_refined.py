@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pyro.poutine as poutine
 import torch
-from pyro.infer import Trace_ELBO
 from pyro.poutine.util import site_is_subsample
 
-from pyro_lvm.elbo.base import DerivedLossMixin
+from pyro_lvm.elbo.base import SurrogateELBO, require_reparameterized
+from pyro_lvm.elbo.registry import register
 
 __all__ = ["HMCRefinedELBO"]
+
+_SUMMARY = "ELBO for the guide, HMC-refined posterior samples for the model (Hoffman 2017)"
 
 
 def _pick(accept: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -25,7 +28,8 @@ def _per_chain_sum(value: torch.Tensor, chain_shape: torch.Size) -> torch.Tensor
     return value.reshape(*chain_shape, -1).sum(-1)
 
 
-class HMCRefinedELBO(DerivedLossMixin, Trace_ELBO):
+@register("hmc-refined", "refined", sites="reparam", summary=_SUMMARY)
+class HMCRefinedELBO(SurrogateELBO):
     r"""ELBO for the guide, HMC-refined samples for the model (Hoffman 2017).
 
     Draw z₀ ~ q_φ(z | x), run T Hamiltonian Monte Carlo transitions (L leapfrog steps of
@@ -46,7 +50,8 @@ class HMCRefinedELBO(DerivedLossMixin, Trace_ELBO):
     After each call ``last_refined`` holds the refined latents z_T, ``acceptance_rate`` the
     mean Metropolis acceptance of the last refinement and ``acceptance_history`` all of them;
     with ``adapt_step_size`` ε is nudged multiplicatively towards ``target_accept`` after each
-    call (ε ← ε exp(γ (a − a*)), γ = 0.5).
+    gradient call (ε ← ε exp(γ (a − a*)), γ = 0.5). :meth:`loss` refines with the current ε
+    and records and adapts nothing; :meth:`state_dict` holds ε.
 
     All K particles and B data points run as K·B independent chains in one batched leapfrog
     (particles are vectorized by default, as in every registered estimator), so the cost of a
@@ -86,8 +91,6 @@ class HMCRefinedELBO(DerivedLossMixin, Trace_ELBO):
             raise ValueError(f"step_size must be positive and finite, got {step_size}")
         if not 0 < target_accept < 1:
             raise ValueError(f"target_accept must lie in (0, 1), got {target_accept}")
-        kwargs.setdefault("vectorize_particles", True)
-        kwargs.setdefault("max_plate_nesting", 1)
         super().__init__(**kwargs)
         self.num_hmc_steps, self.num_leapfrog = int(num_hmc_steps), int(num_leapfrog)
         self.step_size, self.adapt_step_size = float(step_size), adapt_step_size
@@ -169,37 +172,43 @@ class HMCRefinedELBO(DerivedLossMixin, Trace_ELBO):
         rate = accepted / max(self.num_hmc_steps, 1)
         return z, torch.as_tensor(rate)
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+    def state_dict(self) -> dict[str, Any]:
+        """The adapted step size ε (a float)."""
+        return {"step_size": float(self.step_size)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` exactly."""
+        super().load_state_dict(state)
+        self.step_size = float(state["step_size"])
+
+    def _prepare(self, model, guide, args: tuple, kwargs: dict) -> None:
         # With vectorized particles the refinement runs the model inside the same particle
         # plate as the traces, so the K·B chains are one batch.
+        self._call = (model, args, kwargs)
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        model, args, kwargs = self._call
         target = self._vectorized_num_particles(model) if self.vectorize_particles else model
-        loss = 0.0
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            latents = {
-                name: site["value"]
-                for name, site in guide_trace.nodes.items()
-                if site["type"] == "sample" and not site["is_observed"]
-            }
-            for name in latents:
-                if not guide_trace.nodes[name]["fn"].has_rsample:
-                    raise ValueError(
-                        f"HMCRefinedELBO needs a reparameterized guide; {name!r} is not"
-                    )
-            elbo = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
-            surrogate = elbo
-            if self.num_hmc_steps > 0:
-                z0 = {k: v.detach() for k, v in latents.items()}
-                z_t, rate = self.refine(target, z0, args, kwargs)
+        latents = {
+            name: site["value"]
+            for name, site in guide_trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"]
+        }
+        require_reparameterized(guide_trace, "HMCRefinedELBO")
+        elbo = torch.as_tensor(model_trace.log_prob_sum() - guide_trace.log_prob_sum())
+        surrogate = elbo
+        if self.num_hmc_steps > 0 and latents:
+            z0 = {k: v.detach() for k, v in latents.items()}
+            z_t, rate = self.refine(target, z0, args, kwargs)
+            surrogate = (
+                surrogate
+                - self.log_joint(target, z0, args, kwargs, scaled=True)
+                + self.log_joint(target, z_t, args, kwargs, scaled=True)
+            )
+            if self.updates_state:
                 self.last_refined = z_t
-                surrogate = (
-                    surrogate
-                    - self.log_joint(target, z0, args, kwargs, scaled=True)
-                    + self.log_joint(target, z_t, args, kwargs, scaled=True)
-                )
                 self._record(rate.mean().item())
-            value = elbo.detach()
-            loss = loss - (value + (surrogate - surrogate.detach())) / self.num_particles
-        return loss
+        return -elbo.detach(), -surrogate
 
     def _record(self, rate: float) -> None:
         self.acceptance_rate = rate

@@ -7,9 +7,9 @@ from typing import Literal
 
 import pyro.poutine as poutine
 import torch
-from pyro.infer import Trace_ELBO
 
-from pyro_lvm.elbo.base import DerivedLossMixin
+from pyro_lvm.elbo.base import SurrogateELBO, require_reparameterized
+from pyro_lvm.elbo.registry import register
 
 __all__ = ["MMDELBO", "InfoVAE", "WAEMMD", "mmd"]
 
@@ -66,7 +66,7 @@ def mmd(
     )
 
 
-class MMDELBO(DerivedLossMixin, Trace_ELBO):
+class MMDELBO(SurrogateELBO):
     r"""Reconstruction + weighted KL + weighted MMD(aggregate q(z), p(z)); ELBO subclass.
 
     .. math::
@@ -103,8 +103,6 @@ class MMDELBO(DerivedLossMixin, Trace_ELBO):
                 raise ValueError(f"{name} must be a finite non-negative number, got {w}")
         if kernel not in ("rbf", "imq"):
             raise ValueError(f"kernel must be 'rbf' or 'imq', got {kernel!r}")
-        kwargs.setdefault("vectorize_particles", True)
-        kwargs.setdefault("max_plate_nesting", 1)
         super().__init__(**kwargs)
         self.kl_weight, self.mmd_weight = float(kl_weight), float(mmd_weight)
         self.kernel, self.bandwidth = kernel, bandwidth
@@ -123,48 +121,64 @@ class MMDELBO(DerivedLossMixin, Trace_ELBO):
             -1, sum(c.shape[-1] for c in cols)
         )
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        loss = 0.0
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            latents = [
-                name
-                for name, site in model_trace.nodes.items()
-                if site["type"] == "sample" and not site["is_observed"]
+    def _prepare(self, model, guide, args: tuple, kwargs: dict) -> None:
+        self._call = (model, args, kwargs)
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        model, args, kwargs = self._call
+        latents = [
+            name
+            for name, site in model_trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"]
+        ]
+        if not latents:
+            raise ValueError("the model has no latent sample site to compare with p(z)")
+        term = 0.0
+        for site in model_trace.nodes.values():
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"]:
+                term = term - site["log_prob_sum"]
+            elif self.kl_weight:
+                term = term - self.kl_weight * site["log_prob_sum"]
+        require_reparameterized(guide_trace, type(self).__name__)
+        for name in latents:
+            site = guide_trace.nodes[name]
+            if self.kl_weight:
+                term = term + self.kl_weight * site["log_prob_sum"]
+        if self.mmd_weight:
+            with torch.no_grad(), poutine.block():
+                prior_trace = poutine.trace(model).get_trace(*args, **kwargs)
+            zq = self._latents(guide_trace, latents)
+            zp = self._latents(prior_trace, latents)
+            if zp.shape[0] < 2:
+                raise ValueError(
+                    f"the MMD compares the aggregate posterior with the prior over the data "
+                    f"plate, but latent(s) {latents} have {zp.shape[0]} value per prior draw; "
+                    "put them in a plate over at least 2 data points, or use 'elbo'"
+                )
+            # zq holds P particles x B points; the bound's terms are summed over particles
+            # and divided by P by the base, so the penalty is counted P times here.
+            num_particles = max(zq.shape[0] // zp.shape[0], 1)
+            # the data plate's subsample scale, read at an observed site: a latent site's scale
+            # also carries a KL weight (KLWeightedELBO), which must not reweigh the MMD
+            observed = [
+                site
+                for site in model_trace.nodes.values()
+                if site["type"] == "sample" and site["is_observed"]
             ]
-            if not latents:
-                raise ValueError("the model has no latent sample site to compare with p(z)")
-            term = 0.0
-            for site in model_trace.nodes.values():
-                if site["type"] != "sample":
-                    continue
-                if site["is_observed"]:
-                    term = term - site["log_prob_sum"]
-                elif self.kl_weight:
-                    term = term - self.kl_weight * site["log_prob_sum"]
-            for name in latents:
-                site = guide_trace.nodes[name]
-                if not site["fn"].has_rsample:
-                    raise ValueError(
-                        f"MMD objectives need reparameterized latents; {name!r} is not"
-                    )
-                if self.kl_weight:
-                    term = term + self.kl_weight * site["log_prob_sum"]
-            if self.mmd_weight:
-                with torch.no_grad(), poutine.block():
-                    prior_trace = poutine.trace(model).get_trace(*args, **kwargs)
-                zq = self._latents(guide_trace, latents)
-                zp = self._latents(prior_trace, latents)
-                # zq holds P particles x B points; the bound's terms are summed over particles
-                # and divided by P below, so the penalty is counted P times here.
-                num_particles = max(zq.shape[0] // zp.shape[0], 1)
-                scale = torch.as_tensor(model_trace.nodes[latents[0]]["scale"]).mean()
-                num_data = scale * zp.shape[0]
-                penalty = mmd(zq, zp, self.kernel, self.bandwidth)
-                term = term + self.mmd_weight * num_data * num_particles * penalty
-            loss = loss + term / self.num_particles
-        return loss
+            reference = observed[0] if observed else model_trace.nodes[latents[0]]
+            scale = torch.as_tensor(reference["scale"]).mean()
+            num_data = scale * zp.shape[0]
+            penalty = mmd(zq, zp, self.kernel, self.bandwidth)
+            term = term + self.mmd_weight * num_data * num_particles * penalty
+        term = torch.as_tensor(term)
+        return term.detach(), term
 
 
+@register(
+    "mmd-vae", "divergence", sites="reparam", summary="InfoVAE: ELBO + λ MMD(aggregate q(z), p(z))"
+)
 class InfoVAE(MMDELBO):
     r"""InfoVAE (Zhao et al. 2017, arXiv:1706.02262, eq. 6) in its MMD form.
 
@@ -189,6 +203,12 @@ class InfoVAE(MMDELBO):
         self.alpha, self.lam = alpha, lam
 
 
+@register(
+    "wae-mmd",
+    "divergence",
+    sites="reparam",
+    summary="WAE: reconstruction + λ MMD(aggregate q(z), p(z))",
+)
 class WAEMMD(MMDELBO):
     r"""Wasserstein autoencoder with the MMD penalty (Tolstikhin et al. 2018, arXiv:1711.01558).
 

@@ -7,11 +7,12 @@ from typing import Any
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.distributions.util import detach, scale_and_mask
-from pyro.infer.enum import get_importance_trace
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import is_validation_enabled, torch_item
-from pyro.util import check_if_enumerated
+from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 from torch import nn
 
 from pyro_lvm.elbo.base import DetachSamples, SurrogateELBO, check_num_particles, particle_dim
@@ -22,10 +23,20 @@ from pyro_lvm.elbo.baselines import (
     baseline_options,
     leave_one_out_baseline,
 )
+from pyro_lvm.elbo.registry import register
 
 __all__ = ["ScoreFunctionELBO"]
 
+_NONE = "score function (REINFORCE) at every guide site, no baseline"
+_AVG = "score function at every guide site, decaying-average baseline"
+_LOO = "score function at every guide site, leave-one-out baseline over the K particles"
+_NVIL = "score function at every guide site, learned input-dependent baseline (NVIL)"
 
+
+@register("score-function-nvil", "elbo", baseline="nvil", summary=_NVIL)
+@register("score-function-loo-baseline", "elbo", baseline="loo", min_particles=2, summary=_LOO)
+@register("score-function-avg-baseline", "elbo", baseline="avg", summary=_AVG)
+@register("score-function", "elbo", baseline="none", summary=_NONE)
 class ScoreFunctionELBO(SurrogateELBO):
     r"""The ELBO with score-function gradients at every guide site, reparameterizable or not.
 
@@ -59,6 +70,8 @@ class ScoreFunctionELBO(SurrogateELBO):
 
     .. warning:: The decaying averages live in this object: save them with
         :meth:`state_dict` next to the param store. :meth:`loss` does not update them.
+        Guide distributions must score a detached sample: flows without an inverse (Pyro's
+        ``Planar``) are refused with a ``ValueError``.
 
     :param num_particles: K, vectorized by default.
     :param baseline: one of ``"none"``, ``"avg"``, ``"loo"``, ``"nvil"``.
@@ -126,35 +139,80 @@ class ScoreFunctionELBO(SurrogateELBO):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The decaying-average state (the NVIL network lives in Pyro's param store)."""
-        return {"averages": self.averages.state_dict()}
+        """The decaying averages and the NVIL network's weights (plain tensors).
+
+        The NVIL weights are also in Pyro's param store (``nn_baseline_name``); a restored
+        store takes precedence at the next call.
+        """
+        state: dict[str, Any] = {"averages": self.averages.state_dict()}
+        if self.baseline == "nvil" and isinstance(self.nn_baseline, NVILBaseline):
+            state["nvil_in_dim"] = int(self.nn_baseline.in_dim)
+            state["nvil"] = {
+                k: v.detach().clone() for k, v in self.nn_baseline.state_dict().items()
+            }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`."""
-        self.averages.load_state_dict(state["averages"])
+        """Restore a :meth:`state_dict` exactly (builds the NVIL network if needed)."""
+        unknown = set(state) - {"averages", "nvil", "nvil_in_dim"}
+        if unknown:
+            raise ValueError(f"ScoreFunctionELBO keeps no state named {sorted(unknown)}")
+        self.averages.load_state_dict(state.get("averages", {}))
+        if "nvil" in state:
+            if self.nn_baseline is None:
+                self.nn_baseline = NVILBaseline(int(state["nvil_in_dim"]), self.nn_baseline_hidden)
+            self.nn_baseline.load_state_dict(state["nvil"])
 
-    def _prepare(self, args: tuple, kwargs: dict) -> None:
+    def _prepare(self, model, guide, args: tuple, kwargs: dict) -> None:
         if self.baseline != "nvil":
             return
         x = args[0] if args else kwargs.get("x")
-        if not isinstance(x, torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
-                "baseline='nvil' reads the data from the first argument of model(x, idx); "
-                "call the estimator with x as a tensor, or pass a per-site baseline"
+                "baseline='nvil' reads a data matrix (N, D) from the first argument of "
+                f"model(x, idx), got {got}; call the estimator with x as a matrix, give the "
+                "guide sites their own infer={'baseline': ...}, or use baseline='loo'"
             )
         if self.nn_baseline is None:
             # built on the first call, without consuming the caller's random stream
             with torch.random.fork_rng(devices=[]):
                 self.nn_baseline = NVILBaseline(x.shape[-1], self.nn_baseline_hidden).to(x)
-        pyro.module(self.nn_baseline_name, self.nn_baseline)
+        # a restored param store replaces the network's parameters by the stored ones
+        pyro.module(self.nn_baseline_name, self.nn_baseline, update_module_params=True)
         self._input = x.detach()
 
     def _get_trace(self, model, guide, args, kwargs):
-        model_trace, guide_trace = get_importance_trace(
-            "flat", self.max_plate_nesting, model, DetachSamples()(guide), args, kwargs
+        """Guide trace with detached samples and the model replayed on it, log-densities only.
+
+        As :func:`pyro.infer.enum.get_importance_trace`, but without ``score_parts``: the
+        estimator scores every site itself, and distributions that compute their score
+        parts from a cached sample (rejection samplers) would refuse the detached one.
+        """
+        guide_trace = poutine.trace(DetachSamples()(guide)).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
         )
         if is_validation_enabled():
+            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
             check_if_enumerated(guide_trace)
+        guide_trace = prune_subsample_sites(guide_trace)
+        model_trace = prune_subsample_sites(model_trace)
+        model_trace.compute_log_prob()
+        try:
+            guide_trace.compute_log_prob()
+        except (KeyError, NotImplementedError) as e:
+            raise ValueError(
+                "the score-function estimator needs log q(z) at a detached sample z, which "
+                f"this guide cannot compute ({type(e).__name__}: {e}); a flow without an "
+                "inverse (Planar, Radial) scores only the sample it drew. Use 'elbo' or 'stl' "
+                "for reparameterized guides"
+            ) from e
+        if is_validation_enabled():
+            for trace in (model_trace, guide_trace):
+                for site in trace.nodes.values():
+                    if site["type"] == "sample":
+                        check_site_shape(site, self.max_plate_nesting)
         return model_trace, guide_trace
 
     def _site_baseline(
@@ -167,14 +225,14 @@ class ScoreFunctionELBO(SurrogateELBO):
         if options is not None:
             if options["use_decaying_avg_baseline"]:
                 baseline = self.averages(
-                    name, signal, options["baseline_beta"], update=self._update_state
+                    name, signal, options["baseline_beta"], update=self.updates_state
                 )
             if options["nn_baseline"] is not None:
                 learned = options["nn_baseline"](detach(options["nn_baseline_input"]))
             elif options["baseline_value"] is not None:
                 learned = options["baseline_value"]
         elif self.baseline == "avg":
-            baseline = self.averages(name, signal, self.baseline_beta, update=self._update_state)
+            baseline = self.averages(name, signal, self.baseline_beta, update=self.updates_state)
         elif self.baseline == "loo":
             dim = particle_dim(site)
             if dim is None:

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from pyro.distributions.util import detach, is_identically_zero, scale_and_mask
-from pyro.infer import Trace_ELBO
+from pyro.distributions.util import is_identically_zero
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import torch_item
 
-from pyro_lvm.elbo.base import check_num_particles
+from pyro_lvm.elbo.base import SurrogateELBO, stopped_log_prob
+from pyro_lvm.elbo.registry import register
 
 __all__ = ["STL"]
 
 
-class STL(Trace_ELBO):
+@register("stl", "elbo", summary="ELBO with the sticking-the-landing gradient (Roeder et al. 2017)")
+class STL(SurrogateELBO):
     r"""The ELBO with the "sticking the landing" gradient of Roeder, Wu & Duvenaud (2017).
 
     For a reparameterized guide site :math:`z = g_\phi(\epsilon)`, the total derivative of
@@ -33,9 +32,11 @@ class STL(Trace_ELBO):
     ``Trace_ELBO``; partially reparameterized sites keep ``Trace_ELBO``'s treatment.
     The loss value is the usual :math:`-\frac1K\sum_k[\log p(x, z_k) - \log q(z_k)]`.
 
-    Only :meth:`_differentiable_loss_particle` of ``Trace_ELBO`` is overridden.
+    Only :meth:`_differentiable_loss_particle` of the family base is implemented.
 
-    .. warning:: The stopped copy is ``pyro.distributions.util.detach(site["fn"])``: it also
+    .. warning:: The stopped copy is ``pyro.distributions.util.detach(site["fn"])``
+        (:func:`~pyro_lvm.elbo.base.stopped_log_prob`); flows without an inverse (Pyro's
+        ``Planar``) cannot score with it and are refused with a ``ValueError``. It also
         stops gradients that reach a site's distribution through *other* reparameterized
         latents (hierarchical guides ``q(z_2 | z_1)``), which biases STL there. Mean-field
         and amortized guides ``q(z | x)`` are exact.
@@ -55,13 +56,6 @@ class STL(Trace_ELBO):
        Monte Carlo Objectives*, arXiv:1810.04152.
     """
 
-    def __init__(self, num_particles: int = 1, **kwargs: Any):
-        kwargs.setdefault("vectorize_particles", True)
-        super().__init__(num_particles=check_num_particles(num_particles), **kwargs)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_particles={self.num_particles})"
-
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         elbo = 0.0
         surrogate = 0.0
@@ -77,8 +71,7 @@ class STL(Trace_ELBO):
             elbo = elbo - torch_item(site["log_prob_sum"])
             if not is_identically_zero(entropy_term):
                 if is_identically_zero(score_function_term):
-                    stopped = detach(site["fn"]).log_prob(site["value"])
-                    entropy_term = scale_and_mask(stopped, site["scale"], site["mask"])
+                    entropy_term = stopped_log_prob(site, "STL")
                 surrogate = surrogate - entropy_term.sum()
             if not is_identically_zero(score_function_term):
                 if log_r is None:

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from pyro.distributions.kl import kl_divergence
 from pyro.infer.inspect import get_dependencies
+from pyro.poutine.util import site_is_subsample
 
-from pyro_lvm.evaluate.loglik import _iter_traces, _per_datapoint, _site_log_prob
+from pyro_lvm.elbo.multisample import iter_importance_weights
 
 __all__ = ["ELBODecomposition", "elbo_decomposition"]
 
@@ -62,6 +63,7 @@ def elbo_decomposition(
     data_chunk: int | None = None,
     idx: torch.Tensor | None = None,
     analytic_kl: bool = True,
+    max_plate_nesting: int | None = None,
 ) -> ELBODecomposition:
     r"""Split the per-datapoint ELBO into reconstruction and KL terms.
 
@@ -79,7 +81,7 @@ def elbo_decomposition(
     split follows Hoffman & Johnson (2016), "ELBO surgery", and Alemi et al. (2018),
     arXiv:1711.00464 (rate and distortion).
 
-    :param model: a model ``model(x, idx=None)`` with its sites in the ``"data"`` plate.
+    :param model: a model ``model(x, idx=None)`` with its sites in its data plate.
     :param guide: the matching guide.
     :param x: data, points along dim 0.
     :param num_samples: K, particles for the expectations.
@@ -87,7 +89,8 @@ def elbo_decomposition(
     :param data_chunk: rows per trace (all rows when ``None``).
     :param idx: optional dataset indices of the rows of ``x`` (for per-datapoint guides).
     :param analytic_kl: set ``False`` to force Monte Carlo KL for every site.
-    :raises ValueError: on a model/guide mismatch or a site outside the ``"data"`` plate.
+    :param max_plate_nesting: the model's plate nesting, guessed when ``None``.
+    :raises ValueError: on a model/guide mismatch or a site outside the data plate.
     """
     n = x.shape[0] if torch.is_tensor(x) and x.dim() > 0 else 0
     analytic_sites: set[str] | None = set()
@@ -96,29 +99,36 @@ def elbo_decomposition(
     recon = None
     kl_sites: dict[str, torch.Tensor] = {}
     methods: dict[str, str] = {}
-    for rows, model_trace, guide_trace, particle_dim, shape in _iter_traces(
-        model, guide, x, num_samples, sample_chunk, data_chunk, idx
+    for rows, weights in iter_importance_weights(
+        model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
     ):
         if recon is None:
             recon = x.new_zeros(n)
+        n_rows = rows.stop - rows.start
+        ((model_trace, guide_trace),) = weights.traces
         for name, site in model_trace.nodes.items():
-            if site["type"] != "sample" or site["infer"].get("_deterministic"):
+            if (
+                site["type"] != "sample"
+                or site_is_subsample(site)
+                or site["infer"].get("_deterministic")
+            ):
                 continue
+            log_p = weights.per_row(n_rows, weights.per_datapoint_scaled(site))
             if site["is_observed"]:
-                recon[rows] += _site_log_prob(site, particle_dim, shape).sum(0)
+                recon[rows] += log_p.sum(0)
                 continue
             guide_site = guide_trace.nodes[name]
             term = None
             if analytic_sites and name in analytic_sites and methods.get(name) != "monte-carlo":
                 try:
                     kl_site = kl_divergence(guide_site["fn"], site["fn"])
-                    term = _per_datapoint(site, kl_site, particle_dim, shape)
+                    term = weights.per_row(n_rows, weights.per_datapoint(site, kl_site))
                 except NotImplementedError:  # pair not registered
                     term = None
             methods[name] = "monte-carlo" if term is None else "analytic"
             if term is None:
-                log_q = _site_log_prob(guide_site, particle_dim, shape)
-                term = log_q - _site_log_prob(site, particle_dim, shape)
+                log_q = weights.per_row(n_rows, weights.per_datapoint_scaled(guide_site))
+                term = log_q - log_p
             kl_sites.setdefault(name, x.new_zeros(n))[rows] += term.sum(0)
     recon = recon / num_samples
     kl_sites = {name: value / num_samples for name, value in kl_sites.items()}

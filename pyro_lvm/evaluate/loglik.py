@@ -5,166 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 
-import pyro
 import torch
-from pyro import poutine
-from pyro.infer.util import is_validation_enabled
-from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_site_shape
+
+from pyro_lvm.elbo.multisample import iter_importance_weights
 
 __all__ = ["elbo_estimate", "log_importance_weights", "log_likelihood"]
-
-_PARTICLES = "_pyro_lvm_eval_particles"
-
-
-def _check_positive(**values: int | None) -> None:
-    for name, value in values.items():
-        if value is not None and int(value) < 1:
-            raise ValueError(f"{name} must be a positive integer (or None), got {value}")
-
-
-def _guess_max_plate_nesting(model: Callable, guide: Callable, x, idx) -> int:
-    """Deepest plate nesting of one unvectorized (guide, replayed model) pass, RNG untouched."""
-    with torch.random.fork_rng(devices=[]), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(x, idx)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, idx)
-    dims = [
-        -frame.dim
-        for trace in (guide_trace, model_trace)
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return max(dims, default=1)
-
-
-def _data_dim(site: dict) -> int:
-    for frame in site["cond_indep_stack"]:
-        if frame.name == "data":
-            return frame.dim
-    raise ValueError(
-        f"sample site {site['name']!r} is outside the 'data' plate, so it has no per-datapoint "
-        "log-probability (a global latent couples all data points); put the site inside "
-        "pyro_lvm.data_plate or make it a parameter for evaluation"
-    )
-
-
-def _check_match(model_trace: Trace, guide_trace: Trace) -> None:
-    """Raise a ValueError when the guide and the model disagree on the latent sites."""
-    guide_latents = {
-        name
-        for name, site in guide_trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"]
-    }
-    model_sample = {n for n, s in model_trace.nodes.items() if s["type"] == "sample"}
-    model_latents = {n for n in model_sample if not model_trace.nodes[n]["is_observed"]}
-    extra = sorted(guide_latents - model_sample)
-    if extra:
-        raise ValueError(
-            f"model/guide mismatch: guide sample sites {extra} do not appear in the model; "
-            "rename them to the model's latent sites or remove them from the guide"
-        )
-    missing = sorted(model_latents - guide_latents)
-    if missing:
-        raise ValueError(
-            f"model/guide mismatch: unobserved model sites {missing} have no guide site; add "
-            "them to the guide (enumerated discrete latents must be sampled by the guide, or "
-            "marginalized inside the model, for importance sampling)"
-        )
-
-
-def _per_datapoint(
-    site: dict, value: torch.Tensor, particle_dim: int, shape: torch.Size
-) -> torch.Tensor:
-    """Sum a per-site tensor with the site's batch shape (``log_prob``, KL) to ``(S, N)``.
-
-    Dims other than the particle and data dims (inner plates) are summed; dims of size 1
-    broadcast. Masks are applied, subsample scales are not.
-    """
-    data_dim = _data_dim(site)
-    log_p = value
-    if site["mask"] is not None:
-        log_p = torch.where(torch.as_tensor(site["mask"]), log_p, log_p.new_zeros(()))
-    ndim = -particle_dim
-    log_p = log_p.reshape((1,) * (ndim - log_p.dim()) + tuple(log_p.shape))
-    inner = [d for d in range(1, ndim) if d != ndim + data_dim]
-    if inner:
-        log_p = log_p.sum(inner, keepdim=True)
-    log_p = log_p.reshape(log_p.shape[0], log_p.shape[ndim + data_dim])
-    return log_p.expand(shape)
-
-
-def _site_log_prob(site: dict, particle_dim: int, shape: torch.Size) -> torch.Tensor:
-    """The site's unscaled log-probability as an ``(S, N)`` tensor."""
-    return _per_datapoint(site, site["unscaled_log_prob"], particle_dim, shape)
-
-
-def _vectorized_traces(
-    model: Callable, guide: Callable, x: torch.Tensor, idx, num_particles: int, max_nesting: int
-) -> tuple[Trace, Trace]:
-    """Guide and replayed-model traces with ``num_particles`` particles in a plate at the left."""
-
-    def wrap(fn):
-        def vectorized(*args):
-            with pyro.plate(_PARTICLES, num_particles, dim=-(max_nesting + 1)):
-                return fn(*args)
-
-        return vectorized
-
-    guide_trace = poutine.trace(wrap(guide)).get_trace(x, idx)
-    guide_trace.detach_()
-    model_trace = poutine.trace(poutine.replay(wrap(model), trace=guide_trace)).get_trace(x, idx)
-    model_trace, guide_trace = (
-        prune_subsample_sites(model_trace),
-        prune_subsample_sites(guide_trace),
-    )
-    _check_match(model_trace, guide_trace)
-    model_trace.compute_log_prob()
-    guide_trace.compute_log_prob()
-    if is_validation_enabled():
-        for trace in (model_trace, guide_trace):
-            for site in trace.nodes.values():
-                if site["type"] == "sample":
-                    check_site_shape(site, max_nesting + 1)
-    return model_trace, guide_trace
-
-
-def _chunks(n: int, size: int | None) -> Iterator[slice]:
-    size = n if size is None else int(size)
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
-def _iter_traces(
-    model: Callable,
-    guide: Callable,
-    x: torch.Tensor,
-    num_samples: int,
-    sample_chunk: int | None,
-    data_chunk: int | None,
-    idx: torch.Tensor | None,
-) -> Iterator[tuple[slice, Trace, Trace, int, torch.Size]]:
-    """Yield ``(rows, model_trace, guide_trace, particle_dim, (S, len(rows)))`` per chunk."""
-    _check_positive(num_samples=num_samples, sample_chunk=sample_chunk, data_chunk=data_chunk)
-    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
-        raise ValueError(
-            f"x must be a non-empty tensor with data points along dim 0, got {x!r:.80}"
-        )
-    if idx is not None and len(idx) != x.shape[0]:
-        raise ValueError(f"idx must hold one index per row of x; got {len(idx)} for {x.shape[0]}")
-    sample_chunk = num_samples if sample_chunk is None else min(int(sample_chunk), num_samples)
-    first = next(_chunks(x.shape[0], data_chunk))
-    max_nesting = _guess_max_plate_nesting(
-        model, guide, x[first], None if idx is None else idx[first]
-    )
-    for rows in _chunks(x.shape[0], data_chunk):
-        xc, ic = x[rows], None if idx is None else idx[rows]
-        for start in range(0, num_samples, sample_chunk):
-            s = min(sample_chunk, num_samples - start)
-            model_trace, guide_trace = _vectorized_traces(model, guide, xc, ic, s, max_nesting)
-            yield rows, model_trace, guide_trace, -(max_nesting + 1), torch.Size((s, xc.shape[0]))
 
 
 def _iter_log_weights(
@@ -175,19 +20,13 @@ def _iter_log_weights(
     sample_chunk: int | None,
     data_chunk: int | None,
     idx: torch.Tensor | None,
+    max_plate_nesting: int | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(rows, log_w)`` with ``log_w`` of shape ``(S, len(rows))`` chunk by chunk."""
-    for rows, model_trace, guide_trace, particle_dim, shape in _iter_traces(
-        model, guide, x, num_samples, sample_chunk, data_chunk, idx
+    for rows, weights in iter_importance_weights(
+        model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
     ):
-        log_w = x.new_zeros(shape)
-        for site in model_trace.nodes.values():
-            if site["type"] == "sample" and not site["infer"].get("_deterministic"):
-                log_w = log_w + _site_log_prob(site, particle_dim, shape)
-        for site in guide_trace.nodes.values():
-            if site["type"] == "sample" and not site["is_observed"]:
-                log_w = log_w - _site_log_prob(site, particle_dim, shape)
-        yield rows, log_w
+        yield rows, weights.per_row(rows.stop - rows.start)
 
 
 @torch.no_grad()
@@ -199,6 +38,7 @@ def log_importance_weights(
     sample_chunk: int | None = None,
     data_chunk: int | None = None,
     idx: torch.Tensor | None = None,
+    max_plate_nesting: int | None = None,
 ) -> torch.Tensor:
     r"""The per-datapoint log importance weights, shape ``(num_samples, N)``.
 
@@ -208,10 +48,12 @@ def log_importance_weights(
         \qquad z_k \sim q(\cdot \mid x_i),
 
     summed over every latent and observed site of the model and every latent site of the
-    guide, with unscaled log-probabilities. Particles are vectorized in a plate to the
-    left of the model's plates, as in ``Trace_ELBO(vectorize_particles=True)``.
+    guide, with unscaled log-probabilities: the weights of the multi-sample bounds
+    (:func:`pyro_lvm.elbo.log_weights`, one engine), whose plate enclosing every site must
+    have one entry per row of ``x``. Particles are vectorized in a plate to the left of the
+    model's plates, as in ``Trace_ELBO(vectorize_particles=True)``.
 
-    :param model: a model ``model(x, idx=None)`` whose sites lie in the ``"data"`` plate.
+    :param model: a model ``model(x, idx=None)`` whose sites lie in its data plate.
     :param guide: the matching guide (same latent site names).
     :param x: data, points along dim 0.
     :param num_samples: K, importance samples per data point.
@@ -219,13 +61,16 @@ def log_importance_weights(
     :param data_chunk: rows of ``x`` traced at once; all rows when ``None``.
     :param idx: indices of the rows of ``x`` in the dataset, passed to the model and guide
         (per-datapoint guides need them); ``None`` passes ``idx=None``.
+    :param max_plate_nesting: the model's plate nesting (particles excluded); guessed by a
+        dry run, as Pyro's ELBOs do, when ``None``.
     :raises ValueError: on a model/guide mismatch, a latent without a guide site, a site
-        outside the ``"data"`` plate, or a non-positive size.
+        outside the data plate (no plate with one entry per row of ``x``), or a
+        non-positive size.
     """
     out = x.new_empty(num_samples, x.shape[0]) if torch.is_tensor(x) else None
     counts: dict[int, int] = {}
     for rows, log_w in _iter_log_weights(
-        model, guide, x, num_samples, sample_chunk, data_chunk, idx
+        model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
     ):
         k = counts.get(rows.start, 0)
         out[k : k + log_w.shape[0], rows] = log_w
@@ -242,6 +87,7 @@ def log_likelihood(
     sample_chunk: int | None = 100,
     data_chunk: int | None = 1000,
     idx: torch.Tensor | None = None,
+    max_plate_nesting: int | None = None,
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
     r"""Importance-sampled estimate of log p(x_i) for each data point, shape ``(N,)``.
@@ -258,8 +104,8 @@ def log_likelihood(
     ``sample_chunk`` particles, so K = 5000 fits in memory; ``data_chunk`` bounds the rows
     traced at once. Runs under ``torch.no_grad``.
 
-    :param model: a model ``model(x, idx=None)`` with its sites in the ``"data"`` plate;
-        latent sites may have any names and there may be several.
+    :param model: a model ``model(x, idx=None)`` with its sites in its data plate (any
+        name); latent sites may have any names and there may be several.
     :param guide: the proposal q(z | x), with a sample site for every model latent.
     :param x: data, points along dim 0.
     :param num_samples: K.
@@ -267,6 +113,7 @@ def log_likelihood(
     :param data_chunk: rows per trace (default 1000: with ``sample_chunk=100`` a binarized
         MNIST pass stays near 1 GiB whatever N and K); all rows at once when ``None``.
     :param idx: optional dataset indices of the rows of ``x`` (for per-datapoint guides).
+    :param max_plate_nesting: see :func:`log_importance_weights`.
     :param device: ``"cpu"``, ``"cuda"``, ``"auto"`` or a ``torch.device`` to run on: the
         model and guide modules are moved there (in place), ``x`` and ``idx`` are copied
         there, and the result lives there. ``None``: where ``x`` is.
@@ -286,10 +133,12 @@ def log_likelihood(
         x = x.to(device) if torch.is_tensor(x) else x
         idx = None if idx is None else torch.as_tensor(idx).to(device)
         with device_scope(device):
-            return log_likelihood(model, guide, x, num_samples, sample_chunk, data_chunk, idx)
+            return log_likelihood(
+                model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
+            )
     acc = None
     for rows, log_w in _iter_log_weights(
-        model, guide, x, num_samples, sample_chunk, data_chunk, idx
+        model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
     ):
         if acc is None:
             acc = torch.full((x.shape[0],), -math.inf, dtype=log_w.dtype, device=log_w.device)
@@ -306,6 +155,7 @@ def elbo_estimate(
     sample_chunk: int | None = 100,
     data_chunk: int | None = 1000,
     idx: torch.Tensor | None = None,
+    max_plate_nesting: int | None = None,
 ) -> torch.Tensor:
     r"""Monte Carlo ELBO for each data point with K samples, shape ``(N,)``.
 
@@ -320,7 +170,7 @@ def elbo_estimate(
     """
     acc = None
     for rows, log_w in _iter_log_weights(
-        model, guide, x, num_samples, sample_chunk, data_chunk, idx
+        model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
     ):
         if acc is None:
             acc = torch.zeros(x.shape[0], dtype=log_w.dtype, device=log_w.device)

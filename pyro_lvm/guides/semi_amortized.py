@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pyro import poutine
 from pyro.nn import PyroModule
 
-from pyro_lvm.elbo import make_estimator
+from pyro_lvm.elbo import SPECS, make_estimator, names
 from pyro_lvm.plates import data_plate
 
 __all__ = ["SemiAmortizedGuide"]
@@ -33,7 +33,8 @@ class SemiAmortizedGuide(PyroModule):
         \varphi_{t+1} = \varphi_t + \eta\, \widehat\nabla_\varphi
         \mathcal L(\theta, \varphi_t; x), \qquad t = 0, \dots, T - 1,
 
-    with a reparameterized estimate (``inner_loss``, ``num_particles`` samples) and sample z
+    with a reparameterized estimate (``inner_loss``, ``num_particles`` samples drawn in one
+    vectorized pass, so a step costs one model evaluation whatever K) and sample z
     from :math:`q(z; \varphi_T)`. With ``differentiable=True`` the steps stay in the graph
     (``create_graph``), so training backpropagates through the refinement into the encoder
     and the model, as in SA-VAE (Kim, Wiseman, Miller, Sontag & Rush 2018,
@@ -50,7 +51,7 @@ class SemiAmortizedGuide(PyroModule):
     :param eval_steps: T at evaluation.
     :param train_steps: T during training (0: plain amortized training).
     :param step_size: η.
-    :param inner_loss: registry estimator name of the inner ELBO (reparameterized).
+    :param inner_loss: registry name of the inner ELBO estimator (category ``"elbo"``).
     :param num_particles: samples per inner gradient.
     :param differentiable: backpropagate through the refinement steps.
     :param max_grad_norm: per-datapoint clip of the inner gradient norm (0: no clipping).
@@ -91,7 +92,15 @@ class SemiAmortizedGuide(PyroModule):
         self.eval_steps, self.train_steps = int(eval_steps), int(train_steps)
         self.step_size, self.max_grad_norm = float(step_size), float(max_grad_norm)
         self.differentiable = bool(differentiable)
-        self.inner = make_estimator(inner_loss, num_particles, vectorize_particles=False)
+        spec = SPECS.get(inner_loss)
+        if spec is None or spec.category != "elbo":
+            raise ValueError(
+                f"inner_loss must name an ELBO estimator ({', '.join(sorted(names('elbo')))}), "
+                f"got {inner_loss!r}: the refinement ascends each data point's ELBO"
+            )
+        # K particles are K copies of the minibatch in one trace (no particle plate, which
+        # would collide with that of an outer estimator running this guide)
+        self.inner = make_estimator(inner_loss, 1, vectorize_particles=False)
         self.num_particles = int(num_particles)
 
     @property
@@ -112,14 +121,18 @@ class SemiAmortizedGuide(PyroModule):
         return self.train_steps if self.training else self.eval_steps
 
     def _inner_loss(self, x: torch.Tensor, loc: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """The inner negative ELBO, averaged over K particles drawn in one trace: the
+        minibatch repeated K times, so each copy of a data point is one particle."""
+        k = self.num_particles
+        if k > 1:
+            x = x.repeat(k, *([1] * (x.dim() - 1)))
+            loc, raw = loc.repeat(k, 1), raw.repeat(k, 1)
+
         def guide(x, idx=None):
             with data_plate(x):
                 pyro.sample("z", dist.Normal(loc, F.softplus(raw)).to_event(1))
 
-        total = 0.0
-        for _ in range(self.num_particles):
-            total = total + self.inner.differentiable_loss(self.model, guide, x)
-        return total / self.num_particles
+        return self.inner.differentiable_loss(self.model, guide, x) / k
 
     def refine(
         self, x: torch.Tensor, num_steps: int | None = None

@@ -11,6 +11,7 @@ from pyro.infer import ELBO
 from pyro.optim import PyroOptim
 
 from pyro_lvm.data import Minibatches
+from pyro_lvm.elbo import prepare_for_fit
 from pyro_lvm.train.build import (
     check_counts,
     check_extra,
@@ -34,7 +35,7 @@ def _valid_estimator(valid_loss: str | ELBO | None, estimator: ELBO, num_particl
     if valid_loss is None:
         return estimator
     if isinstance(valid_loss, ELBO):
-        return valid_loss
+        return prepare_for_fit(valid_loss)
     return resolve_estimator(valid_loss, num_particles)[0]
 
 
@@ -144,6 +145,8 @@ def fit(
     check_extra(extra)
     device = resolve_device(device)
     estimator, loss_name = resolve_estimator(loss, num_particles)
+    # Pyro ELBOs whose loss is not a bound are adapted, those that cannot train refused
+    estimator = prepare_for_fit(estimator, len(train_data), int(batch_size))
     valid_estimator = _valid_estimator(valid_loss, estimator, num_particles)
     optimizer = check_optimizer(optimizer)
     callbacks = make_callbacks(callbacks, log_dir, tensorboard)

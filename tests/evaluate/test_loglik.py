@@ -160,7 +160,7 @@ def test_site_outside_data_plate(linear_gaussian):
         pyro.sample("g", dist.Normal(0.0, 1.0))
         base(x, idx)
 
-    with pytest.raises(ValueError, match="'g' is outside the 'data' plate"):
+    with pytest.raises(ValueError, match=r"\['g'\] are outside the data plate"):
         log_likelihood(global_model, global_guide, x, 5)
 
 

@@ -66,3 +66,27 @@ def test_gradients_flow_through_refinement():
         assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads[differentiable])
     # the unrolled gradient includes the Jacobian of the steps; straight-through does not
     assert not all(torch.allclose(a, b) for a, b in zip(grads[True], grads[False], strict=False))
+
+
+@pytest.mark.parametrize("num_particles", [1, 5])
+def test_each_refinement_step_traces_the_model_once_for_all_particles(num_particles):
+    """K particles are one vectorized trace per step (not K traces, nor K² as before)."""
+    model, x, enc = _setup()
+    calls = []
+
+    def counted(x, idx=None):
+        calls.append(x.shape)
+        return model(x, idx)
+
+    sa = SemiAmortizedGuide(counted, enc, eval_steps=3, num_particles=num_particles)
+    sa.eval()
+    sa.refine(x)
+    calls.clear()
+    loc, scale = sa.refine(x)
+    assert len(calls) == 3 and loc.shape == (10, 2) and scale.shape == (10, 2)
+
+
+def test_inner_loss_must_be_an_elbo():
+    model, x, enc = _setup(4)
+    with pytest.raises(ValueError, match="inner_loss must name an ELBO estimator"):
+        SemiAmortizedGuide(model, enc, inner_loss="iwae")

@@ -211,8 +211,9 @@ def test_untraceable_arguments_and_validation_on_first_draw_only():
 
     m = gradient_moments(make_estimator("elbo", 2), model, sc.guide, *sc.args, None, num_draws=4)
     assert m.path == "loop" and "positional tensor arguments" in m.reason
-    # two param-only runs (groups, sites) and the first draw validated, then three without
-    assert seen == [True] * 3 + [False] * 3
+    # two param-only runs (groups, sites), the estimator's max_plate_nesting dry run and the
+    # first draw validated, then three without
+    assert seen == [True] * 4 + [False] * 3
     with pyro.validation_enabled(False):
         m = gradient_moments(make_estimator("elbo", 2), sc.model, sc.guide, *sc.args, num_draws=3)
     assert m.path == "traced" and m.setup_seconds > 0
