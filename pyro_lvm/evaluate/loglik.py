@@ -13,6 +13,8 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_site_shape
 
+from pyro_lvm.validation import validate_inputs
+
 __all__ = ["elbo_estimate", "log_importance_weights", "log_likelihood"]
 
 _PARTICLES = "_pyro_lvm_eval_particles"
@@ -267,6 +269,8 @@ def log_likelihood(
         MNIST pass stays near 1 GiB whatever N and K); all rows at once when ``None``.
     :param idx: optional dataset indices of the rows of ``x`` (for per-datapoint guides).
     :raises ValueError: see :func:`log_importance_weights`.
+    :raises InputError: on bad data or a model/guide mismatch
+        (:func:`~pyro_lvm.validation.validate_inputs`, checked once before sampling).
 
     Example::
 
@@ -274,6 +278,8 @@ def log_likelihood(
         x = model.sample(100)
         log_likelihood(model, guide, x, num_samples=2000)  # ≈ model.log_evidence(x)
     """
+    _check_positive(num_samples=num_samples, sample_chunk=sample_chunk, data_chunk=data_chunk)
+    x, _ = validate_inputs(model, guide, x, idx=idx, name="x")  # pyro_lvm.validation (issue 19)
     acc = None
     for rows, log_w in _iter_log_weights(
         model, guide, x, num_samples, sample_chunk, data_chunk, idx

@@ -20,8 +20,10 @@ from tqdm import tqdm
 from pyro_lvm.data import Minibatches
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.train.checkpoint import load_checkpoint, save_checkpoint
+from pyro_lvm.train.divergence import DivergenceMonitor, DivergenceRule
 from pyro_lvm.train.fast import FastSVI
 from pyro_lvm.train.history import FitHistory
+from pyro_lvm.validation import validate_inputs
 
 __all__ = ["NonFiniteLossError", "fit"]
 
@@ -132,6 +134,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     extra: dict[str, Any] | None = None,
     fast: bool = True,
+    divergence: DivergenceRule | None = DivergenceRule(),
 ) -> FitHistory:
     r"""Train ``model`` and ``guide`` by stochastic variational inference on minibatches.
 
@@ -180,9 +183,16 @@ def fit(
         validation off after the first step, a traced loss where it provably matches; it falls
         back to the general path with a logged reason for dynamic models). ``False`` uses
         ``pyro.infer.SVI``; both give the same losses to float tolerance.
+    :param divergence: when a finite loss counts as diverged (by default, growth by a factor
+        of 1000 over the best of the last 1000 steps, see
+        :class:`~pyro_lvm.train.divergence.DivergenceRule`); ``None`` disables the check.
     :returns: the :class:`FitHistory`, including the epochs of a resumed checkpoint.
     :raises NonFiniteLossError: on a NaN or infinite loss; the message names the epoch, the
         step and the last good checkpoint (the in-memory parameters are then unusable).
+    :raises DivergenceError: when the loss diverges by the ``divergence`` rule; likewise.
+    :raises InputError: on bad data (NaN, inf, values outside the likelihood's support), a
+        guide whose latent sites differ from the model's, or a non-positive learning rate;
+        checked once before the first step (:func:`~pyro_lvm.validation.validate_inputs`).
     :raises ValueError: on bad arguments, a ``num_data`` attribute that disagrees with the
         training set, a model that does not subsample by ``idx``, or a checkpoint written with
         another ``batch_size``, ``seed``, loss or training-set size.
@@ -224,9 +234,13 @@ def fit(
         json.dumps(extra, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"extra must be JSON-serializable with finite numbers: {e}") from e
-    batches = Minibatches(train_data, int(batch_size), shuffle=True, seed=seed, drop_last=False)
-    num_data = batches.num_data
+    num_data = len(train_data)
     _set_num_data(model, guide, num_data)
+    train_data, valid_data = validate_inputs(  # pyro_lvm.validation (issue 19)
+        model, guide, train_data, idx=torch.arange(min(int(batch_size), num_data)),
+        valid_data=valid_data, optimizer=optimizer,
+    )  # fmt: skip
+    batches = Minibatches(train_data, int(batch_size), shuffle=True, seed=seed, drop_last=False)
     config = {
         "loss": loss_name,
         "num_particles": int(getattr(estimator, "num_particles", num_particles)),
@@ -268,6 +282,7 @@ def fit(
         desc="fit",
         unit="step",
     )
+    monitor = DivergenceMonitor(divergence, history.step_losses)  # issue 19
     try:
         for epoch in range(start, num_epochs):
             tic = time.perf_counter()
@@ -289,6 +304,7 @@ def fit(
                         step=step,
                         checkpoint=last_good,
                     )
+                monitor.check(value, epoch=epoch + 1, step=step, checkpoint=last_good)
                 history.step_losses.append(value)
                 total, seen = total + value * len(idx), seen + len(idx)
                 bar.update(1)

@@ -17,7 +17,9 @@ from pyro.util import ignore_jit_warnings
 from tqdm import tqdm
 
 from pyro_lvm.elbo import make_estimator
+from pyro_lvm.validation import validate_inputs
 from pyro_lvm.guides.local import LocalGuide
+from pyro_lvm.train.divergence import DivergenceMonitor, DivergenceRule
 from pyro_lvm.train._tracing import (
     Recorder,
     default_rtol,
@@ -347,6 +349,7 @@ def fit_local(
     inner_lr_decay: float = 0.0,
     seed: int = 0,
     progress: bool = True,
+    divergence: DivergenceRule | None = DivergenceRule(),
 ) -> LocalFitHistory:
     r"""The per-datapoint SVI algorithm (warm-started local optima, then a θ step).
 
@@ -377,7 +380,12 @@ def fit_local(
     :param inner_lr_decay: inner Robbins-Monro decay (see :func:`optimize_local`).
     :param seed: seed of the minibatch order.
     :param progress: show a tqdm bar with inner steps and the fraction converged.
+    :param divergence: when the θ-step loss counts as diverged
+        (:class:`~pyro_lvm.train.divergence.DivergenceRule`); ``None`` disables the check.
     :return: a :class:`LocalFitHistory`.
+    :raises InputError: on bad data, a guide whose sites differ from the model's, or a bad
+        learning rate (:func:`~pyro_lvm.validation.validate_inputs`).
+    :raises DivergenceError: when the loss diverges.
     """
     from pyro_lvm.data import Minibatches
 
@@ -392,18 +400,24 @@ def fit_local(
         )
     estimator = _as_estimator(loss, num_particles)
     optim = pyro.optim.Adam({"lr": lr}) if optimizer is None else optimizer
+    data, _ = validate_inputs(  # pyro_lvm.validation (issue 19)
+        model, guide, data, idx=torch.arange(min(int(batch_size), len(data))), optimizer=optim,
+        rates={"inner_lr": inner_lr}, name="data",
+    )  # fmt: skip
+    monitor = DivergenceMonitor(divergence, what="fit_local")  # issue 19
     history = LocalFitHistory()
     batches = Minibatches(data, batch_size, shuffle=True, seed=seed)
     total = num_epochs * len(batches)
     with tqdm(total=total, disable=not progress, desc="fit_local") as bar:
-        for _ in range(int(num_epochs)):
+        for epoch in range(int(num_epochs)):
             epoch_loss, epoch_steps, epoch_conv, count = 0.0, 0.0, 0.0, 0
-            for xb, idx in batches:
+            for step, (xb, idx) in enumerate(batches, start=1):
                 res = optimize_local(
                     model, guide, xb, idx, estimator, lr=inner_lr, max_steps=inner_max_steps,
                     tol=inner_tol, lr_decay=inner_lr_decay,
                 )  # fmt: skip
                 value = _theta_step(model, guide, xb, idx, estimator, optim)
+                monitor.check(value / len(data), epoch=epoch + 1, step=step, checkpoint=None)
                 epoch_loss += value * len(idx) / len(data)
                 epoch_steps += float(res.steps.double().sum())
                 epoch_conv += float(res.converged.double().sum())

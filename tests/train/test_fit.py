@@ -221,9 +221,9 @@ def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     calls = {"model": 0}
 
     def model(x, idx=None):
-        calls["model"] += 1  # call 1 is fit's subsampling check, then one call per step
+        calls["model"] += 1  # calls 1-2: fit's input validation and subsampling check
         lg(x, idx)
-        if calls["model"] == 1 + 4 + 3:  # epoch 2, step 3
+        if calls["model"] == 2 + 4 + 3:  # epoch 2, step 3
             poison = dist.Unit(lg.weight.sum() * float("nan"), validate_args=False)
             pyro.sample("poison", poison, obs=poison.sample())  # pyro.factor, unvalidated
 
