@@ -183,8 +183,10 @@ def check_support(
     :raises InputError: naming the site, the support, the first bad value and its row.
     """
     for site in model_trace.nodes.values():
-        if site["type"] != "sample" or not site["is_observed"] or site["infer"].get(
-            "_deterministic"
+        if (
+            site["type"] != "sample"
+            or not site["is_observed"]
+            or site["infer"].get("_deterministic")
         ):
             continue
         fn, value = site["fn"], site["value"]
@@ -204,8 +206,7 @@ def check_support(
                     "binarize it (e.g. torch.bernoulli(x) or (x > 0.5).float()) or use a "
                     "likelihood for continuous data (e.g. VAE(likelihood='gaussian'))"
                     if "oolean" in type(getattr(support, "base_constraint", support)).__name__
-                    else "transform the data into the support or choose a likelihood that "
-                    "covers it"
+                    else "transform the data into the support or choose a likelihood that covers it"
                 )
                 raise InputError(
                     f"{name} is outside the support of the model's observed site "

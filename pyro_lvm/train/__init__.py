@@ -7,6 +7,7 @@ from pyro_lvm.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from pyro_lvm.train.divergence import DivergenceError, DivergenceRule
 from pyro_lvm.train.early_stopping import EarlyStopping
 from pyro_lvm.train.fast import FastSVI
 from pyro_lvm.train.fit import NonFiniteLossError, fit
@@ -17,6 +18,8 @@ from pyro_lvm.train.restore import vae_config, vae_from_checkpoint
 
 __all__ = [
     "CheckpointError",
+    "DivergenceError",
+    "DivergenceRule",
     "EarlyStopping",
     "FastSVI",
     "FitHistory",

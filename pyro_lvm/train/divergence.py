@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pyro_lvm.validation import InputError
 
-__all__ = ["DivergenceError", "DivergenceMonitor", "DivergenceRule"]
+__all__ = ["DEFAULT_DIVERGENCE", "DivergenceError", "DivergenceMonitor", "DivergenceRule"]
 
 
 class DivergenceError(FloatingPointError):
@@ -57,7 +57,9 @@ class DivergenceRule:
 
     def __post_init__(self):
         if not (math.isfinite(self.factor) and self.factor > 1):
-            raise InputError(f"DivergenceRule.factor must be a finite number > 1, got {self.factor}")
+            raise InputError(
+                f"DivergenceRule.factor must be a finite number > 1, got {self.factor}"
+            )
         if int(self.window) != self.window or self.window < 1:
             raise InputError(f"DivergenceRule.window must be a positive integer, got {self.window}")
         if not (math.isfinite(self.min_scale) and self.min_scale > 0):
@@ -66,6 +68,10 @@ class DivergenceRule:
     def diverged(self, value: float, best: float) -> bool:
         """Whether ``value`` has diverged from the recent ``best``."""
         return value - best > (self.factor - 1.0) * max(abs(best), self.min_scale)
+
+
+#: the rule ``fit`` and ``fit_local`` apply unless told otherwise
+DEFAULT_DIVERGENCE = DivergenceRule()
 
 
 class DivergenceMonitor:
@@ -86,13 +92,9 @@ class DivergenceMonitor:
             )
         self.rule, self.what = rule, what
         window = 1 if rule is None else int(rule.window)
-        self.recent: deque[float] = deque(
-            (v for v in recent if math.isfinite(v)), maxlen=window
-        )
+        self.recent: deque[float] = deque((v for v in recent if math.isfinite(v)), maxlen=window)
 
-    def check(
-        self, value: float, *, epoch: int, step: int, checkpoint: Path | str | None
-    ) -> None:
+    def check(self, value: float, *, epoch: int, step: int, checkpoint: Path | str | None) -> None:
         """Record a finite step loss; raise :class:`DivergenceError` if it diverged.
 
         :param value: the step's loss per data point.

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pyro_lvm.data import Minibatches
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.train.checkpoint import load_checkpoint, save_checkpoint
-from pyro_lvm.train.divergence import DivergenceMonitor, DivergenceRule
+from pyro_lvm.train.divergence import DEFAULT_DIVERGENCE, DivergenceMonitor, DivergenceRule
 from pyro_lvm.train.fast import FastSVI
 from pyro_lvm.train.history import FitHistory
 from pyro_lvm.validation import validate_inputs
@@ -134,7 +134,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     extra: dict[str, Any] | None = None,
     fast: bool = True,
-    divergence: DivergenceRule | None = DivergenceRule(),
+    divergence: DivergenceRule | None = DEFAULT_DIVERGENCE,
 ) -> FitHistory:
     r"""Train ``model`` and ``guide`` by stochastic variational inference on minibatches.
 

@@ -17,9 +17,7 @@ from pyro.util import ignore_jit_warnings
 from tqdm import tqdm
 
 from pyro_lvm.elbo import make_estimator
-from pyro_lvm.validation import validate_inputs
 from pyro_lvm.guides.local import LocalGuide
-from pyro_lvm.train.divergence import DivergenceMonitor, DivergenceRule
 from pyro_lvm.train._tracing import (
     Recorder,
     default_rtol,
@@ -30,6 +28,8 @@ from pyro_lvm.train._tracing import (
     traceable_torch_item,
     using_trace_inputs,
 )
+from pyro_lvm.train.divergence import DEFAULT_DIVERGENCE, DivergenceMonitor, DivergenceRule
+from pyro_lvm.validation import validate_inputs
 
 __all__ = ["LocalOptResult", "LocalFitHistory", "optimize_local", "fit_local"]
 
@@ -349,7 +349,7 @@ def fit_local(
     inner_lr_decay: float = 0.0,
     seed: int = 0,
     progress: bool = True,
-    divergence: DivergenceRule | None = DivergenceRule(),
+    divergence: DivergenceRule | None = DEFAULT_DIVERGENCE,
 ) -> LocalFitHistory:
     r"""The per-datapoint SVI algorithm (warm-started local optima, then a θ step).
 
