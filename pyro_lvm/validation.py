@@ -289,7 +289,15 @@ def validate_inputs(
     n = data.shape[0] if idx is None else len(idx)
     batch = data[:n]
     rows = {k: v[:n] if torch.is_tensor(v) else v for k, v in named.items()}
-    model_trace, guide_trace = _traces(model, guide, batch, idx, rows)
+    try:
+        model_trace, guide_trace = _traces(model, guide, batch, idx, rows)
+    except (RuntimeError, IndexError, TypeError) as err:  # torch's shape errors and the like
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InputError(
+            f"the guide and model cannot run on {name} of shape {tuple(data.shape)} "
+            f"({type(err).__name__}: {first}); check that the data have the width and layout "
+            "the model was built for (data points along dim 0)"
+        ) from err
     check_site_match(model_trace, guide_trace)
     check_support(model_trace, batch, data, name)
     if valid_data is not None:
