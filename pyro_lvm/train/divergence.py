@@ -10,13 +10,19 @@ from pathlib import Path
 
 from pyro_lvm.validation import InputError
 
-__all__ = ["DEFAULT_DIVERGENCE", "DivergenceError", "DivergenceMonitor", "DivergenceRule"]
+__all__ = [
+    "DEFAULT_DIVERGENCE",
+    "DivergenceError",
+    "DivergenceMonitor",
+    "DivergenceRule",
+    "RunFailedError",
+]
 
 
-class DivergenceError(FloatingPointError):
-    """The training loss diverged (see :class:`DivergenceRule`); the run was stopped.
+class RunFailedError(FloatingPointError):
+    """A training run stopped at a bad step; the base of the loop's guards' errors.
 
-    :ivar epoch: the epoch (1-based) of the diverged step.
+    :ivar epoch: the epoch (1-based) of the failing step.
     :ivar step: the step (1-based) within that epoch.
     :ivar checkpoint: the last good checkpoint file, or ``None`` when none was written.
     """
@@ -24,6 +30,10 @@ class DivergenceError(FloatingPointError):
     def __init__(self, message: str, epoch: int, step: int, checkpoint: Path | None):
         super().__init__(message)
         self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
+
+
+class DivergenceError(RunFailedError):
+    """The training loss diverged (see :class:`DivergenceRule`); the run was stopped."""
 
 
 @dataclass(frozen=True)
