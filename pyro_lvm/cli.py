@@ -1,28 +1,62 @@
-"""Command-line interface: ``pyro-lvm quickstart|train|evaluate|sample|variance|gaps``."""
+"""Command-line interface: ``pyro-lvm quickstart|train|evaluate|sample|variance|gaps``.
+
+One parser tree, built lazily: ``pyro-lvm --help`` imports no subcommand (no torch, no
+Pyro), and ``pyro-lvm CMD ...`` imports only what ``CMD`` needs (see :data:`COMMANDS`).
+Every error the library raises for bad input or a failed run is printed as one line with a
+non-zero exit status (:func:`main`), never as a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import math
+import os
 import sys
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = [
+    "COMMANDS",
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "CLIError",
+    "build_parser",
+    "int_list",
+    "main",
+    "positive_float",
+    "positive_int",
+]
 
-DATASETS = ("digits", "mnist")
-#: ``pyro-lvm train``'s default test evaluation, sized so that ``--epochs 1`` on MNIST takes
-#: about a minute on 2 CPU cores (benchmarks/RESULTS.md); ``--full-eval`` for the full one
-TRAIN_EVALUATION = (100, 5000)  # (K, test points)
+#: exit status of a user error (bad argument, data, checkpoint or folder) and of a failed run
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 class CLIError(Exception):
     """An error reported to the user as one line, without a traceback."""
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows every option's default (none for required options and plain flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
+    return value
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated positive integers (layer widths)."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -33,7 +67,8 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
     try:
         value = int(text)
     except ValueError:
@@ -43,346 +78,114 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _load_split(dataset: str, split: str, root: str | None):
-    from pyro_lvm import data
-
-    if dataset == "digits":
-        x, labels = data.load_digits(split, return_labels=True)
-        return x, labels, (8, 8)
-    if dataset == "mnist":
-        return data.load_binarized_mnist(split, root=root), None, (28, 28)
-    raise CLIError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def _save_figures(vae, history, x, labels, image_shape, out: Path) -> list[str]:
-    import torch
-
-    from pyro_lvm import plot
-
-    written = []
-    if history is not None:
-        plot.plot_training_curves(history, path=out / "training_curves.png")
-        written.append("training_curves.png")
-    plot.plot_image_grid(
-        vae.sample(64),
-        image_shape=image_shape,
-        path=out / "samples.png",
-        title="ancestral samples (mean of p(x|z))",
-    )
-    written.append("samples.png")
-    shown = x[:16]
-    plot.plot_reconstructions(
-        shown, vae.reconstruct(shown), image_shape=image_shape, path=out / "reconstructions.png"
-    )
-    written.append("reconstructions.png")
-    with torch.no_grad():
-        z = vae.encode(x).mean
-    plot.plot_latent_scatter(z, labels=labels, path=out / "latents.png")
-    written.append("latents.png")
-    return written
+#: the subcommands: name -> (help, "module:add_arguments", "module:run"). The modules are
+#: imported only when the subcommand runs (or shows its own help), so ``pyro-lvm --help``
+#: stays fast; a new subcommand is one entry here.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "quickstart": (
+        "train a VAE on the bundled 8x8 digits (minutes, CPU)",
+        "pyro_lvm.cli_vae:add_quickstart_arguments",
+        "pyro_lvm.cli_vae:cmd_quickstart",
+    ),
+    "train": (
+        "train a VAE with any registered estimator",
+        "pyro_lvm.cli_vae:add_train_arguments",
+        "pyro_lvm.cli_vae:cmd_train",
+    ),
+    "evaluate": (
+        "test ELBO and IS log-likelihood of a checkpoint",
+        "pyro_lvm.cli_vae:add_evaluate_arguments",
+        "pyro_lvm.cli_vae:cmd_evaluate",
+    ),
+    "sample": (
+        "a PNG grid of ancestral samples from a checkpoint",
+        "pyro_lvm.cli_vae:add_sample_arguments",
+        "pyro_lvm.cli_vae:cmd_sample",
+    ),
+    "variance": (
+        "variance, SNR and cost of gradient estimators side by side",
+        "pyro_lvm.variance.cli:add_variance_arguments",
+        "pyro_lvm.variance.cli:variance_main",
+    ),
+    "gaps": (
+        "approximation and amortization gaps of a trained VAE checkpoint",
+        "pyro_lvm.evaluate.gaps:add_gaps_arguments",
+        "pyro_lvm.evaluate.gaps:gaps_main",
+    ),
+}
 
 
-def _evaluate_test(args: argparse.Namespace, vae, x_test, device) -> dict:
-    """The test evaluation sized by --eval-samples/--eval-points, or the full one."""
-    from pyro_lvm.evaluate.report import FULL_EVAL_SAMPLES, evaluate_vae
-
-    k, n = args.eval_samples, min(args.eval_points or len(x_test), len(x_test))
-    if args.full_eval:
-        k, n = FULL_EVAL_SAMPLES, len(x_test)
-    hint = "" if args.full_eval else f"; --full-eval for K={FULL_EVAL_SAMPLES} on all"
-    progress = not args.quiet
-    return evaluate_vae(
-        vae, x_test[:n], k, device=device, progress=progress, of=len(x_test), hint=hint
-    )
+def _resolve(target: str) -> Callable:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
-    import pyro
-    import torch
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``pyro-lvm`` parser tree.
 
-    from pyro_lvm.models import VAE
-    from pyro_lvm.nn import NETWORKS
-    from pyro_lvm.train import fit, resolve_device
-
-    out.mkdir(parents=True, exist_ok=True)
-    pyro.set_rng_seed(args.seed)
-    pyro.clear_param_store()
-    x_train, _, image_shape = _load_split(dataset, "train", args.data_root)
-    x_valid, _, _ = _load_split(dataset, "valid", args.data_root)
-    x_test, test_labels, _ = _load_split(dataset, "test", args.data_root)
-    config = dict(
-        dataset=dataset,
-        x_dim=int(x_train.shape[1]),
-        z_dim=args.z_dim,
-        hidden=list(args.hidden),
-        network=args.network,
-        likelihood="bernoulli",
-        estimator=args.estimator,
-        num_particles=args.particles,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        image_shape=list(image_shape),
-    )
-    vae = VAE(
-        config["x_dim"], config["z_dim"], tuple(config["hidden"]), network=NETWORKS[args.network]
-    )
-    checkpoint = out / "checkpoint.pt"
-    device = resolve_device(args.device)
-    start = time.perf_counter()
-    history = fit(
-        vae,
-        vae.guide,
-        x_train,
-        loss=args.estimator,
-        num_particles=args.particles,
-        optimizer=pyro.optim.Adam({"lr": args.lr}),
-        num_epochs=args.epochs,
-        batch_size=args.batch_size,
-        valid_data=x_valid,
-        seed=args.seed,
-        checkpoint=checkpoint,
-        resume=getattr(args, "resume", False),
-        progress=not args.quiet,
-        extra={"config": config},
-        device=device,
-        log_dir=out,
-        tensorboard=args.tensorboard,
-    )
-    seconds = time.perf_counter() - start
-    vae.eval()
-    metrics = _evaluate_test(args, vae, x_test, device)
-    metrics.update(train_seconds=seconds, epochs=args.epochs, config=config)
-    _write_json(out / "metrics.json", metrics)
-    _write_json(out / "history.json", history.to_dict())
-    vae.cpu()
-    figures = _save_figures(vae, history, x_test, test_labels, image_shape, out)
-    torch.set_grad_enabled(True)
-    _print_table(metrics, out, figures)
-    return metrics
-
-
-def _print_table(metrics: dict, out: Path, figures: Sequence[str] = ()) -> None:
-    rows = [
-        ("test ELBO (nats)", metrics.get("elbo")),
-        (f"test log p(x), IS K={metrics.get('num_samples')}", metrics.get("log_likelihood")),
-        ("reconstruction E_q[log p(x|z)]", metrics.get("reconstruction")),
-        ("KL(q(z|x) || p(z)) (nats)", metrics.get("kl")),
-        ("rate (bits)", metrics.get("rate_bits")),
-    ]
-    for name, value in rows:
-        if value is not None:
-            print(f"{name:<34} {value:10.3f}")
-    print(f"outputs in {out}: metrics.json {' '.join(figures)}")
-
-
-def cmd_quickstart(args: argparse.Namespace) -> int:
-    """Train a small VAE on the bundled binarized digits and write metrics, checkpoint, figures."""
-    _train(args, dataset="digits", out=Path(args.out))
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    _train(args, dataset=args.dataset, out=Path(args.out))
-    return 0
-
-
-def _restore(checkpoint_path: str):
-    from pyro_lvm.train import vae_from_checkpoint
-
-    return vae_from_checkpoint(checkpoint_path)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pyro_lvm.evaluate.report import evaluate_vae
-    from pyro_lvm.train import resolve_device
-
-    vae, config = _restore(args.checkpoint)
-    x, _, _ = _load_split(config["dataset"], args.split, args.data_root)
-    device, total, x = resolve_device(args.device), len(x), x[: args.n]
-    metrics = evaluate_vae(
-        vae, x, args.num_samples, device=device, split=args.split, of=total, progress=not args.quiet
-    )
-    metrics.update(split=args.split, checkpoint=str(args.checkpoint))
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / f"evaluation_{args.split}.json", metrics)
-    _print_table(metrics, out, [f"evaluation_{args.split}.json"])
-    return 0
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    import pyro
-
-    from pyro_lvm import plot
-
-    vae, config = _restore(args.checkpoint)
-    pyro.set_rng_seed(args.seed)
-    images = vae.sample(args.n, mean=not args.binary)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot.plot_image_grid(
-        images,
-        image_shape=tuple(config["image_shape"]),
-        path=out,
-        title=f"{args.n} ancestral samples",
-    )
-    print(f"wrote {out}")
-    return 0
-
-
-def _add_device_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="cpu, cuda (or cuda:N) or auto (CUDA when available); the data order is the same "
-        "on every device",
-    )
-
-
-def _add_training_arguments(
-    p: argparse.ArgumentParser, *, epochs: int, z_dim: int, hidden: str, evaluation: tuple
-) -> None:
-    eval_samples, eval_points = evaluation
-    from pyro_lvm.elbo import ESTIMATORS
-    from pyro_lvm.nn import NETWORKS
-
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--z-dim", type=_positive_int, default=z_dim, help="latent dimension")
-    p.add_argument(
-        "--hidden",
-        type=_int_list,
-        default=_int_list(hidden),
-        help="hidden widths, comma separated (decoder; the encoder mirrors them)",
-    )
-    p.add_argument(
-        "--network",
-        default="mlp",
-        choices=sorted(NETWORKS),
-        help="hidden layers: 'mlp' (ReLU) or 'gated' (GatedDense, as in the VampPrior paper)",
-    )
-    p.add_argument(
-        "--estimator",
-        default="elbo",
-        choices=sorted(ESTIMATORS),
-        help="estimator name from pyro_lvm.elbo.ESTIMATORS",
-    )
-    p.add_argument("--particles", type=_positive_int, default=1, help="particles K per datum")
-    p.add_argument("--epochs", type=_positive_int, default=epochs)
-    p.add_argument("--batch-size", type=_positive_int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--eval-samples",
-        type=_positive_int,
-        default=eval_samples,
-        help=f"importance samples K for the test log-likelihood (default {eval_samples})",
-    )
-    p.add_argument(
-        "--eval-points",
-        type=_positive_int,
-        default=eval_points,
-        help="evaluate the first N test points "
-        + ("(default: all)" if eval_points is None else f"(default {eval_points})"),
-    )
-    p.add_argument(
-        "--full-eval",
-        action="store_true",
-        help="the full test evaluation: K=5000 on every test point "
-        "(overrides --eval-samples and --eval-points)",
-    )
-    p.add_argument("--data-root", default=None, help="folder with the data (or PYRO_LVM_DATA)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help="also write TensorBoard event files to OUT/tensorboard (needs tensorboard)",
-    )
-    _add_device_argument(p)
-
-
-def build_parser() -> argparse.ArgumentParser:
+    :param commands: the subcommands whose arguments are added (their modules imported);
+        every subcommand when ``None``. The others appear in the help by name only.
+    """
     parser = argparse.ArgumentParser(
-        prog="pyro-lvm", description="Latent variable models and variational inference on Pyro."
+        prog="pyro-lvm",
+        description="Latent variable models and variational inference on Pyro.",
+        formatter_class=_Formatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("quickstart", help="train a VAE on the bundled 8x8 digits (minutes, CPU)")
-    _add_training_arguments(p, epochs=150, z_dim=4, hidden="128", evaluation=(1000, None))
-    p.set_defaults(func=cmd_quickstart)
-
-    p = sub.add_parser("train", help="train a VAE with any registered estimator")
-    p.add_argument("--dataset", choices=DATASETS, default="mnist")
-    _add_training_arguments(p, epochs=10, z_dim=50, hidden="400", evaluation=TRAIN_EVALUATION)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("evaluate", help="test ELBO and IS log-likelihood of a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--split", choices=("train", "valid", "test"), default="test")
-    p.add_argument("--num-samples", type=_positive_int, default=1000)
-    p.add_argument("--n", type=_positive_int, default=None, help="evaluate the first n points")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_device_argument(p)
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("sample", help="a PNG grid of ancestral samples from a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--n", type=_positive_int, default=64)
-    p.add_argument("--out", default="samples.png", help="PNG path")
-    p.add_argument("--binary", action="store_true", help="draw x ~ p(x|z), not its mean")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_sample)
-
-    for name, module, adder, runner, help_ in _PLUGINS:
-        mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=help_)
-        getattr(mod, adder)(p)
-        p.set_defaults(func=getattr(mod, runner))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = set(COMMANDS) if commands is None else set(commands)
+    for name, (help_, adder, runner) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=_Formatter)
+        if name in wanted:
+            _resolve(adder)(p)
+            p.set_defaults(func=runner)
     return parser
 
 
-# Subcommands that live beside the subsystem they drive: (name, module, add-args, run, help).
-_PLUGINS: list[tuple[str, str, str, str, str]] = [
-    (
-        "variance",
-        "pyro_lvm.variance.cli",
-        "add_variance_arguments",
-        "variance_main",
-        "variance, SNR and cost of gradient estimators side by side",
-    ),
-    (
-        "gaps",
-        "pyro_lvm.evaluate.gaps",
-        "add_gaps_arguments",
-        "gaps_main",
-        "approximation and amortization gaps of a trained VAE checkpoint",
-    ),
-]
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        text = f"{err.strerror}: {err.filename}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())  # one line, however the message was wrapped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``pyro-lvm``; returns the exit status (2 on a user error)."""
-    import matplotlib
+    """Entry point of ``pyro-lvm``; returns the exit status.
 
-    matplotlib.use("Agg")
-    parser = build_parser()
+    A user error (a bad argument, data, checkpoint or output folder: ``ValueError`` and its
+    subclasses ``InputError``, ``CheckpointError``, ``RunFolderError``, or ``OSError``) exits
+    with 2, a failed run (a non-finite or diverged loss, ``FloatingPointError``) with 1, an
+    interrupt with 130; each prints one line ``pyro-lvm CMD: error: ...``. Any other exception
+    is a bug: one line as well, and its traceback when ``PYRO_LVM_TRACEBACK=1``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser([command] if command in COMMANDS else [])
     args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
+    func: Callable[[argparse.Namespace], int] = _resolve(args.func)
+    prefix = f"pyro-lvm {args.command}"
     try:
         return int(func(args) or 0)
     except (CLIError, ValueError, OSError) as err:
-        message = " ".join(str(err).split())  # one line, however the message was wrapped
-        print(f"pyro-lvm {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except FloatingPointError as err:  # NonFiniteLossError, DivergenceError
+        print(f"{prefix}: failed: {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(
+            f"{prefix}: interrupted (a checkpoint, if any, holds the last epoch)", file=sys.stderr
+        )
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if os.environ.get("PYRO_LVM_TRACEBACK"):
+            raise
+        print(
+            f"{prefix}: internal error: {type(err).__name__}: {_one_line(err)} (a bug: rerun "
+            "with PYRO_LVM_TRACEBACK=1 for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -76,6 +76,24 @@ def test_python_dash_m_entry_point():
     assert "quickstart" in out and "evaluate" in out
 
 
+def test_help_imports_no_subcommand_and_shows_defaults():
+    code = (
+        "import sys\n"
+        "from pyro_lvm.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'pyro', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("[]") and "quickstart" in out.stdout
+
+
+def test_subcommand_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.001)" in text and "(default: 400)" in text and "--force" in text
+
+
 def test_variance_subcommand_writes_results(tmp_path):
     args = ["variance", "--scenario", "linear-gaussian", "--estimators", "elbo,iwae-dreg"]
     args += ["--particles", "1,4", "--draws", "5", "--out", str(tmp_path), "--no-progress"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from tqdm import tqdm
 
 from pyro_lvm.evaluate.loglik import log_importance_weights, log_likelihood
 from pyro_lvm.guides.local import LocalGaussianGuide
@@ -104,6 +105,7 @@ def inference_gaps(
     tol: float = 1e-4,
     lr_decay: float = 0.01,
     sample_chunk: int = 100,
+    progress: bool = False,
 ) -> GapResult:
     r"""Approximation and amortization gaps of an amortized Gaussian guide on data ``x``.
 
@@ -133,6 +135,7 @@ def inference_gaps(
     :param tol: inner relative-change tolerance.
     :param lr_decay: inner Robbins-Monro decay.
     :param sample_chunk: particles traced at once.
+    :param progress: show a tqdm bar over q*'s inner steps and the three estimates.
     :return: a :class:`GapResult`.
     """
     if not hasattr(guide, "params"):
@@ -149,13 +152,22 @@ def inference_gaps(
     local = LocalGaussianGuide(
         x.shape[0], z_dim, init_loc=loc, init_scale=scale, name="gaps_q_star"
     )
-    res = optimize_local(
-        model, local, x, None, loss, num_particles=num_particles, lr=lr, max_steps=max_steps,
-        tol=tol, lr_decay=lr_decay,
-    )  # fmt: skip
-    elbo_q, se_q = _elbo_and_se(model, guide, x, elbo_samples, sample_chunk)
-    elbo_s, se_s = _elbo_and_se(model, local, x, elbo_samples, sample_chunk)
-    log_px = log_likelihood(model, local, x, num_samples, sample_chunk=sample_chunk)
+    bar = tqdm(total=max_steps + 3, desc="gaps: q* steps", unit="step", disable=not progress)
+    with bar:
+        res = optimize_local(
+            model, local, x, None, loss, num_particles=num_particles, lr=lr, max_steps=max_steps,
+            tol=tol, lr_decay=lr_decay, callback=lambda step, active: bar.update(1),
+        )  # fmt: skip
+        bar.update(max_steps - bar.n)  # converged before the cap
+        bar.set_description("gaps: L[q]")
+        elbo_q, se_q = _elbo_and_se(model, guide, x, elbo_samples, sample_chunk)
+        bar.update(1)
+        bar.set_description("gaps: L[q*]")
+        elbo_s, se_s = _elbo_and_se(model, local, x, elbo_samples, sample_chunk)
+        bar.update(1)
+        bar.set_description(f"gaps: log p(x), K={num_samples}")
+        log_px = log_likelihood(model, local, x, num_samples, sample_chunk=sample_chunk)
+        bar.update(1)
     return GapResult(
         log_px=log_px,
         elbo_optimized=elbo_s,
@@ -171,15 +183,18 @@ def add_gaps_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pyro-lvm gaps CHECKPOINT``."""
     parser.add_argument("checkpoint", help="a VAE checkpoint written by `pyro-lvm train`")
     parser.add_argument("--n", type=int, default=1000, help="number of test points")
-    parser.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    parser.add_argument(
+        "--split", choices=("train", "valid", "test"), default="test", help="data split"
+    )
     parser.add_argument("--num-samples", type=int, default=1000, help="K for log p(x)")
     parser.add_argument("--elbo-samples", type=int, default=500, help="samples per ELBO")
     parser.add_argument("--steps", type=int, default=1000, help="inner step cap for q*")
     parser.add_argument("--lr", type=float, default=0.01, help="inner learning rate")
     parser.add_argument("--particles", type=int, default=8, help="inner particles")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-root", default=None, help="folder with the data (or PYRO_LVM_DATA)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def gaps_main(args: argparse.Namespace) -> int:
@@ -208,6 +223,7 @@ def gaps_main(args: argparse.Namespace) -> int:
     result = inference_gaps(
         vae, vae.guide, x, num_samples=args.num_samples, elbo_samples=args.elbo_samples,
         max_steps=args.steps, lr=args.lr, num_particles=args.particles,
+        progress=not getattr(args, "quiet", False),
     )  # fmt: skip
     summary = result.summary()
     summary.update(
@@ -215,6 +231,8 @@ def gaps_main(args: argparse.Namespace) -> int:
         seconds=time.perf_counter() - start, steps=args.steps, lr=args.lr,
     )  # fmt: skip
     out = Path(args.out) if args.out else path.parent
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (it is created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "gaps.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     (out / "gaps.txt").write_text(result.table() + "\n")

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from pyro_lvm.elbo.multisample import iter_importance_weights
+from pyro_lvm.validation import validate_inputs
 
 __all__ = ["elbo_estimate", "log_importance_weights", "log_likelihood"]
 
@@ -136,6 +137,7 @@ def log_likelihood(
             return log_likelihood(
                 model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
             )
+    x, _ = validate_inputs(model, guide, x, idx=idx, name="x")
     acc = None
     for rows, log_w in _iter_log_weights(
         model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
@@ -168,6 +170,7 @@ def elbo_estimate(
     x_i))` (Jordan et al. 1999; Kingma & Welling 2014, arXiv:1312.6114). Parameters as in
     :func:`log_likelihood`.
     """
+    x, _ = validate_inputs(model, guide, x, idx=idx, name="x")
     acc = None
     for rows, log_w in _iter_log_weights(
         model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting

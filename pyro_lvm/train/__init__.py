@@ -10,6 +10,7 @@ from pyro_lvm.train.checkpoint import (
     save_checkpoint,
 )
 from pyro_lvm.train.device import resolve_device
+from pyro_lvm.train.divergence import DivergenceError, DivergenceRule
 from pyro_lvm.train.early_stopping import EarlyStopping
 from pyro_lvm.train.estimators import StatefulEstimator, resolve_estimator
 from pyro_lvm.train.fast import FastSVI
@@ -23,6 +24,8 @@ from pyro_lvm.train.restore import vae_config, vae_from_checkpoint
 __all__ = [
     "Callback",
     "CheckpointError",
+    "DivergenceError",
+    "DivergenceRule",
     "EarlyStopping",
     "EpochCallback",
     "FastSVI",

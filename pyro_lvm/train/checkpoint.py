@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ __all__ = [
     "atomic_save",
     "load_checkpoint",
     "read_checkpoint",
+    "remove_stale_temporaries",
     "save_checkpoint",
 ]
 
@@ -70,18 +73,58 @@ def _check_finite(named: dict[str, torch.Tensor], path: Path) -> None:
             )
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but belongs to someone else (or cannot be asked): keep its file
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that an interrupted :func:`atomic_save` of ``path`` left behind.
+
+    A write killed between ``mkstemp`` and ``os.replace`` (``kill -9``, a power cut) leaves
+    ``.NAME.PID.XXXX.tmp`` beside ``path``. Such a file is removed when its writer ``PID`` no
+    longer runs or is this process (whose own earlier write was interrupted), or when it has no
+    ``PID`` (the format before this rule); a file of a live writer is kept. Returns the files
+    removed.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d+)\.)?[^.]+\.tmp$")
+    removed = []
+    for candidate in folder.glob(f".{path.name}.*.tmp") if folder.is_dir() else ():
+        match = pattern.match(candidate.name)
+        if match is None:
+            continue
+        pid = match.group(1)
+        if pid is not None and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        try:
+            candidate.unlink()
+            removed.append(candidate)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` ``obj`` to ``path`` so that ``path`` holds either the old or the new file.
 
-    The bytes go to a temporary file in the same folder, which is flushed and ``fsync``-ed,
-    then renamed over ``path`` with ``os.replace`` (atomic on POSIX and Windows); finally the
-    folder is ``fsync``-ed so the rename itself survives a power cut. On any error the
-    temporary file is removed and ``path`` is untouched.
+    The bytes go to a temporary file ``.NAME.PID.XXXX.tmp`` in the same folder, which is
+    flushed and ``fsync``-ed, then renamed over ``path`` with ``os.replace`` (atomic on POSIX
+    and Windows); finally the folder is ``fsync``-ed so the rename itself survives a power cut.
+    On any error the temporary file is removed and ``path`` is untouched. Temporary files of
+    earlier writes that were killed are removed first (:func:`remove_stale_temporaries`).
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -194,7 +237,18 @@ def read_checkpoint(
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
+    except pickle.UnpicklingError as e:
+        # torch's message advises weights_only=False, which would run the file's code
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"refusing to load {path}: it holds pickled Python objects{what} that could run "
+            f"code when loaded, so the file may be hostile{'' if found else ' (or corrupt)'}; "
+            "it was not loaded. pyro_lvm "
+            "checkpoints hold only tensors and plain containers: use files written by "
+            "save_checkpoint from a source you trust"
+        ) from None
+    except Exception as e:  # RuntimeError (truncated zip), EOFError, ...
         raise CheckpointError(
             f"cannot read checkpoint {path}: the file is corrupt, truncated, or holds objects "
             f"other than tensors and plain containers ({type(e).__name__}: {e})"

@@ -23,10 +23,12 @@ from pyro_lvm.train.build import (
 from pyro_lvm.train.callbacks import Callback
 from pyro_lvm.train.checks import check_data, check_subsampling, set_num_data
 from pyro_lvm.train.device import DeviceLike, device_scope, resolve_device, to_device
+from pyro_lvm.train.divergence import DEFAULT_DIVERGENCE, DivergenceMonitor, DivergenceRule
 from pyro_lvm.train.estimators import resolve_estimator
 from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.loop import Checkpointer, Loop, NonFiniteLossError, StepResult, run, svi_step
 from pyro_lvm.train.loop import validate as validation_bound
+from pyro_lvm.validation import validate_inputs
 
 __all__ = ["NonFiniteLossError", "fit"]
 
@@ -61,6 +63,7 @@ def fit(
     device: DeviceLike = None,
     log_dir: str | os.PathLike | None = None,
     tensorboard: bool = False,
+    divergence: DivergenceRule | None = DEFAULT_DIVERGENCE,
 ) -> FitHistory:
     r"""Train ``model`` and ``guide`` by stochastic variational inference on minibatches.
 
@@ -120,9 +123,16 @@ def fit(
         (:class:`~pyro_lvm.train.callbacks.JSONLinesLogger`).
     :param tensorboard: also write TensorBoard event files to ``log_dir/tensorboard`` (needs
         the optional ``tensorboard`` package).
+    :param divergence: when a finite loss counts as diverged (by default, growth by a factor
+        of 1000 over the best of the last 1000 steps, see
+        :class:`~pyro_lvm.train.divergence.DivergenceRule`); ``None`` disables the check.
     :returns: the :class:`FitHistory`, including the epochs of a resumed checkpoint.
     :raises NonFiniteLossError: on a NaN or infinite loss; the message names the epoch, the
         step and the last good checkpoint (the in-memory parameters are then unusable).
+    :raises DivergenceError: when the loss diverges by the ``divergence`` rule; likewise.
+    :raises InputError: on bad data (NaN, inf, values outside the likelihood's support), a
+        guide whose latent sites differ from the model's, or a non-positive learning rate;
+        checked once before the first step (:func:`~pyro_lvm.validation.validate_inputs`).
     :raises ValueError: on bad arguments, a ``num_data`` attribute that disagrees with the
         training set, a model that does not subsample by ``idx``, or a checkpoint written with
         another ``batch_size``, ``seed``, loss or training-set size.
@@ -149,6 +159,10 @@ def fit(
     estimator = prepare_for_fit(estimator, len(train_data), int(batch_size))
     valid_estimator = _valid_estimator(valid_loss, estimator, num_particles)
     optimizer = check_optimizer(optimizer)
+    train_data, valid_data = validate_inputs(
+        model, guide, train_data, idx=torch.arange(min(int(batch_size), len(train_data))),
+        valid_data=valid_data, optimizer=optimizer,
+    )  # fmt: skip
     callbacks = make_callbacks(callbacks, log_dir, tensorboard)
     batches = Minibatches(train_data, int(batch_size), shuffle=True, seed=seed)
     num_data = batches.num_data
@@ -194,5 +208,6 @@ def fit(
         callbacks=callbacks,
         progress=progress,
         desc="fit",
+        divergence=DivergenceMonitor(divergence, history.step_losses, what="fit"),
     )
     return run(loop, history)

@@ -46,6 +46,7 @@ from pyro_lvm.data import Minibatches
 from pyro_lvm.train.callbacks import Callback
 from pyro_lvm.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from pyro_lvm.train.device import device_scope
+from pyro_lvm.train.divergence import DivergenceMonitor
 from pyro_lvm.train.history import FitHistory
 
 __all__ = [
@@ -249,6 +250,8 @@ class Loop:
     :ivar checkpointer: writes the state after every epoch, or ``None``.
     :ivar callbacks: :class:`~pyro_lvm.train.callbacks.Callback` objects.
     :ivar progress: show a tqdm bar; ``desc``: its label.
+    :ivar divergence: stops a run whose finite loss diverged
+        (:class:`~pyro_lvm.train.divergence.DivergenceMonitor`), or ``None``.
     """
 
     step: Callable[[Batch], StepResult]
@@ -261,6 +264,7 @@ class Loop:
     callbacks: list[Callback] = field(default_factory=list)
     progress: bool = True
     desc: str = "fit"
+    divergence: DivergenceMonitor | None = None
 
 
 def _non_finite(loop: Loop, history: FitHistory, value: float, epoch: int, step: int):
@@ -283,6 +287,7 @@ def run_epoch(loop: Loop, history: FitHistory, epoch: int, bar: tqdm) -> None:
     size-weighted means in ``history``.
 
     :raises NonFiniteLossError: at the first NaN or infinite loss.
+    :raises DivergenceError: at the first loss that ``loop.divergence`` calls diverged.
     """
     num_data = loop.batches.num_data
     order = epoch_order(loop.batches, epoch)
@@ -293,6 +298,9 @@ def run_epoch(loop: Loop, history: FitHistory, epoch: int, bar: tqdm) -> None:
         value = result.loss / num_data
         if not math.isfinite(value):
             raise _non_finite(loop, history, value, epoch, step)
+        if loop.divergence is not None:
+            last = None if loop.checkpointer is None else loop.checkpointer.last_good
+            loop.divergence.check(value, epoch=epoch + 1, step=step, checkpoint=last)
         history.record_step(value, result.metrics)
         total, seen = total + value * batch.size, seen + batch.size
         for name, metric in result.metrics.items():

@@ -22,10 +22,12 @@ from pyro_lvm.train.build import (
 )
 from pyro_lvm.train.checks import check_data, set_num_data
 from pyro_lvm.train.device import DeviceLike, resolve_device, to_device
+from pyro_lvm.train.divergence import DEFAULT_DIVERGENCE, DivergenceMonitor, DivergenceRule
 from pyro_lvm.train.estimators import resolve_estimator
 from pyro_lvm.train.fit_local import optimize_local
 from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.loop import Batch, Checkpointer, Loop, StepResult, run, svi_step
+from pyro_lvm.validation import validate_inputs
 
 __all__ = ["fit_local"]
 
@@ -68,6 +70,7 @@ def fit_local(
     callbacks: Sequence[Any] = (),
     extra: dict[str, Any] | None = None,
     fast: bool = True,
+    divergence: DivergenceRule | None = DEFAULT_DIVERGENCE,
     device: DeviceLike = None,
     log_dir: str | os.PathLike | None = None,
     tensorboard: bool = False,
@@ -111,9 +114,14 @@ def fit_local(
     :param progress: show a tqdm bar with the loss, inner steps and the fraction converged.
     :param checkpoint, resume, callbacks, extra, fast, device, log_dir, tensorboard: as in
         :func:`~pyro_lvm.train.fit`.
+    :param divergence: when the θ-step loss counts as diverged
+        (:class:`~pyro_lvm.train.divergence.DivergenceRule`); ``None`` disables the check.
     :return: the :class:`~pyro_lvm.train.FitHistory`.
     :raises ValueError: on bad arguments, a guide or model of another size than ``data``, or a
         checkpoint written with other settings.
+    :raises InputError: on bad data, a guide whose sites differ from the model's, or a bad
+        learning rate (:func:`~pyro_lvm.validation.validate_inputs`).
+    :raises DivergenceError: when the loss diverges.
     """
     check_data("data", data)
     if not isinstance(guide, LocalGuide):
@@ -130,6 +138,10 @@ def fit_local(
     device = resolve_device(device)
     estimator, loss_name = resolve_estimator(loss, num_particles)
     optim = check_optimizer(optimizer, lr)
+    data, _ = validate_inputs(
+        model, guide, data, idx=torch.arange(min(int(batch_size), len(data))), optimizer=optim,
+        rates={"inner_lr": inner_lr}, name="data",
+    )  # fmt: skip
     callbacks = make_callbacks(callbacks, log_dir, tensorboard)
     batches = Minibatches(data, int(batch_size), shuffle=True, seed=seed)
     set_num_data(model, guide, batches.num_data)
@@ -175,5 +187,6 @@ def fit_local(
         callbacks=callbacks,
         progress=progress,
         desc="fit_local",
+        divergence=DivergenceMonitor(divergence, history.step_losses, what="fit_local"),
     )
     return run(loop, history)

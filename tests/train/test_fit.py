@@ -221,11 +221,11 @@ def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     calls = {"model": 0}
 
     def model(x, idx=None):
-        # call 1 is fit's subsampling check, call 2 the estimator's max_plate_nesting dry run,
-        # then one call per step
+        # call 1 is fit's input validation, call 2 its subsampling check, call 3 the
+        # estimator's max_plate_nesting dry run, then one call per step
         calls["model"] += 1
         lg(x, idx)
-        if calls["model"] == 2 + 4 + 3:  # epoch 2, step 3
+        if calls["model"] == 3 + 4 + 3:  # epoch 2, step 3
             poison = dist.Unit(lg.weight.sum() * float("nan"), validate_args=False)
             pyro.sample("poison", poison, obs=poison.sample())  # pyro.factor, unvalidated
 

@@ -1,0 +1,353 @@
+"""The VAE subcommands of ``pyro-lvm``: quickstart, train, evaluate and sample.
+
+Imported only when one of them runs (see :data:`pyro_lvm.cli.COMMANDS`); heavy imports
+(torch, Pyro, matplotlib) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pyro_lvm.cli import CLIError, int_list, positive_float, positive_int
+
+__all__ = [
+    "add_evaluate_arguments",
+    "add_quickstart_arguments",
+    "add_sample_arguments",
+    "add_train_arguments",
+    "cmd_evaluate",
+    "cmd_quickstart",
+    "cmd_sample",
+    "cmd_train",
+]
+
+DATASETS = ("digits", "mnist")
+#: ``pyro-lvm train``'s default test evaluation, sized so that ``--epochs 1`` on MNIST takes
+#: about a minute on 2 CPU cores (benchmarks/RESULTS.md); ``--full-eval`` for the full one
+TRAIN_EVALUATION = (100, 5000)  # (K, test points)
+
+
+def _load_split(dataset: str, split: str, root: str | None):
+    from pyro_lvm import data
+
+    if dataset == "digits":
+        x, labels = data.load_digits(split, return_labels=True)
+        return x, labels, (8, 8)
+    if dataset == "mnist":
+        return data.load_binarized_mnist(split, root=root), None, (28, 28)
+    raise CLIError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _evaluate_test(args: argparse.Namespace, vae, x_test, device) -> dict:
+    """The test evaluation sized by --eval-samples/--eval-points, or the full one."""
+    from pyro_lvm.evaluate.report import FULL_EVAL_SAMPLES, evaluate_vae
+
+    k, n = args.eval_samples, min(args.eval_points or len(x_test), len(x_test))
+    if args.full_eval:
+        k, n = FULL_EVAL_SAMPLES, len(x_test)
+    hint = "" if args.full_eval else f"; --full-eval for K={FULL_EVAL_SAMPLES} on all"
+    return evaluate_vae(
+        vae, x_test[:n], k, device=device, progress=not args.quiet, of=len(x_test), hint=hint
+    )
+
+
+def _save_figures(vae, history, x, labels, image_shape, out: Path) -> list[str]:
+    import matplotlib
+    import torch
+
+    matplotlib.use("Agg")
+
+    from pyro_lvm import plot
+
+    written = []
+    if history is not None:
+        plot.plot_training_curves(history, path=out / "training_curves.png")
+        written.append("training_curves.png")
+    plot.plot_image_grid(
+        vae.sample(64),
+        image_shape=image_shape,
+        path=out / "samples.png",
+        title="ancestral samples (mean of p(x|z))",
+    )
+    written.append("samples.png")
+    shown = x[:16]
+    plot.plot_reconstructions(
+        shown, vae.reconstruct(shown), image_shape=image_shape, path=out / "reconstructions.png"
+    )
+    written.append("reconstructions.png")
+    with torch.no_grad():
+        z = vae.encode(x).mean
+    plot.plot_latent_scatter(z, labels=labels, path=out / "latents.png")
+    written.append("latents.png")
+    return written
+
+
+def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
+    import pyro
+    import torch
+
+    from pyro_lvm.models import VAE
+    from pyro_lvm.nn import NETWORKS
+    from pyro_lvm.runfolder import prepare_run_folder, resume_mismatch
+    from pyro_lvm.train import fit, read_checkpoint, resolve_device
+
+    out = prepare_run_folder(out, resume=args.resume, force=args.force)
+    pyro.set_rng_seed(args.seed)
+    pyro.clear_param_store()
+    x_train, _, image_shape = _load_split(dataset, "train", args.data_root)
+    x_valid, _, _ = _load_split(dataset, "valid", args.data_root)
+    x_test, test_labels, _ = _load_split(dataset, "test", args.data_root)
+    config = dict(
+        dataset=dataset,
+        x_dim=int(x_train.shape[1]),
+        z_dim=args.z_dim,
+        hidden=list(args.hidden),
+        network=args.network,
+        likelihood="bernoulli",
+        estimator=args.estimator,
+        num_particles=args.particles,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        image_shape=list(image_shape),
+    )
+    checkpoint = out / "checkpoint.pt"
+    resumed_from = 0
+    if args.resume:
+        saved = read_checkpoint(checkpoint)
+        resumed_from = int(saved["epoch"])
+        saved_config = (saved["metadata"].get("extra") or {}).get("config") or {}
+        problem = resume_mismatch(saved_config, config, resumed_from, args.epochs)
+        if problem:
+            raise CLIError(problem)
+    vae = VAE(
+        config["x_dim"], config["z_dim"], tuple(config["hidden"]), network=NETWORKS[args.network]
+    )
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    history = fit(
+        vae,
+        vae.guide,
+        x_train,
+        loss=args.estimator,
+        num_particles=args.particles,
+        optimizer=pyro.optim.Adam({"lr": args.lr}),
+        num_epochs=args.epochs,
+        batch_size=args.batch_size,
+        valid_data=x_valid,
+        seed=args.seed,
+        checkpoint=checkpoint,
+        resume=args.resume,
+        progress=not args.quiet,
+        extra={"config": config},
+        device=device,
+        log_dir=out,
+        tensorboard=args.tensorboard,
+    )
+    seconds = time.perf_counter() - start
+    vae.eval()
+    metrics = _evaluate_test(args, vae, x_test, device)
+    # what was used: a resume runs only with the checkpoint's settings (resume_mismatch)
+    metrics.update(
+        train_seconds=seconds, epochs=history.epochs, config=config, resumed_from_epoch=resumed_from
+    )
+    _write_json(out / "metrics.json", metrics)
+    _write_json(out / "history.json", history.to_dict())
+    vae.cpu()
+    figures = _save_figures(vae, history, x_test, test_labels, image_shape, out)
+    torch.set_grad_enabled(True)
+    _print_table(metrics, out, figures)
+    return metrics
+
+
+def _print_table(metrics: dict, out: Path, figures: Sequence[str] = ()) -> None:
+    rows = [
+        ("test ELBO (nats)", metrics.get("elbo")),
+        (f"test log p(x), IS K={metrics.get('num_samples')}", metrics.get("log_likelihood")),
+        ("reconstruction E_q[log p(x|z)]", metrics.get("reconstruction")),
+        ("KL(q(z|x) || p(z)) (nats)", metrics.get("kl")),
+        ("rate (bits)", metrics.get("rate_bits")),
+    ]
+    for name, value in rows:
+        if value is not None:
+            print(f"{name:<34} {value:10.3f}")
+    print(f"outputs in {out}: metrics.json {' '.join(figures)}")
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """Train a small VAE on the bundled binarized digits and write metrics, checkpoint, figures."""
+    _train(args, dataset="digits", out=Path(args.out))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _train(args, dataset=args.dataset, out=Path(args.out))
+    return 0
+
+
+def _restore(checkpoint_path: str):
+    from pyro_lvm.train import vae_from_checkpoint
+
+    return vae_from_checkpoint(checkpoint_path)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pyro_lvm.evaluate.report import evaluate_vae
+    from pyro_lvm.train import resolve_device
+
+    vae, config = _restore(args.checkpoint)
+    x, _, _ = _load_split(config["dataset"], args.split, args.data_root)
+    device, total, x = resolve_device(args.device), len(x), x[: args.n]
+    metrics = evaluate_vae(
+        vae, x, args.num_samples, device=device, split=args.split, of=total, progress=not args.quiet
+    )
+    metrics.update(split=args.split, checkpoint=str(args.checkpoint))
+    out = _output_folder(args.out, Path(args.checkpoint).parent)
+    _write_json(out / f"evaluation_{args.split}.json", metrics)
+    _print_table(metrics, out, [f"evaluation_{args.split}.json"])
+    return 0
+
+
+def _output_folder(given: str | None, default: Path) -> Path:
+    out = Path(given) if given else default
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; give a folder (it is created if missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import matplotlib
+    import pyro
+
+    matplotlib.use("Agg")
+
+    from pyro_lvm import plot
+
+    vae, config = _restore(args.checkpoint)
+    pyro.set_rng_seed(args.seed)
+    images = vae.sample(args.n, mean=not args.binary)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot.plot_image_grid(
+        images,
+        image_shape=tuple(config["image_shape"]),
+        path=out,
+        title=f"{args.n} ancestral samples",
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_device_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda (or cuda:N) or auto (CUDA when available); the data order is the same "
+        "on every device",
+    )
+
+
+def _add_training_arguments(
+    p: argparse.ArgumentParser, *, epochs: int, z_dim: int, hidden: str, evaluation: tuple
+) -> None:
+    eval_samples, eval_points = evaluation
+    from pyro_lvm.elbo import ESTIMATORS
+    from pyro_lvm.nn import NETWORKS
+
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--z-dim", type=positive_int, default=z_dim, help="latent dimension")
+    p.add_argument(
+        "--hidden",
+        type=int_list,
+        default=hidden,
+        help="hidden widths, comma separated (decoder; the encoder mirrors them)",
+    )
+    p.add_argument(
+        "--network",
+        default="mlp",
+        choices=sorted(NETWORKS),
+        help="hidden layers: 'mlp' (ReLU) or 'gated' (GatedDense, as in the VampPrior paper)",
+    )
+    p.add_argument(
+        "--estimator",
+        default="elbo",
+        choices=sorted(ESTIMATORS),
+        help="estimator name from pyro_lvm.elbo.ESTIMATORS",
+    )
+    p.add_argument("--particles", type=positive_int, default=1, help="particles K per datum")
+    p.add_argument("--epochs", type=positive_int, default=epochs, help="total training epochs")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="minibatch size")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="random seed (also the batch order)")
+    p.add_argument(
+        "--eval-samples",
+        type=positive_int,
+        default=eval_samples,
+        help="importance samples K for the test log-likelihood",
+    )
+    p.add_argument(
+        "--eval-points",
+        type=positive_int,
+        default=eval_points,
+        help="evaluate the first N test points (None: all)",
+    )
+    p.add_argument(
+        "--full-eval",
+        action="store_true",
+        help="the full test evaluation: K=5000 on every test point "
+        "(overrides --eval-samples and --eval-points)",
+    )
+    p.add_argument("--data-root", default=None, help="folder with the data (or PYRO_LVM_DATA)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files to OUT/tensorboard (needs tensorboard)",
+    )
+    _add_device_argument(p)
+    runs = p.add_mutually_exclusive_group()
+    runs.add_argument(
+        "--resume", action="store_true", help="continue the run in OUT from its checkpoint"
+    )
+    runs.add_argument(
+        "--force", action="store_true", help="replace a run already in OUT (its files are removed)"
+    )
+
+
+def add_quickstart_arguments(p: argparse.ArgumentParser) -> None:
+    _add_training_arguments(p, epochs=150, z_dim=4, hidden="128", evaluation=(1000, None))
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="training data")
+    _add_training_arguments(p, epochs=10, z_dim=50, hidden="400", evaluation=TRAIN_EVALUATION)
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint written by `pyro-lvm train`")
+    p.add_argument("--split", choices=("train", "valid", "test"), default="test", help="data")
+    p.add_argument("--num-samples", type=positive_int, default=1000, help="importance samples K")
+    p.add_argument("--n", type=positive_int, default=None, help="evaluate the first n points")
+    p.add_argument("--data-root", default=None, help="folder with the data (or PYRO_LVM_DATA)")
+    p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_device_argument(p)
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint written by `pyro-lvm train`")
+    p.add_argument("--n", type=positive_int, default=64, help="number of samples")
+    p.add_argument("--out", default="samples.png", help="PNG path")
+    p.add_argument("--binary", action="store_true", help="draw x ~ p(x|z), not its mean")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
