@@ -205,6 +205,21 @@ class _Reducer:
         return total.expand(self.full_shape).reshape(self.out_shape)
 
 
+def refuse_enumerated(guide_trace: Trace, estimator: str) -> None:
+    """Raise on a guide site marked for enumeration: multi-sample bounds sample every latent.
+
+    :raises ValueError: naming the site, ``TraceEnum_ELBO`` and how to sample it instead.
+    """
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and site["infer"].get("enumerate"):
+            raise ValueError(
+                f"{estimator} samples every latent, but guide site {name!r} is marked for "
+                f"enumeration (infer={{'enumerate': {site['infer']['enumerate']!r}}}); train it "
+                "with pyro.infer.TraceEnum_ELBO, or drop the mark to sample it with a "
+                "score-function gradient"
+            )
+
+
 def _dim(value) -> int:
     return value.dim() if isinstance(value, torch.Tensor) else 0
 
@@ -311,6 +326,7 @@ class MultiSampleELBO(DerivedLossMixin, ELBO):
         Mirrors :func:`pyro.infer.enum.get_importance_trace`.
         """
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        refuse_enumerated(guide_trace, type(self).__name__)
         handle = self._sample_path
         if handle is not None:
             handle.new_trace()

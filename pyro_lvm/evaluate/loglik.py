@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import pyro
 import torch
@@ -12,6 +12,8 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_site_shape
+
+from pyro_lvm.data.named import split_named
 
 __all__ = ["elbo_estimate", "log_importance_weights", "log_likelihood"]
 
@@ -24,11 +26,14 @@ def _check_positive(**values: int | None) -> None:
             raise ValueError(f"{name} must be a positive integer (or None), got {value}")
 
 
-def _guess_max_plate_nesting(model: Callable, guide: Callable, x, idx) -> int:
+def _guess_max_plate_nesting(model: Callable, guide: Callable, x, idx, named=None) -> int:
     """Deepest plate nesting of one unvectorized (guide, replayed model) pass, RNG untouched."""
+    named = named or {}
     with torch.random.fork_rng(devices=[]), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(x, idx)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, idx)
+        guide_trace = poutine.trace(guide).get_trace(x, idx, **named)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            x, idx, **named
+        )
     dims = [
         -frame.dim
         for trace in (guide_trace, model_trace)
@@ -102,14 +107,20 @@ def _site_log_prob(site: dict, particle_dim: int, shape: torch.Size) -> torch.Te
 
 
 def _vectorized_traces(
-    model: Callable, guide: Callable, x: torch.Tensor, idx, num_particles: int, max_nesting: int
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    idx,
+    num_particles: int,
+    max_nesting: int,
+    named: dict | None = None,
 ) -> tuple[Trace, Trace]:
     """Guide and replayed-model traces with ``num_particles`` particles in a plate at the left."""
 
     def wrap(fn):
         def vectorized(*args):
             with pyro.plate(_PARTICLES, num_particles, dim=-(max_nesting + 1)):
-                return fn(*args)
+                return fn(*args, **(named or {}))
 
         return vectorized
 
@@ -131,6 +142,10 @@ def _vectorized_traces(
     return model_trace, guide_trace
 
 
+def _rows(named: dict, rows: slice) -> dict:
+    return {k: v[rows] for k, v in named.items()}
+
+
 def _chunks(n: int, size: int | None) -> Iterator[slice]:
     size = n if size is None else int(size)
     for start in range(0, n, size):
@@ -148,6 +163,10 @@ def _iter_traces(
 ) -> Iterator[tuple[slice, Trace, Trace, int, torch.Size]]:
     """Yield ``(rows, model_trace, guide_trace, particle_dim, (S, len(rows)))`` per chunk."""
     _check_positive(num_samples=num_samples, sample_chunk=sample_chunk, data_chunk=data_chunk)
+    if not torch.is_tensor(x):  # named tensors {"x": x, ...}: the others become kwargs
+        x, named = split_named(x, "x")
+    else:
+        named = {}
     if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(
             f"x must be a non-empty tensor with data points along dim 0, got {x!r:.80}"
@@ -157,13 +176,15 @@ def _iter_traces(
     sample_chunk = num_samples if sample_chunk is None else min(int(sample_chunk), num_samples)
     first = next(_chunks(x.shape[0], data_chunk))
     max_nesting = _guess_max_plate_nesting(
-        model, guide, x[first], None if idx is None else idx[first]
+        model, guide, x[first], None if idx is None else idx[first], _rows(named, first)
     )
     for rows in _chunks(x.shape[0], data_chunk):
         xc, ic = x[rows], None if idx is None else idx[rows]
         for start in range(0, num_samples, sample_chunk):
             s = min(sample_chunk, num_samples - start)
-            model_trace, guide_trace = _vectorized_traces(model, guide, xc, ic, s, max_nesting)
+            model_trace, guide_trace = _vectorized_traces(
+                model, guide, xc, ic, s, max_nesting, _rows(named, rows)
+            )
             yield rows, model_trace, guide_trace, -(max_nesting + 1), torch.Size((s, xc.shape[0]))
 
 
@@ -180,7 +201,7 @@ def _iter_log_weights(
     for rows, model_trace, guide_trace, particle_dim, shape in _iter_traces(
         model, guide, x, num_samples, sample_chunk, data_chunk, idx
     ):
-        log_w = x.new_zeros(shape)
+        log_w = split_named(x, "x")[0].new_zeros(shape)
         for site in model_trace.nodes.values():
             if site["type"] == "sample" and not site["infer"].get("_deterministic"):
                 log_w = log_w + _site_log_prob(site, particle_dim, shape)
@@ -213,7 +234,8 @@ def log_importance_weights(
 
     :param model: a model ``model(x, idx=None)`` whose sites lie in the ``"data"`` plate.
     :param guide: the matching guide (same latent site names).
-    :param x: data, points along dim 0.
+    :param x: data, points along dim 0; or named tensors ``{"x": x, "c": c, ...}`` whose
+        entries other than ``"x"`` reach model and guide as keyword arguments.
     :param num_samples: K, importance samples per data point.
     :param sample_chunk: particles traced at once (memory bound); all at once when ``None``.
     :param data_chunk: rows of ``x`` traced at once; all rows when ``None``.
@@ -222,7 +244,8 @@ def log_importance_weights(
     :raises ValueError: on a model/guide mismatch, a latent without a guide site, a site
         outside the ``"data"`` plate, or a non-positive size.
     """
-    out = x.new_empty(num_samples, x.shape[0]) if torch.is_tensor(x) else None
+    x_t = split_named(x, "x")[0] if torch.is_tensor(x) or isinstance(x, Mapping) else None
+    out = None if x_t is None else x_t.new_empty(num_samples, x_t.shape[0])
     counts: dict[int, int] = {}
     for rows, log_w in _iter_log_weights(
         model, guide, x, num_samples, sample_chunk, data_chunk, idx
@@ -260,7 +283,8 @@ def log_likelihood(
     :param model: a model ``model(x, idx=None)`` with its sites in the ``"data"`` plate;
         latent sites may have any names and there may be several.
     :param guide: the proposal q(z | x), with a sample site for every model latent.
-    :param x: data, points along dim 0.
+    :param x: data, points along dim 0; or named tensors ``{"x": x, "c": c, ...}`` whose
+        entries other than ``"x"`` reach model and guide as keyword arguments.
     :param num_samples: K.
     :param sample_chunk: particles per vectorized trace.
     :param data_chunk: rows per trace (default 1000: with ``sample_chunk=100`` a binarized
@@ -279,7 +303,8 @@ def log_likelihood(
         model, guide, x, num_samples, sample_chunk, data_chunk, idx
     ):
         if acc is None:
-            acc = torch.full((x.shape[0],), -math.inf, dtype=log_w.dtype, device=log_w.device)
+            n = split_named(x, "x")[0].shape[0]
+            acc = torch.full((n,), -math.inf, dtype=log_w.dtype, device=log_w.device)
         acc[rows] = torch.logaddexp(acc[rows], log_w.logsumexp(0))
     return acc - math.log(num_samples)
 
@@ -310,6 +335,8 @@ def elbo_estimate(
         model, guide, x, num_samples, sample_chunk, data_chunk, idx
     ):
         if acc is None:
-            acc = torch.zeros(x.shape[0], dtype=log_w.dtype, device=log_w.device)
+            acc = torch.zeros(
+                split_named(x, "x")[0].shape[0], dtype=log_w.dtype, device=log_w.device
+            )
         acc[rows] += log_w.sum(0)
     return acc / num_samples

@@ -17,7 +17,7 @@ from pyro.infer import ELBO, SVI
 from pyro.optim import PyroOptim
 from tqdm import tqdm
 
-from pyro_lvm.data import Minibatches
+from pyro_lvm.data import Minibatches, check_accepts, named_chunks, split_named
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.train.checkpoint import load_checkpoint, save_checkpoint
 from pyro_lvm.train.fast import FastSVI
@@ -71,7 +71,9 @@ def _set_num_data(model: Any, guide: Any, num_data: int) -> None:
             obj.num_data = num_data
 
 
-def _check_subsampling(model: Any, x: torch.Tensor, idx: torch.Tensor, num_data: int) -> None:
+def _check_subsampling(
+    model: Any, x: torch.Tensor, idx: torch.Tensor, num_data: int, named: dict | None = None
+) -> None:
     """Check that the model scales a minibatch's likelihood by ``num_data / len(idx)``.
 
     Losses are reported per data point as ``loss / num_data``, which is right only when the
@@ -80,7 +82,7 @@ def _check_subsampling(model: Any, x: torch.Tensor, idx: torch.Tensor, num_data:
     """
     rng = pyro.util.get_rng_state()
     try:
-        trace = poutine.trace(model).get_trace(x, idx)
+        trace = poutine.trace(model).get_trace(x, idx, **(named or {}))
     finally:
         pyro.util.set_rng_state(rng)
     expected = num_data / len(idx)
@@ -104,11 +106,13 @@ def _check_subsampling(model: Any, x: torch.Tensor, idx: torch.Tensor, num_data:
 @torch.no_grad()
 def _valid_elbo(estimator: ELBO, model: Any, guide: Any, x: torch.Tensor, chunk: int) -> float:
     """The bound per data point on ``x``, full batches of ``chunk`` rows, ``idx=None``."""
-    total = sum(estimator.loss(model, guide, xc) for xc in x.split(chunk))
-    return -float(total) / x.shape[0]
+    chunks = list(named_chunks(x, chunk))  # a tensor, or named tensors passed as kwargs
+    total = sum(estimator.loss(model, guide, xc, **kw) for xc, kw in chunks)
+    return -float(total) / sum(len(xc) for xc, _ in chunks)
 
 
 def _check_data(name: str, x: Any) -> None:
+    x = split_named(x, name)[0]  # a tensor, or a mapping of named tensors with "x"
     if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(f"{name} must be a tensor with data points along dim 0, got {x!r:.80}")
 
@@ -153,7 +157,9 @@ def fit(
     :param model: ``model(x, idx=None)`` with its observations in
         :func:`~pyro_lvm.plates.data_plate` (checked once on the first minibatch).
     :param guide: ``guide(x, idx=None)``.
-    :param train_data: training set, data points along dim 0.
+    :param train_data: training set, data points along dim 0: a tensor, or a mapping of named
+        per-datapoint tensors ``{"x": x, "y": y, ...}`` sliced by the same indices, whose
+        entries other than ``"x"`` reach model and guide as keyword arguments.
     :param loss: an estimator name from :data:`pyro_lvm.elbo.ESTIMATORS` or a
         ``pyro.infer.ELBO`` instance.
     :param num_particles: particles of a named estimator.
@@ -161,7 +167,7 @@ def fit(
         default.
     :param num_epochs: total number of epochs (a resumed run continues up to this number).
     :param batch_size: minibatch size (the last minibatch of an epoch may be smaller).
-    :param valid_data: optional validation set.
+    :param valid_data: optional validation set (a tensor or named tensors, as ``train_data``).
     :param valid_loss: the estimator of the validation bound (a name, with ``num_particles``
         particles, or an instance); by default the training ``loss``. Pass the plain bound when
         training with a surrogate, e.g. ``loss=KLWeightedELBO(base, schedule)`` with
@@ -227,6 +233,8 @@ def fit(
     batches = Minibatches(train_data, int(batch_size), shuffle=True, seed=seed, drop_last=False)
     num_data = batches.num_data
     _set_num_data(model, guide, num_data)
+    for what, fn in (("model", model), ("guide", guide)):
+        check_accepts(fn, batches.names, what)
     config = {
         "loss": loss_name,
         "num_particles": int(getattr(estimator, "num_particles", num_particles)),
@@ -258,7 +266,8 @@ def fit(
         history = FitHistory(num_data=num_data, batch_size=int(batch_size))
         start = 0
     first = min(int(batch_size), num_data)
-    _check_subsampling(model, train_data[:first], torch.arange(first), num_data)
+    head = torch.arange(first)
+    _check_subsampling(model, batches.x[:first], head, num_data, batches.named(head))
 
     steps_per_epoch = len(batches)
     bar = tqdm(
@@ -274,7 +283,7 @@ def fit(
             batches.set_epoch(epoch)
             total, seen = 0.0, 0
             for step, (x, idx) in enumerate(batches, start=1):
-                value = svi.step(x, idx) / num_data
+                value = svi.step(x, idx, **batches.named(idx)) / num_data
                 if not math.isfinite(value):
                     where = (
                         f"{last_good} (epoch {history.epochs})"

@@ -97,8 +97,11 @@ class _TracedInnerLoss:
     #: traces kept per estimator (each holds its model and guide alive)
     max_entries = 8
 
-    def __init__(self, estimator, model, guide, x, idx, leaves: dict[str, torch.Tensor]):
+    def __init__(
+        self, estimator, model, guide, x, idx, leaves: dict[str, torch.Tensor], named=None
+    ):
         self.estimator, self.model, self.guide, self.x, self.idx = estimator, model, guide, x, idx
+        self.named = named or {}  # named per-datapoint inputs (kwargs): run eagerly
         self.leaves = leaves
         # the entry holds model and guide, so their ids stay theirs while it exists
         self.key = (id(model), id(guide), input_key((x, idx, *leaves.values()), {}))
@@ -106,7 +109,9 @@ class _TracedInnerLoss:
 
     def eager(self) -> torch.Tensor:
         with self.guide.local_override(**self.leaves):
-            return self.estimator.differentiable_loss(self.model, self.guide, self.x, self.idx)
+            return self.estimator.differentiable_loss(
+                self.model, self.guide, self.x, self.idx, **self.named
+            )
 
     def checked_eager(self) -> torch.Tensor:
         """The eager objective; a reused trace is first compared with it (same random state,
@@ -230,6 +235,7 @@ def optimize_local(
     lr_decay: float = 0.0,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     jit: bool = True,
+    named: dict[str, torch.Tensor] | None = None,
 ) -> LocalOptResult:
     r"""Optimize the local parameters φ^i of the rows ``idx`` with the model's θ fixed.
 
@@ -262,6 +268,8 @@ def optimize_local(
     :param callback: called as ``callback(step, active_mask)`` after every step.
     :param jit: after the first (validated) step, use a traced objective, verified against
         the eager one before use and cached per input signature (:class:`_TracedInnerLoss`).
+    :param named: the minibatch's other named per-datapoint tensors, passed to model and
+        guide as keyword arguments (the objective then runs eagerly).
     :return: a :class:`LocalOptResult`.
     """
     if not isinstance(guide, LocalGuide):
@@ -284,7 +292,8 @@ def optimize_local(
     steps = torch.zeros(batch, dtype=torch.long)
     masks = [active.reshape((-1,) + (1,) * (p.dim() - 1)) for p in params]  # views of active
     objective = None
-    inner = _TracedInnerLoss(estimator, model, guide, x, idx, leaves)
+    inner = _TracedInnerLoss(estimator, model, guide, x, idx, leaves, named)
+    jit = jit and not named
     for step in range(int(max_steps)):
         if step == 0:  # checks shapes and supports as the user asked (and a reused trace)
             objective = inner.checked_eager() if jit else inner.eager()
@@ -316,13 +325,13 @@ def optimize_local(
     return LocalOptResult(steps=steps, converged=~active, loss=torch_item(objective))
 
 
-def _theta_step(model, guide, x, idx, estimator, optim) -> float:
+def _theta_step(model, guide, x, idx, estimator, optim, named=None) -> float:
     """One θ step at fixed φ (SVI.step with the local rows held as constants)."""
     rows = slice(None) if idx is None else idx
     fixed = {name: guide.unconstrained(name).detach()[rows] for name in guide.local_names}
     with poutine.trace(param_only=True) as param_capture:
         with guide.local_override(**fixed):
-            objective = estimator.differentiable_loss(model, guide, x, idx)
+            objective = estimator.differentiable_loss(model, guide, x, idx, **(named or {}))
     params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
     objective.backward()
     if params:
@@ -364,7 +373,8 @@ def fit_local(
 
     :param model: model ``model(x, idx=None)`` whose data plate has ``num_data = len(data)``.
     :param guide: a :class:`~pyro_lvm.guides.LocalGuide` with ``num_data = len(data)``.
-    :param data: the dataset, data points along dim 0.
+    :param data: the dataset, data points along dim 0 (a tensor, or named tensors as in
+        :func:`~pyro_lvm.train.fit`).
     :param loss: estimator name (see :data:`pyro_lvm.elbo.ESTIMATORS`) or an ELBO instance.
     :param num_particles: particles when ``loss`` is a name.
     :param num_epochs: passes over the data.
@@ -379,11 +389,12 @@ def fit_local(
     :param progress: show a tqdm bar with inner steps and the fraction converged.
     :return: a :class:`LocalFitHistory`.
     """
-    from pyro_lvm.data import Minibatches
+    from pyro_lvm.data import Minibatches, check_accepts, split_named
 
-    if guide.num_data != len(data):
+    x_all = split_named(data, "data")[0]
+    if guide.num_data != len(x_all):
         raise ValueError(
-            f"the guide holds {guide.num_data} rows but the data has {len(data)} points; build "
+            f"the guide holds {guide.num_data} rows but the data has {len(x_all)} points; build "
             f"the guide with num_data=len(data)"
         )
     if int(num_epochs) < 0 or int(batch_size) < 1:
@@ -394,6 +405,8 @@ def fit_local(
     optim = pyro.optim.Adam({"lr": lr}) if optimizer is None else optimizer
     history = LocalFitHistory()
     batches = Minibatches(data, batch_size, shuffle=True, seed=seed)
+    for what, fn in (("model", model), ("guide", guide)):
+        check_accepts(fn, batches.names, what)
     total = num_epochs * len(batches)
     with tqdm(total=total, disable=not progress, desc="fit_local") as bar:
         for _ in range(int(num_epochs)):
@@ -402,19 +415,20 @@ def fit_local(
                 res = optimize_local(
                     model, guide, xb, idx, estimator, lr=inner_lr, max_steps=inner_max_steps,
                     tol=inner_tol, lr_decay=inner_lr_decay,
+                    named=batches.named(idx),
                 )  # fmt: skip
-                value = _theta_step(model, guide, xb, idx, estimator, optim)
-                epoch_loss += value * len(idx) / len(data)
+                value = _theta_step(model, guide, xb, idx, estimator, optim, batches.named(idx))
+                epoch_loss += value * len(idx) / len(x_all)
                 epoch_steps += float(res.steps.double().sum())
                 epoch_conv += float(res.converged.double().sum())
                 count += len(idx)
                 bar.update(1)
                 bar.set_postfix(
-                    loss=f"{value / len(data):.3f}",
+                    loss=f"{value / len(x_all):.3f}",
                     inner=f"{float(res.steps.double().mean()):.0f}",
                     converged=f"{res.fraction_converged:.0%}",
                 )
-            history.loss.append(epoch_loss / len(data))
+            history.loss.append(epoch_loss / len(x_all))
             history.inner_steps.append(epoch_steps / count)
             history.fraction_converged.append(epoch_conv / count)
     return history
