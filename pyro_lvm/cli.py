@@ -325,6 +325,21 @@ _PLUGINS: list[tuple[str, str, str, str, str]] = [
         "gaps_main",
         "approximation and amortization gaps of a trained VAE checkpoint",
     ),
+    # issue 21: labelled / conditional models and what to do with a trained VAE
+    (
+        "conditional",
+        "pyro_lvm.recipes",
+        "add_conditional_arguments",
+        "conditional_main",
+        "train M2 (few labels) or a conditional VAE (quadrant completion) and plot samples",
+    ),
+    (
+        "inspect",
+        "pyro_lvm.recipes",
+        "add_inspect_arguments",
+        "inspect_main",
+        "reconstructions of chosen images and latent interpolations from a VAE checkpoint",
+    ),
 ]
 
 
