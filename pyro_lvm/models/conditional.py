@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
+from pyro.nn import PyroModule, pyro_method
 
 from pyro_lvm.distributions import PathwiseNormal
 from pyro_lvm.models.vae import observation_distribution
@@ -104,6 +104,7 @@ class ConditionalVAE(PyroModule):
             pyro.sample("x", self.decode(z, c), obs=x)
         return z
 
+    @pyro_method
     def guide(self, x: torch.Tensor, idx: torch.Tensor | None = None, c=None) -> torch.Tensor:
         """The guide: z ~ q(z | x, c)."""
         c = self._check(x, c)

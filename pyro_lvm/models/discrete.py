@@ -9,7 +9,7 @@ from typing import Any, Literal
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
+from pyro.nn import PyroModule, pyro_method
 
 from pyro_lvm.models.vae import observation_distribution
 from pyro_lvm.nn import NetworkFactory, mlp
@@ -153,6 +153,7 @@ class DiscreteVAE(PyroModule):
             pyro.sample("x", self.decode(z), obs=x)
         return z
 
+    @pyro_method
     def guide(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         """The guide: z ~ q(z | x)."""
         with data_plate(x, idx, self.num_data):

@@ -9,7 +9,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from pyro.nn import PyroModule
+from pyro.nn import PyroModule, pyro_method
 
 from pyro_lvm.distributions import PathwiseNormal
 from pyro_lvm.models.vae import observation_distribution
@@ -161,6 +161,7 @@ class M2(PyroModule):
                     with poutine.mask(mask=known):
                         pyro.factor("classification", weight * self.classify(x).log_prob(y_obs))
 
+    @pyro_method
     def guide(self, x, idx=None, y=None, y_mask=None) -> None:
         """q(y | x) for unlabelled rows (enumerated), then q(z | x, y)."""
         known, y_obs = label_mask(x, y, y_mask)
