@@ -76,8 +76,8 @@ def plain_classifier(num_labelled: int, seed: int, steps: int, hidden=(256,)) ->
 
 
 def run_m2(args) -> tuple[list[dict], list[str]]:
-    labels = [50, 100] if args.smoke else [50, 100, 300, 1000]
-    seeds = [args.seed] if args.smoke else [args.seed, args.seed + 1, args.seed + 2]
+    labels = [50, 100] if args.smoke else args.labels
+    seeds = [args.seed] if args.smoke else [args.seed + i for i in range(args.seeds)]
     epochs = 2 if args.smoke else 60
     rows = []
     for n in labels:
@@ -102,7 +102,7 @@ def run_m2(args) -> tuple[list[dict], list[str]]:
 def run_cvae(args) -> tuple[list[dict], list[str]]:
     dataset = "digits" if args.smoke else "mnist"
     epochs = 1 if args.smoke else args.epochs or 10
-    num_test = 100 if args.smoke else 10000
+    num_test = 100 if args.smoke else 2000
     rows = []
     _, m = train_cvae(
         dataset, num_epochs=epochs, num_test=num_test, seed=args.seed, num_samples=100
@@ -154,12 +154,16 @@ DISCRETE_RUNS = [
 
 
 def run_discrete(args) -> tuple[list[dict], list[str]]:
-    epochs = 2 if args.smoke else 150
+    epochs = 2 if args.smoke else 100
     x, x_test = load_digits("train"), load_digits("test")
     batch = x[:100]
     rows = []
-    for latent, width in (("bernoulli", 16), ("categorical", 8)):
-        for label, name, k, relaxed in DISCRETE_RUNS:
+    if args.smoke:
+        x, x_test, batch = x[:100], x_test[:20], batch[:20]
+    latents = [("bernoulli", 16)] if args.smoke else [("bernoulli", 16), ("categorical", 8)]
+    runs = DISCRETE_RUNS[1::3] if args.smoke else DISCRETE_RUNS
+    for latent, width in latents:
+        for label, name, k, relaxed in runs:
             pyro.clear_param_store()
             pyro.set_rng_seed(args.seed)
             vae = DiscreteVAE(64, width, latent=latent, num_categories=4, relaxed=relaxed)
@@ -181,12 +185,12 @@ def run_discrete(args) -> tuple[list[dict], list[str]]:
             seconds = time.perf_counter() - tic
             # the gradient of the training estimator at the trained parameters (R draws)
             moments = gradient_moments(
-                make_estimator(name, k), vae, vae.guide, batch, num_draws=20 if args.smoke else 200,
+                make_estimator(name, k), vae, vae.guide, batch, num_draws=5 if args.smoke else 200,
                 seed=args.seed, jit=False,
             )  # fmt: skip
             vae.relaxed = False  # every bound below is the discrete model's
             elbo = elbo_estimate(vae, vae.guide, x_test, 100)
-            ll = log_likelihood(vae, vae.guide, x_test, 1000)
+            ll = log_likelihood(vae, vae.guide, x_test, 20 if args.smoke else 1000)
             rows.append(
                 {
                     "latent": f"{latent} {width}" + ("x4" if latent == "categorical" else ""),
@@ -247,6 +251,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="cvae/conv epochs")
+    parser.add_argument("--labels", type=int, nargs="+", default=[50, 100, 300, 1000], help="m2")
+    parser.add_argument("--seeds", type=int, default=3, help="m2: seeds per label count")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "labels"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
