@@ -39,7 +39,11 @@ def _discrete(latent, relaxed):
 CASES = {
     "m2": (_m2, _m2_data, lambda: TraceEnum_ELBO(max_plate_nesting=1)),
     "cvae": (_cvae, lambda: split_quadrants(load_digits("train")[:60]), lambda: "elbo"),
-    "bernoulli-nvil": (_discrete("bernoulli", False), None, lambda: "score-function-nvil"),
+    "bernoulli-loo": (
+        _discrete("bernoulli", False),
+        None,
+        lambda: make_estimator("score-function-loo-baseline", 3),
+    ),
     "categorical-vimco": (
         _discrete("categorical", False),
         None,
