@@ -129,7 +129,7 @@ def test_m2_unlabelled_bound_enumerates_every_class_exactly():
     trace = pyro.poutine.trace(pyro.poutine.enum(m2.guide, first_available_dim=-2)).get_trace(x)
     assert trace.nodes["y_unobserved"]["value"].shape == (10, 1)
     assert trace.nodes["z"]["value"].shape == (10, 5, 3)
-    assert torch.isfinite(elbo.loss(m2, m2.guide, x))
+    assert torch.isfinite(torch.tensor(elbo.loss(m2, m2.guide, x)))
 
 
 def test_multi_sample_estimators_refuse_enumerated_sites_and_sample_unmarked_ones():
