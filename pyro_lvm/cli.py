@@ -112,6 +112,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "pyro_lvm.evaluate.gaps:add_gaps_arguments",
         "pyro_lvm.evaluate.gaps:gaps_main",
     ),
+    "conditional": (
+        "train M2 (few labels) or a conditional VAE (quadrant completion) and plot samples",
+        "pyro_lvm.recipes:add_conditional_arguments",
+        "pyro_lvm.recipes:conditional_main",
+    ),
+    "inspect": (
+        "reconstructions of chosen images and latent interpolations from a VAE checkpoint",
+        "pyro_lvm.recipes:add_inspect_arguments",
+        "pyro_lvm.recipes:inspect_main",
+    ),
 }
 
 

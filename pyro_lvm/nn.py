@@ -1,4 +1,4 @@
-"""Plain PyTorch building blocks (no Pyro effects): MLPs, gated layers and parameter heads."""
+"""Plain PyTorch building blocks (no Pyro effects): MLPs, gated and conv layers, heads."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from torch import nn
 __all__ = [
     "NETWORKS",
     "BranchJoint",
+    "ConvDecoder",
+    "ConvEncoder",
     "GatedDense",
     "NetworkFactory",
     "SplitHead",
     "apply_to_concat",
     "broadcast_cat",
+    "conv",
     "gated_mlp",
     "gaussian_scale",
     "he_init_",
@@ -93,8 +96,96 @@ def gated_mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential
     return mlp(in_dim, hidden, out_dim, gated=True)
 
 
+def _side(num_pixels: int, depth: int) -> int | None:
+    """The side of a square image of ``num_pixels`` that ``depth`` halvings divide, else None."""
+    side = math.isqrt(num_pixels)
+    return side if side * side == num_pixels and side % 2**depth == 0 else None
+
+
+class ConvEncoder(nn.Module):
+    r"""Flat square images ``(..., s * s)`` to features ``(..., out_dim)`` by strided convolutions.
+
+    ``len(channels)`` convolutions of kernel 4, stride 2 and padding 1 (each halves the side,
+    :math:`s 	o s / 2`) with ReLU, then a linear layer: the encoder of the DCGAN family
+    (Radford et al. 2016, arXiv:1511.06434) used by convolutional VAEs. Leading batch dims
+    (particles, data) are flattened for the convolutions and restored after.
+
+    >>> ConvEncoder(28, [32, 64], 40)(torch.zeros(3, 5, 784)).shape
+    torch.Size([3, 5, 40])
+    """
+
+    def __init__(self, side: int, channels: Sequence[int], out_dim: int):
+        super().__init__()
+        self.side = int(side)
+        layers: list[nn.Module] = []
+        for a, b in zip([1, *channels[:-1]], channels, strict=True):
+            layers += [nn.Conv2d(a, b, 4, stride=2, padding=1), nn.ReLU()]
+        self.convs = nn.Sequential(*layers)
+        low = self.side // 2 ** len(channels)
+        self.out = nn.Linear(int(channels[-1]) * low * low, int(out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.convs(x.reshape(-1, 1, self.side, self.side)).flatten(1)
+        return self.out(h).reshape(*x.shape[:-1], -1)
+
+
+class ConvDecoder(nn.Module):
+    r"""Codes ``(..., in_dim)`` to flat images ``(..., out_channels * s * s)`` by transposed convs.
+
+    A linear layer to ``channels[0]`` maps of side :math:`s / 2^L`, then ``L = len(channels)``
+    transposed convolutions (kernel 4, stride 2, padding 1; each doubles the side) with ReLU
+    between them, the last to ``out_channels`` maps, flattened channel by channel (so a
+    Gaussian decoder's two channels are its ``(loc, raw scale)`` halves).
+
+    >>> ConvDecoder(20, 28, [64, 32])(torch.zeros(3, 5, 20)).shape
+    torch.Size([3, 5, 784])
+    """
+
+    def __init__(self, in_dim: int, side: int, channels: Sequence[int], out_channels: int = 1):
+        super().__init__()
+        self.side, self.channels = int(side), [int(c) for c in channels]
+        self.low = self.side // 2 ** len(self.channels)
+        self.inp = nn.Sequential(nn.Linear(in_dim, self.channels[0] * self.low**2), nn.ReLU())
+        layers: list[nn.Module] = []
+        outs = [*self.channels[1:], int(out_channels)]
+        for i, (a, b) in enumerate(zip(self.channels, outs, strict=True)):
+            layers.append(nn.ConvTranspose2d(a, b, 4, stride=2, padding=1))
+            if i < len(outs) - 1:
+                layers.append(nn.ReLU())
+        self.deconvs = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.inp(z.reshape(-1, z.shape[-1])).reshape(-1, self.channels[0], self.low, self.low)
+        return self.deconvs(h).flatten(1).reshape(*z.shape[:-1], -1)
+
+
+def conv(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Module:
+    """A :class:`ConvEncoder` from square images, a :class:`ConvDecoder` to them, else :func:`mlp`.
+
+    The ``network=`` factory for convolutional VAEs (``hidden`` are channel counts, e.g.
+    ``(32, 64)``): a square ``in_dim`` whose side ``2 ** len(hidden)`` divides is an image
+    input (the encoder); otherwise an ``out_dim`` of one or two square images is the output
+    (the decoder, channels in reverse order as :class:`~pyro_lvm.models.VAE` passes them);
+    anything else (e.g. an image concatenated with a label) gets an MLP.
+
+    >>> type(conv(784, [32, 64], 40)).__name__, type(conv(20, [64, 32], 784)).__name__
+    ('ConvEncoder', 'ConvDecoder')
+    """
+    depth = len(hidden)
+    if depth == 0:
+        return mlp(in_dim, hidden, out_dim)
+    side = _side(int(in_dim), depth)
+    if side is not None and side >= 4:
+        return ConvEncoder(side, hidden, out_dim)
+    for channels in (1, 2):
+        side = _side(int(out_dim) // channels, depth) if out_dim % channels == 0 else None
+        if side is not None and side >= 4:
+            return ConvDecoder(int(in_dim), side, hidden, channels)
+    return mlp(in_dim, hidden, out_dim)
+
+
 #: network factories by the name a checkpoint's configuration stores (``config["network"]``)
-NETWORKS: dict[str, NetworkFactory] = {"mlp": mlp, "gated": gated_mlp}
+NETWORKS: dict[str, NetworkFactory] = {"mlp": mlp, "gated": gated_mlp, "conv": conv}
 
 
 def hidden_layer(network: NetworkFactory, in_dim: int, out_dim: int) -> nn.Module:

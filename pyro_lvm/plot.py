@@ -15,6 +15,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 __all__ = [
+    "plot_class_samples",
+    "plot_completions",
+    "plot_interpolations",
     "plot_rate_distortion",
     "plot_density_approximations",
     "plot_image_grid",
@@ -258,3 +261,91 @@ def plot_rate_distortion(
     if fig is not None:
         _finish(fig, path)
     return ax
+
+
+def _image_rows(
+    rows: np.ndarray,
+    image_shape: Sequence[int],
+    labels: Sequence[str],
+    path: str | os.PathLike | None,
+    title: str | None,
+) -> Figure:
+    """One row of images per entry of ``rows`` (shape ``(R, K, H*W)``), labelled on the left."""
+    h, w = (int(s) for s in image_shape)
+    if rows.ndim != 3 or rows.shape[-1] != h * w:
+        raise ValueError(
+            f"images must have shape (rows, columns, {h * w}) for image_shape={(h, w)}; got "
+            f"{rows.shape}. Pass the right image_shape."
+        )
+    r, k = rows.shape[:2]
+    fig = Figure(figsize=(max(2.0, 0.7 * k + 0.8), max(1.2, 0.7 * r + (0.4 if title else 0))))
+    axes = fig.subplots(r, k, squeeze=False)
+    for i in range(r):
+        for j in range(k):
+            axes[i, j].imshow(rows[i, j].reshape(h, w), cmap="gray_r", interpolation="nearest")
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+        if labels:
+            axes[i, 0].set_ylabel(labels[i], fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _finish(fig, path)
+
+
+def plot_interpolations(
+    paths: Any,
+    image_shape: Sequence[int] = (28, 28),
+    path: str | os.PathLike | None = None,
+    title: str | None = "latent interpolation",
+) -> Figure:
+    """One row per pair: the images decoded along a latent path, ``x_a`` left, ``x_b`` right.
+
+    :param paths: ``(S, H*W)`` or ``(n, S, H*W)``, e.g. from
+        :func:`~pyro_lvm.evaluate.interpolate`.
+    """
+    array = _to_numpy(paths, "paths")
+    array = array[None] if array.ndim == 2 else array
+    return _image_rows(array, image_shape, [f"pair {i}" for i in range(len(array))], path, title)
+
+
+def plot_class_samples(
+    samples: Any,
+    image_shape: Sequence[int] = (28, 28),
+    path: str | os.PathLike | None = None,
+    title: str | None = "class-conditional samples",
+) -> Figure:
+    """One row per class c of samples x ~ p(x | y = c), shape ``(C, n, H*W)``
+    (:func:`~pyro_lvm.evaluate.class_samples`)."""
+    array = _to_numpy(samples, "samples")
+    return _image_rows(array, image_shape, [f"y={c}" for c in range(len(array))], path, title)
+
+
+def plot_completions(
+    truth: Any,
+    completions: Any,
+    observed_mask: Any,
+    image_shape: Sequence[int] = (28, 28),
+    path: str | os.PathLike | None = None,
+    title: str | None = "completions from the observed quadrant",
+) -> Figure:
+    """Columns of data points: the truth, the input (unobserved pixels at 0.5), then completions.
+
+    :param truth: ``(n, H*W)`` images.
+    :param completions: ``(S, n, H*W)`` (:func:`~pyro_lvm.evaluate.complete_quadrants`).
+    :param observed_mask: ``(H*W,)`` booleans, true on the observed pixels
+        (:func:`~pyro_lvm.data.quadrant_mask`).
+    """
+    x, comp = _to_numpy(truth, "truth"), _to_numpy(completions, "completions")
+    mask = _to_numpy(observed_mask, "observed_mask").astype(bool)
+    if comp.ndim != 3 or comp.shape[1:] != x.shape or mask.shape != x.shape[1:]:
+        raise ValueError(
+            f"need truth (n, P), completions (S, n, P) and observed_mask (P,); got {x.shape}, "
+            f"{comp.shape} and {mask.shape}"
+        )
+    given = np.where(mask, x, 0.5)
+    rows = np.concatenate([x[:, None], given[:, None], comp.transpose(1, 0, 2)], axis=1)
+    fig = _image_rows(rows.transpose(1, 0, 2), image_shape, [], None, title)
+    labels = ["truth", "input", *[f"sample {s + 1}" for s in range(comp.shape[0])]]
+    for ax, label in zip(fig.axes[:: x.shape[0]], labels, strict=True):
+        ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    return _finish(fig, path)

@@ -1,13 +1,15 @@
-"""Minibatches ``(x_batch, idx)`` whose order is a pure function of ``(seed, epoch)``."""
+"""Minibatches ``(x_batch, idx)`` and named entries, in an order fixed by ``(seed, epoch)``."""
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
+
+from pyro_lvm.data.named import NamedData, split_named
 
 __all__ = ["Minibatches"]
 
@@ -36,12 +38,16 @@ class Minibatches:
     interrupted pass (``break``) does not. Batches are index slices of the permutation: no
     Python loop over data points.
 
-    :param x: the dataset, a 2-d tensor with data points along dim 0.
+    :param x: the dataset, a 2-d tensor with data points along dim 0, or a mapping of named
+        per-datapoint tensors with the observations under ``"x"`` (see
+        :func:`~pyro_lvm.data.named.as_named`); the other entries are sliced by the same
+        ``idx`` and returned by :meth:`named` as the step's keyword arguments.
     :param batch_size: points per batch (the last one may be smaller).
     :param shuffle: draw a permutation per epoch; otherwise ``0, 1, ..., N-1`` every epoch.
     :param seed: non-negative seed of the permutations.
     :param drop_last: drop the last, incomplete batch (if any).
-    :raises ValueError: for an ``x`` that is not a non-empty 2-d tensor, a ``batch_size``
+    :raises ValueError: for an ``x`` that is not a non-empty 2-d tensor, a mapping whose
+        entries differ in length, a ``batch_size``
         below 1, a negative seed, or ``drop_last`` with ``batch_size > len(x)`` (no batch).
 
     Example::
@@ -51,7 +57,7 @@ class Minibatches:
         for epoch in range(10):
             batches.set_epoch(epoch)  # optional here: passes advance it; needed on resume
             for x_batch, idx in batches:
-                svi.step(x_batch, idx)
+                svi.step(x_batch, idx, **batches.named(idx))  # {} for a bare tensor
 
     References:
 
@@ -61,12 +67,16 @@ class Minibatches:
 
     def __init__(
         self,
-        x: torch.Tensor,
+        x: NamedData,
         batch_size: int,
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
     ):
+        if isinstance(x, Mapping):
+            x, self._named = split_named(x, "the dataset")
+        else:
+            self._named = {}
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(
                 f"x must be a 2-d tensor (data points x features), got "
@@ -95,6 +105,20 @@ class Minibatches:
     def num_data(self) -> int:
         """The dataset size ``len(x)``: the ``num_data`` of the data plate."""
         return self.x.shape[0]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names of the entries other than ``x`` (empty for a bare tensor)."""
+        return tuple(self._named)
+
+    @property
+    def named_data(self) -> dict[str, torch.Tensor]:
+        """The entries other than ``x``, whole (empty for a bare tensor)."""
+        return dict(self._named)
+
+    def named(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The entries other than ``x`` at rows ``idx``: the step's keyword arguments."""
+        return {k: v[idx.to(v.device)] for k, v in self._named.items()}
 
     @property
     def epoch(self) -> int:

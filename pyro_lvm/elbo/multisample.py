@@ -212,6 +212,7 @@ def iter_importance_weights(
     data_chunk: int | None = None,
     idx: torch.Tensor | None = None,
     max_plate_nesting: int | None = None,
+    named: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[tuple[slice, LogWeights]]:
     """Yield ``(rows, weights)``: the :class:`LogWeights` of up to ``sample_chunk`` guide draws
     for the rows ``x[rows]``, chunk by chunk, from the multi-sample bounds' own machinery.
@@ -219,7 +220,8 @@ def iter_importance_weights(
     ``model(x[rows], idx[rows])`` and the guide are traced with the particles vectorized;
     :meth:`LogWeights.per_row` gives ``(K, len(rows))`` tensors. ``max_plate_nesting`` (the
     model's, particles excluded) is guessed once by a dry run, as Pyro's ELBOs do, unless
-    given. Run under ``torch.no_grad()`` to evaluate.
+    given. ``named`` per-datapoint tensors are sliced like ``x`` and passed as keyword
+    arguments. Run under ``torch.no_grad()`` to evaluate.
 
     :raises ValueError: on a non-positive size, an ``x`` without rows, an ``idx`` of another
         length, or (from the engine) a model/guide mismatch.
@@ -242,6 +244,7 @@ def iter_importance_weights(
     engine = _Engine(num_particles=max(sample_chunk, 2), max_plate_nesting=nesting)
     for rows in _chunks(x.shape[0], data_chunk):
         xc, ic = x[rows], None if idx is None else idx[rows]
+        kw = {k: v[rows] for k, v in (named or {}).items()}
         for start in range(0, num_samples, sample_chunk):
             engine.num_particles = min(sample_chunk, num_samples - start)
-            yield rows, engine.importance_weights(model, guide, xc, ic)
+            yield rows, engine.importance_weights(model, guide, xc, ic, **kw)

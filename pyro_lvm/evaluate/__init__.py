@@ -10,6 +10,12 @@ from pyro_lvm.evaluate.collapse import (
 )
 from pyro_lvm.evaluate.decomposition import ELBODecomposition, elbo_decomposition
 from pyro_lvm.evaluate.gaps import GapResult, inference_gaps
+from pyro_lvm.evaluate.latent import (
+    class_samples,
+    complete_quadrants,
+    interpolate,
+    reconstructions,
+)
 from pyro_lvm.evaluate.loglik import elbo_estimate, log_importance_weights, log_likelihood
 
 __all__ = [
@@ -26,4 +32,8 @@ __all__ = [
     "log_likelihood",
     "mutual_information",
     "rate_distortion",
+    "class_samples",
+    "complete_quadrants",
+    "interpolate",
+    "reconstructions",
 ]

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from pyro_lvm.data.named import split_named
 from pyro_lvm.elbo.multisample import iter_importance_weights
 from pyro_lvm.validation import validate_inputs
 
@@ -23,9 +24,11 @@ def _iter_log_weights(
     idx: torch.Tensor | None,
     max_plate_nesting: int | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Yield ``(rows, log_w)`` with ``log_w`` of shape ``(S, len(rows))`` chunk by chunk."""
+    """Yield ``(rows, log_w)`` with ``log_w`` of shape ``(S, len(rows))`` chunk by chunk;
+    ``x`` a tensor or named per-datapoint tensors (:mod:`pyro_lvm.data.named`)."""
+    x, named = split_named(x, "x")
     for rows, weights in iter_importance_weights(
-        model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
+        model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting, named
     ):
         yield rows, weights.per_row(rows.stop - rows.start)
 
@@ -68,7 +71,8 @@ def log_importance_weights(
         outside the data plate (no plate with one entry per row of ``x``), or a
         non-positive size.
     """
-    out = x.new_empty(num_samples, x.shape[0]) if torch.is_tensor(x) else None
+    x_only = split_named(x, "x")[0]
+    out = x_only.new_empty(num_samples, x_only.shape[0])
     counts: dict[int, int] = {}
     for rows, log_w in _iter_log_weights(
         model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
@@ -131,19 +135,22 @@ def log_likelihood(
 
         device = resolve_device(device)
         to_device(device, model, guide)
-        x = x.to(device) if torch.is_tensor(x) else x
+        x = x.to(device) if torch.is_tensor(x) else {k: v.to(device) for k, v in x.items()}
         idx = None if idx is None else torch.as_tensor(idx).to(device)
         with device_scope(device):
             return log_likelihood(
                 model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
             )
-    x, _ = validate_inputs(model, guide, x, idx=idx, name="x")
+    x, named = split_named(x, "x")
+    x, _ = validate_inputs(model, guide, x, idx=idx, name="x", **named)
+    num_rows = x.shape[0]
+    x = {"x": x, **named} if named else x
     acc = None
     for rows, log_w in _iter_log_weights(
         model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
     ):
         if acc is None:
-            acc = torch.full((x.shape[0],), -math.inf, dtype=log_w.dtype, device=log_w.device)
+            acc = torch.full((num_rows,), -math.inf, dtype=log_w.dtype, device=log_w.device)
         acc[rows] = torch.logaddexp(acc[rows], log_w.logsumexp(0))
     return acc - math.log(num_samples)
 
@@ -170,12 +177,15 @@ def elbo_estimate(
     x_i))` (Jordan et al. 1999; Kingma & Welling 2014, arXiv:1312.6114). Parameters as in
     :func:`log_likelihood`.
     """
-    x, _ = validate_inputs(model, guide, x, idx=idx, name="x")
+    x, named = split_named(x, "x")
+    x, _ = validate_inputs(model, guide, x, idx=idx, name="x", **named)
+    num_rows = x.shape[0]
+    x = {"x": x, **named} if named else x
     acc = None
     for rows, log_w in _iter_log_weights(
         model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
     ):
         if acc is None:
-            acc = torch.zeros(x.shape[0], dtype=log_w.dtype, device=log_w.device)
+            acc = torch.zeros(num_rows, dtype=log_w.dtype, device=log_w.device)
         acc[rows] += log_w.sum(0)
     return acc / num_samples

@@ -12,3 +12,8 @@ from pyro_lvm.models.hierarchical import HierarchicalGuide, HierarchicalVAE  # n
 from pyro_lvm.models.priors import MixtureOfGaussiansPrior, VampPrior  # noqa: E402
 
 __all__ += ["HierarchicalGuide", "HierarchicalVAE", "MixtureOfGaussiansPrior", "VampPrior"]
+from pyro_lvm.models.conditional import ConditionalVAE  # noqa: E402
+from pyro_lvm.models.discrete import DiscreteVAE, TemperatureSchedule  # noqa: E402
+from pyro_lvm.models.semi_supervised import M2  # noqa: E402
+
+__all__ += ["ConditionalVAE", "DiscreteVAE", "M2", "TemperatureSchedule"]

@@ -32,7 +32,9 @@ def set_num_data(model: Any, guide: Any, num_data: int) -> None:
             obj.num_data = num_data
 
 
-def check_subsampling(model: Any, x: torch.Tensor, idx: torch.Tensor, num_data: int) -> None:
+def check_subsampling(
+    model: Any, x: torch.Tensor, idx: torch.Tensor, num_data: int, named: dict | None = None
+) -> None:
     """Check that the model scales a minibatch's likelihood by ``num_data / len(idx)``.
 
     Losses are reported per data point as ``loss / num_data``, which is right only when the
@@ -41,7 +43,7 @@ def check_subsampling(model: Any, x: torch.Tensor, idx: torch.Tensor, num_data: 
     """
     rng = pyro.util.get_rng_state()
     try:
-        trace = poutine.trace(model).get_trace(x, idx)
+        trace = poutine.trace(model).get_trace(x, idx, **(named or {}))
     finally:
         pyro.util.set_rng_state(rng)
     expected = num_data / len(idx)

@@ -10,7 +10,7 @@ import torch
 from pyro.infer import ELBO
 from pyro.optim import PyroOptim
 
-from pyro_lvm.data import Minibatches
+from pyro_lvm.data import Minibatches, check_accepts, split_named
 from pyro_lvm.elbo import prepare_for_fit
 from pyro_lvm.train.build import (
     check_counts,
@@ -86,7 +86,9 @@ def fit(
     :param model: ``model(x, idx=None)`` with its observations in
         :func:`~pyro_lvm.plates.data_plate` (checked once on the first minibatch).
     :param guide: ``guide(x, idx=None)``.
-    :param train_data: training set, data points along dim 0.
+    :param train_data: training set, data points along dim 0: a tensor, or a mapping of named
+        per-datapoint tensors ``{"x": x, "y": y, ...}`` sliced by the same indices, whose
+        entries other than ``"x"`` reach model and guide as keyword arguments.
     :param loss: an estimator name from :data:`pyro_lvm.elbo.ESTIMATORS` or a
         ``pyro.infer.ELBO`` instance.
     :param num_particles: particles of a named estimator.
@@ -94,7 +96,7 @@ def fit(
         default.
     :param num_epochs: total number of epochs (a resumed run continues up to this number).
     :param batch_size: minibatch size (the last minibatch of an epoch may be smaller).
-    :param valid_data: optional validation set.
+    :param valid_data: optional validation set (a tensor or named tensors, as ``train_data``).
     :param valid_loss: the estimator of the validation bound (a name, with ``num_particles``
         particles, or an instance); by default the training ``loss``. Pass the plain bound when
         training with a surrogate, e.g. ``loss=KLWeightedELBO(base, schedule)`` with
@@ -146,9 +148,16 @@ def fit(
                       checkpoint="vae.pt")
         history = fit(vae, vae.guide, x_train, num_epochs=10, checkpoint="vae.pt", resume=True)
     """
+    # a tensor, or named per-datapoint tensors {"x": x, "y": y, ...} (pyro_lvm.data.named)
+    train_data, named = split_named(train_data, "train_data")
+    valid_named: dict[str, torch.Tensor] = {}
+    if valid_data is not None:
+        valid_data, valid_named = split_named(valid_data, "valid_data")
     check_data("train_data", train_data)
     if valid_data is not None:
         check_data("valid_data", valid_data)
+    for what, fn in (("model", model), ("guide", guide)):
+        check_accepts(fn, named, what)
     check_counts(num_epochs, batch_size)
     if resume and checkpoint is None:
         raise ValueError("resume=True needs the checkpoint path to resume from")
@@ -161,10 +170,10 @@ def fit(
     optimizer = check_optimizer(optimizer)
     train_data, valid_data = validate_inputs(
         model, guide, train_data, idx=torch.arange(min(int(batch_size), len(train_data))),
-        valid_data=valid_data, optimizer=optimizer,
+        valid_data=valid_data, optimizer=optimizer, **named,
     )  # fmt: skip
     callbacks = make_callbacks(callbacks, log_dir, tensorboard)
-    batches = Minibatches(train_data, int(batch_size), shuffle=True, seed=seed)
+    batches = Minibatches({"x": train_data, **named}, int(batch_size), shuffle=True, seed=seed)
     num_data = batches.num_data
     set_num_data(model, guide, num_data)
     to_device(device, model, guide)
@@ -187,15 +196,22 @@ def fit(
     first = min(int(batch_size), num_data)
     target = train_data.device if device is None else device
     with device_scope(device):
+        head = torch.arange(first)
         check_subsampling(
-            model, train_data[:first].to(target), torch.arange(first, device=target), num_data
+            model,
+            train_data[:first].to(target),
+            head.to(target),
+            num_data,
+            {k: v.to(target) for k, v in batches.named(head).items()},
         )
     validate = None
     if valid_data is not None:
         chunk = int(batch_size)
 
         def validate() -> float:
-            return validation_bound(valid_estimator, model, guide, valid_data, chunk, device)
+            return validation_bound(
+                valid_estimator, model, guide, valid_data, chunk, device, valid_named
+            )
 
     loop = Loop(
         step=lambda batch: StepResult(svi_step(stepper, batch)),

@@ -69,9 +69,11 @@ class _CapturedInnerLoss:
     #: graphs kept per estimator (each holds its model and guide alive)
     max_entries = 8
 
-    def __init__(self, estimator, model, guide, x, idx, leaves: dict[str, torch.Tensor]):
+    def __init__(
+        self, estimator, model, guide, x, idx, leaves: dict[str, torch.Tensor], named=None
+    ):
         self.estimator, self.model, self.guide, self.x, self.idx = estimator, model, guide, x, idx
-        self.leaves = leaves
+        self.leaves, self.named = leaves, dict(named or {})
         self.data = (x,) if idx is None else (x, idx)
         # the entry holds model and guide, so their ids stay theirs while it exists
         self.key = (id(model), id(guide), input_key((x, idx, *leaves.values()), {}))
@@ -80,7 +82,7 @@ class _CapturedInnerLoss:
 
     def _fn(self, *data) -> torch.Tensor:
         with self.guide.local_override(**self.leaves):
-            return self.estimator.differentiable_loss(self.model, self.guide, *data)
+            return self.estimator.differentiable_loss(self.model, self.guide, *data, **self.named)
 
     def eager(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The eager objective and its leaf gradients."""
@@ -160,6 +162,7 @@ def optimize_local(
     lr_decay: float = 0.0,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     jit: bool = True,
+    named: dict[str, torch.Tensor] | None = None,
 ) -> LocalOptResult:
     r"""Optimize the local parameters φ^i of the rows ``idx`` with the model's θ fixed.
 
@@ -193,6 +196,8 @@ def optimize_local(
     :param callback: called as ``callback(step, active_mask)`` after every step.
     :param jit: after the first (validated) step, use a captured objective, verified against
         the eager one before use and cached per input signature (:class:`_CapturedInnerLoss`).
+    :param named: further per-datapoint tensors of the rows (keyword arguments of model and
+        guide, :mod:`pyro_lvm.data.named`); their presence keeps the eager objective.
     :return: a :class:`LocalOptResult`.
     """
     if not isinstance(guide, LocalGuide):
@@ -215,7 +220,8 @@ def optimize_local(
     steps = torch.zeros(batch, dtype=torch.long)
     masks = [active.reshape((-1,) + (1,) * (p.dim() - 1)) for p in params]  # views of active
     objective = None
-    inner = _CapturedInnerLoss(estimator, model, guide, x, idx, leaves)
+    inner = _CapturedInnerLoss(estimator, model, guide, x, idx, leaves, named)
+    jit = jit and not named  # the engine captures positional tensors only
     for step in range(int(max_steps)):
         if step == 0:  # checks shapes and supports as the user asked (and a reused graph)
             objective, grads = inner.checked_eager() if jit else inner.eager()

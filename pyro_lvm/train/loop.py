@@ -105,15 +105,23 @@ def epoch_order(batches: Minibatches, epoch: int) -> torch.Tensor:
 
 
 def iterate_batches(
-    data: torch.Tensor, order: torch.Tensor, batch_size: int, device: torch.device | None
+    data: torch.Tensor,
+    order: torch.Tensor,
+    batch_size: int,
+    device: torch.device | None,
+    named: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[Batch]:
-    """Cut ``order`` into minibatches ``Batch((x[idx], idx))`` on ``device`` (default: the
-    data's). Rows are gathered where the data lives, then moved: no Python loop over points."""
+    """Cut ``order`` into minibatches ``Batch((x[idx], idx), {k: v[idx]})`` on ``device``
+    (default: the data's); ``named`` are further per-datapoint tensors (issue 21), sliced by
+    the same indices and passed as keyword arguments. Rows are gathered where the data lives,
+    then moved: no Python loop over points."""
     target = data.device if device is None else device
     order = order.to(data.device)
+    named = named or {}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        yield Batch((data[idx].to(target), idx.to(target)), {}, len(idx))
+        kwargs = {k: v[idx.to(v.device)].to(target) for k, v in named.items()}
+        yield Batch((data[idx].to(target), idx.to(target)), kwargs, len(idx))
 
 
 @contextlib.contextmanager
@@ -155,11 +163,17 @@ def validate(
     data: torch.Tensor,
     chunk: int,
     device: torch.device | None = None,
+    named: dict[str, torch.Tensor] | None = None,
 ) -> float:
     """The bound per data point on ``data``: ``-estimator.loss`` summed over full chunks of
-    ``chunk`` rows (``idx=None``, no gradient), divided by the number of rows."""
+    ``chunk`` rows (``idx=None``, no gradient; ``named`` tensors sliced alike and passed as
+    keyword arguments), divided by the number of rows."""
     target = data.device if device is None else device
-    total = sum(estimator.loss(model, guide, xc.to(target)) for xc in data.split(chunk))
+    total = 0.0
+    for start in range(0, data.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        kwargs = {k: v[rows].to(target) for k, v in (named or {}).items()}
+        total += estimator.loss(model, guide, data[rows].to(target), **kwargs)
     return -float(total) / data.shape[0]
 
 
@@ -292,7 +306,9 @@ def run_epoch(loop: Loop, history: FitHistory, epoch: int, bar: tqdm) -> None:
     num_data = loop.batches.num_data
     order = epoch_order(loop.batches, epoch)
     total, seen, sums = 0.0, 0, {}
-    batches = iterate_batches(loop.data, order, loop.batches.batch_size, loop.device)
+    batches = iterate_batches(
+        loop.data, order, loop.batches.batch_size, loop.device, loop.batches.named_data
+    )
     for step, batch in enumerate(batches, start=1):
         result = loop.step(batch)
         value = result.loss / num_data

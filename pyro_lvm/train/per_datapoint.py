@@ -10,7 +10,7 @@ import pyro
 import torch
 from pyro.infer import ELBO
 
-from pyro_lvm.data import Minibatches
+from pyro_lvm.data import Minibatches, check_accepts, split_named
 from pyro_lvm.guides.local import LocalGuide
 from pyro_lvm.train.build import (
     check_counts,
@@ -123,7 +123,10 @@ def fit_local(
         learning rate (:func:`~pyro_lvm.validation.validate_inputs`).
     :raises DivergenceError: when the loss diverges.
     """
+    data, named = split_named(data, "data")  # a tensor, or named tensors (pyro_lvm.data.named)
     check_data("data", data)
+    for what, fn in (("model", model), ("guide", guide)):
+        check_accepts(fn, named, what)
     if not isinstance(guide, LocalGuide):
         raise ValueError(f"fit_local needs a LocalGuide, got {type(guide).__name__}")
     if guide.num_data != len(data):
@@ -140,10 +143,10 @@ def fit_local(
     optim = check_optimizer(optimizer, lr)
     data, _ = validate_inputs(
         model, guide, data, idx=torch.arange(min(int(batch_size), len(data))), optimizer=optim,
-        rates={"inner_lr": inner_lr}, name="data",
+        rates={"inner_lr": inner_lr}, name="data", **named,
     )  # fmt: skip
     callbacks = make_callbacks(callbacks, log_dir, tensorboard)
-    batches = Minibatches(data, int(batch_size), shuffle=True, seed=seed)
+    batches = Minibatches({"x": data, **named}, int(batch_size), shuffle=True, seed=seed)
     set_num_data(model, guide, batches.num_data)
     to_device(device, model, guide)
     stepper, optimizer_state = make_stepper(*_theta_pair(model, guide), optim, estimator, fast)
@@ -168,7 +171,7 @@ def fit_local(
 
     def step(batch: Batch) -> StepResult:
         x, idx = batch.args
-        res = optimize_local(model, guide, x, idx, estimator, **inner)
+        res = optimize_local(model, guide, x, idx, estimator, named=batch.kwargs, **inner)
         rows = tuple(guide.unconstrained(n).detach()[idx] for n in guide.local_names)
         batch.args = (x, idx, *rows)
         metrics = {
