@@ -370,11 +370,15 @@ def tensors_agree(
     times the reference gradient's largest entry. A gradient present on one side only is a
     mismatch.
     """
+    if not bool(torch.isfinite(reference.detach()).all()):
+        return False  # a NaN/inf loss is the eager path's to report
     close = bool(torch.allclose(value.detach(), reference.detach().to(value.dtype), rtol=rtol))
     for g, h in zip(grads, reference_grads, strict=True):
         if (g is None) != (h is None):
             return False
         if g is not None:
+            if not bool(torch.isfinite(h).all()):
+                return False
             close &= bool(torch.allclose(g, h, rtol=rtol, atol=rtol * float(h.abs().max())))
     return close
 

@@ -138,6 +138,12 @@ class ScoreFunctionELBO(SurrogateELBO):
             f"{type(self).__name__}(num_particles={self.num_particles}, baseline={self.baseline!r})"
         )
 
+    @property
+    def capturable(self) -> bool:
+        """Without a baseline or with the leave-one-out one, nothing is kept across steps, so
+        :mod:`pyro_lvm.capture` may record the loss; the other baselines learn in Python."""
+        return self.baseline in ("none", "loo")
+
     def state_dict(self) -> dict[str, Any]:
         """The decaying averages and the NVIL network's weights (plain tensors).
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -344,14 +345,21 @@ class FastSVI:
 
     @contextmanager
     def _dry_run(self) -> Iterator[None]:
-        """Restore the random state and the parameters' ``.grad`` on exit."""
+        """Restore the random state, the parameters' ``.grad`` and the estimator's state kept
+        across steps (``state_dict``/``load_state_dict``, where it has them) on exit."""
         rng = get_rng_state()
         grads = [(p, p.grad) for p in self._params.values()]
+        stateful = callable(getattr(self.loss, "state_dict", None)) and callable(
+            getattr(self.loss, "load_state_dict", None)
+        )
+        saved = copy.deepcopy(self.loss.state_dict()) if stateful else None
         try:
             yield
         finally:
             for p, g in grads:
                 p.grad = g
+            if stateful:
+                self.loss.load_state_dict(saved)
             set_rng_state(rng)
 
     def _catch_up(self, key: str, n: int, args: tuple, kwargs: dict) -> str:

@@ -168,6 +168,7 @@ def fit(
     estimator = prepare_for_fit(estimator, len(train_data), int(batch_size))
     valid_estimator = _valid_estimator(valid_loss, estimator, num_particles)
     optimizer = check_optimizer(optimizer)
+    set_num_data(model, guide, len(train_data))  # the plate scales the traced minibatch
     train_data, valid_data = validate_inputs(
         model, guide, train_data, idx=torch.arange(min(int(batch_size), len(train_data))),
         valid_data=valid_data, optimizer=optimizer, **named,
@@ -175,7 +176,6 @@ def fit(
     callbacks = make_callbacks(callbacks, log_dir, tensorboard)
     batches = Minibatches({"x": train_data, **named}, int(batch_size), shuffle=True, seed=seed)
     num_data = batches.num_data
-    set_num_data(model, guide, num_data)
     to_device(device, model, guide)
     stepper, optimizer_state = make_stepper(model, guide, optimizer, estimator, fast)
     config = {

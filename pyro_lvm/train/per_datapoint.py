@@ -141,13 +141,13 @@ def fit_local(
     device = resolve_device(device)
     estimator, loss_name = resolve_estimator(loss, num_particles)
     optim = check_optimizer(optimizer, lr)
+    set_num_data(model, guide, len(data))  # the plate scales the traced minibatch
     data, _ = validate_inputs(
         model, guide, data, idx=torch.arange(min(int(batch_size), len(data))), optimizer=optim,
         rates={"inner_lr": inner_lr}, name="data", **named,
     )  # fmt: skip
     callbacks = make_callbacks(callbacks, log_dir, tensorboard)
     batches = Minibatches({"x": data, **named}, int(batch_size), shuffle=True, seed=seed)
-    set_num_data(model, guide, batches.num_data)
     to_device(device, model, guide)
     stepper, optimizer_state = make_stepper(*_theta_pair(model, guide), optim, estimator, fast)
     inner = dict(lr=inner_lr, max_steps=inner_max_steps, tol=inner_tol, lr_decay=inner_lr_decay)
