@@ -4,6 +4,7 @@
 """
 
 from pyro_lvm.elbo.baselines import DecayingAverageBaseline, NVILBaseline
+from pyro_lvm.elbo.fivo import FIVO
 from pyro_lvm.elbo.hmc_refined import HMCRefinedELBO
 from pyro_lvm.elbo.iwae import IWAE
 from pyro_lvm.elbo.mmd import MMDELBO, WAEMMD, InfoVAE, mmd
@@ -26,6 +27,7 @@ __all__ = [
     "DecayingAverageBaseline",
     "ELBO_NAMES",
     "ESTIMATORS",
+    "FIVO",
     "HMCRefinedELBO",
     "IWAE",
     "InfoVAE",

@@ -7,6 +7,7 @@ from functools import partial
 
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
+from pyro_lvm.elbo.fivo import FIVO
 from pyro_lvm.elbo.hmc_refined import HMCRefinedELBO
 from pyro_lvm.elbo.iwae import IWAE
 from pyro_lvm.elbo.mmd import WAEMMD, InfoVAE
@@ -52,6 +53,9 @@ ESTIMATORS: dict[str, Callable[..., ELBO]] = {
     "wae-mmd": partial(_pyro_elbo, WAEMMD),
     # The ELBO for the encoder, HMC-refined posterior samples for the decoder (Hoffman 2017).
     "hmc-refined": partial(_pyro_elbo, HMCRefinedELBO),
+    # SMC bounds over sequences (step-wise models; one step otherwise): pyro_lvm.elbo.fivo.
+    "fivo": partial(_pyro_elbo, FIVO),
+    "sequence-iwae": partial(_pyro_elbo, FIVO, resampling="none"),
 }
 
 #: the names whose objective is the ELBO itself (their mean gradient is the ELBO's); the
