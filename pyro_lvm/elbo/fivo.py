@@ -15,7 +15,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
 
 from pyro_lvm.elbo.multisample import PARTICLE_PLATE, log_weights
-from pyro_lvm.models.sequential import SequentialProgram, check_sequences, is_sequential
+from pyro_lvm.sequential import SequentialProgram, check_sequences, is_sequential
 
 __all__ = ["FIVO", "RESAMPLING", "SMCResult", "effective_sample_size", "resample"]
 

@@ -9,7 +9,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyro_lvm.models.sequential import check_sequences
+from pyro_lvm.sequential import check_sequences
 from pyro_lvm.plates import data_plate
 
 __all__ = ["LinearGaussianSSM", "SSMPosterior"]
