@@ -53,7 +53,7 @@ def join_features(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 class SequentialProgram(torch.nn.Module):
-    r"""Run a step-wise model or guide as one whole Pyro program ``program(x, idx=None, mask=None)``.
+    r"""Run a step-wise model or guide as one Pyro program ``program(x, idx=None, mask=None)``.
 
     The wrapped object follows the convention of Pyro's :class:`~pyro.infer.SMCFilter`:
 

@@ -178,13 +178,14 @@ class FIVO(ELBO):
             return run
 
         guide_trace = poutine.trace(vectorized(guide)).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(
-            poutine.replay(vectorized(model), trace=guide_trace)
-        ).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(vectorized(model), trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
         if is_validation_enabled():
             check_model_guide_match(model_trace, guide_trace)
-        guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(
-            model_trace
+        guide_trace, model_trace = (
+            prune_subsample_sites(guide_trace),
+            prune_subsample_sites(model_trace),
         )
         model_trace.compute_log_prob()
         guide_trace.compute_score_parts()

@@ -13,7 +13,7 @@ from pyro_lvm.models.priors import MixtureOfGaussiansPrior, VampPrior  # noqa: E
 
 __all__ += ["HierarchicalGuide", "HierarchicalVAE", "MixtureOfGaussiansPrior", "VampPrior"]
 from pyro_lvm.models.dmm import DeepMarkovModel  # noqa: E402
-from pyro_lvm.sequential import SequentialProgram  # noqa: E402
 from pyro_lvm.models.ssm import LinearGaussianSSM, SSMPosterior  # noqa: E402
+from pyro_lvm.sequential import SequentialProgram  # noqa: E402
 
 __all__ += ["DeepMarkovModel", "LinearGaussianSSM", "SSMPosterior", "SequentialProgram"]

@@ -30,9 +30,7 @@ class GatedTransition(nn.Module):
     def __init__(self, z_dim: int, hidden: int):
         super().__init__()
         self.gate = nn.Sequential(nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, z_dim))
-        self.proposed = nn.Sequential(
-            nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, z_dim)
-        )
+        self.proposed = nn.Sequential(nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, z_dim))
         self.linear = nn.Linear(z_dim, z_dim)
         self.scale = nn.Linear(z_dim, z_dim)
         nn.init.eye_(self.linear.weight)

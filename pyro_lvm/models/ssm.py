@@ -9,8 +9,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyro_lvm.sequential import check_sequences
 from pyro_lvm.plates import data_plate
+from pyro_lvm.sequential import check_sequences
 
 __all__ = ["LinearGaussianSSM", "SSMPosterior"]
 

@@ -31,7 +31,8 @@ def _joint(ssm, num_steps):
             big[t * Z : (t + 1) * Z, s * Z : (s + 1) * Z] = torch.linalg.matrix_power(a, t - s)
     innov = torch.diag(torch.cat([ssm.log_init.exp().detach() ** 2] + [q] * (num_steps - 1)))
     cov_z = big @ innov @ big.T
-    mean_z = torch.cat([torch.linalg.matrix_power(a, t) @ ssm.init_loc.detach() for t in range(num_steps)])
+    mu0 = ssm.init_loc.detach()
+    mean_z = torch.cat([torch.linalg.matrix_power(a, t) @ mu0 for t in range(num_steps)])
     cc = torch.block_diag(*[c] * num_steps)
     cov_x = cc @ cov_z @ cc.T + torch.diag(r.repeat(num_steps))
     return mean_z, cov_z, cc @ mean_z, cov_x, cov_z @ cc.T
