@@ -12,6 +12,7 @@ from pyro_lvm.data.mnist import (
     load_binarized_mnist,
     mnist_data_dir,
 )
+from pyro_lvm.data.sequences import load_mnist_rows, sample_ssm_sequences
 from pyro_lvm.data.synthetic import sample_gaussian_mixture, sample_linear_gaussian
 
 __all__ = [
@@ -25,9 +26,11 @@ __all__ = [
     "download_binarized_mnist",
     "load_binarized_mnist",
     "load_digits",
+    "load_mnist_rows",
     "mnist_data_dir",
     "read_amat",
     "read_npz_array",
     "sample_gaussian_mixture",
     "sample_linear_gaussian",
+    "sample_ssm_sequences",
 ]
