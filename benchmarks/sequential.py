@@ -55,7 +55,10 @@ def _data(args):
 def _score(model, guide, x, num_particles, chunk):
     """Per-sequence sequence-IWAE and FIVO bounds, in chunks of ``chunk`` sequences."""
     out = {"is": [], "fivo": []}
-    for name, est in (("is", FIVO(num_particles, resampling="none")), ("fivo", FIVO(num_particles))):
+    for name, est in (
+        ("is", FIVO(num_particles, resampling="none")),
+        ("fivo", FIVO(num_particles)),
+    ):
         for start in range(0, len(x), chunk):
             log_z, _ = est.log_marginal(model, guide, x[start : start + chunk])
             out[name].append(log_z)

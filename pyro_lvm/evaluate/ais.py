@@ -103,7 +103,9 @@ class _Annealer:
         """z₀ ~ p₀: the prior (the model's latent sites) or the guide."""
         fn = self.model if self.guide is None else self.guide
         with poutine.block(), torch.no_grad():
-            trace = prune_subsample_sites(poutine.trace(self._chains(fn)).get_trace(self.x, self.idx))
+            trace = prune_subsample_sites(
+                poutine.trace(self._chains(fn)).get_trace(self.x, self.idx)
+            )
         z = {
             name: site["value"].detach()
             for name, site in trace.nodes.items()
@@ -252,7 +254,9 @@ def ais_log_likelihood(
 
 def _chunked(model, guide, x, idx, num_chains, data_chunk):
     if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
-        raise ValueError(f"x must be a non-empty tensor with data points along dim 0, got {x!r:.80}")
+        raise ValueError(
+            f"x must be a non-empty tensor with data points along dim 0, got {x!r:.80}"
+        )
     first = next(_chunks(x.shape[0], data_chunk))
     nesting = _guess_max_plate_nesting(
         model, guide if guide is not None else model, x[first], None if idx is None else idx[first]
