@@ -166,6 +166,7 @@ def _print_table(metrics: dict, out: Path, figures: Sequence[str] = ()) -> None:
     rows = [
         ("test ELBO (nats)", metrics.get("elbo")),
         (f"test log p(x), IS K={metrics.get('num_samples')}", metrics.get("log_likelihood")),
+        (f"test log p(x), AIS M={metrics.get('ais_steps')}", metrics.get("ais_log_likelihood")),
         ("reconstruction E_q[log p(x|z)]", metrics.get("reconstruction")),
         ("KL(q(z|x) || p(z)) (nats)", metrics.get("kl")),
         ("rate (bits)", metrics.get("rate_bits")),
@@ -198,7 +199,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     x, _, _ = _load_split(config["dataset"], args.split, args.data_root)
     if args.n is not None:
         x = x[: args.n]
-    metrics = _evaluate_vae(vae, x, args.num_samples)
+    if args.method == "ais":  # issue #20: AIS instead of importance sampling
+        from pyro_lvm.evaluate.ais import ais_summary
+
+        metrics = ais_summary(vae, x, args.ais_steps, args.ais_chains)
+    else:
+        metrics = _evaluate_vae(vae, x, args.num_samples)
     metrics.update(split=args.split, checkpoint=str(args.checkpoint))
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     out.mkdir(parents=True, exist_ok=True)
@@ -288,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--split", choices=("train", "valid", "test"), default="test")
     p.add_argument("--num-samples", type=_positive_int, default=1000)
+    p.add_argument(
+        "--method", choices=("is", "ais"), default="is",
+        help="log-likelihood by importance sampling (K = --num-samples) or AIS from the prior",
+    )  # fmt: skip
+    p.add_argument("--ais-steps", type=_positive_int, default=500, help="AIS temperatures M")
+    p.add_argument("--ais-chains", type=_positive_int, default=16, help="AIS chains per point")
     p.add_argument("--n", type=_positive_int, default=None, help="evaluate the first n points")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")

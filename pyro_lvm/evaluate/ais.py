@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +20,14 @@ from pyro_lvm.evaluate.loglik import (
 )
 from pyro_lvm.hmc import hmc_transition
 
-__all__ = ["AISResult", "BDMCResult", "ais_log_likelihood", "annealing_schedule", "bdmc"]
+__all__ = [
+    "AISResult",
+    "BDMCResult",
+    "ais_log_likelihood",
+    "ais_summary",
+    "annealing_schedule",
+    "bdmc",
+]
 
 _CHAINS = "_pyro_lvm_ais_chains"
 
@@ -323,3 +331,30 @@ def bdmc(
     )  # fmt: skip
     upper = -(log_w.logsumexp(0) - math.log(num_chains))
     return BDMCResult(x=x, lower=lower, upper=upper)
+
+
+def ais_summary(
+    model: Callable, x: torch.Tensor, num_steps: int, num_chains: int, **kwargs
+) -> dict:
+    """Mean AIS log-likelihood of ``x`` with its standard error and budget, as plain numbers.
+
+    What ``pyro-lvm evaluate --method ais`` reports; ``kwargs`` go to
+    :func:`ais_log_likelihood`.
+    """
+    start = time.perf_counter()
+    result = ais_log_likelihood(
+        model, x, num_steps=num_steps, num_chains=num_chains, return_result=True, **kwargs
+    )
+    values = result.log_likelihood
+    return {
+        "ais_log_likelihood": float(values.mean()),
+        "ais_log_likelihood_stderr": float(values.std() / len(values) ** 0.5)
+        if len(values) > 1
+        else 0.0,
+        "ais_steps": int(num_steps),
+        "ais_chains": int(num_chains),
+        "ais_acceptance": float(result.acceptance.mean()),
+        "ais_seconds": time.perf_counter() - start,
+        "method": "ais",
+        "num_points": len(x),
+    }

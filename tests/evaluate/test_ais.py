@@ -99,3 +99,18 @@ def test_bad_input_is_named(model):
 
     with pytest.raises(ValueError, match="exactly one observed site"):
         bdmc(two_observed, x, num_steps=2)
+
+
+def test_cli_evaluate_method_ais(tmp_path, capsys):
+    import json
+
+    from pyro_lvm.cli import main
+
+    out = tmp_path / "run"
+    assert main(["quickstart", "--out", str(out), "--epochs", "1", "--eval-samples", "5"]) == 0
+    args = ["evaluate", str(out / "checkpoint.pt"), "--method", "ais", "--ais-steps", "20"]
+    assert main([*args, "--ais-chains", "4", "--n", "10", "--out", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "evaluation_test.json").read_text())
+    assert metrics["method"] == "ais" and metrics["ais_steps"] == 20 and metrics["num_points"] == 10
+    assert metrics["ais_log_likelihood"] < 0 and 0 < metrics["ais_acceptance"] <= 1
+    assert "AIS M=20" in capsys.readouterr().out
