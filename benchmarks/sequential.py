@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
     if args.smoke:
-        args.budget, args.eval_particles, args.hidden = 3.0, 8, 16
+        args.budget, args.eval_particles, args.hidden = 1.0, 8, 16
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
