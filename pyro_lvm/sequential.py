@@ -8,7 +8,7 @@ import pyro
 import torch
 from pyro import poutine
 
-__all__ = ["SequentialProgram", "check_sequences", "is_sequential", "join_features"]
+__all__ = ["SequentialProgram", "check_sequences", "is_sequential"]
 
 
 def is_sequential(obj) -> bool:
@@ -39,17 +39,6 @@ def check_sequences(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}; use mask.bool()")
     return mask
-
-
-def join_features(*tensors: torch.Tensor) -> torch.Tensor:
-    """Concatenate along the last dim after broadcasting every batch dim.
-
-    Steps combine the previous latent (shape ``(K, N, d)`` inside the particle plate, ``(N,
-    d)`` outside) with per-sequence features of shape ``(N, h)``; this joins them whatever
-    the number of leading dims.
-    """
-    batch = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
-    return torch.cat([t.expand(*batch, t.shape[-1]) for t in tensors], dim=-1)
 
 
 class SequentialProgram(torch.nn.Module):
