@@ -5,10 +5,13 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-__all__ = ["SequentialProgram", "check_sequences", "is_sequential"]
+from pyro_lvm.plates import data_plate
+
+__all__ = ["MarkovStateSpaceModel", "SequentialProgram", "check_sequences", "is_sequential"]
 
 
 def is_sequential(obj) -> bool:
@@ -94,3 +97,47 @@ class SequentialProgram(torch.nn.Module):
             with nullcontext() if mask is None else poutine.mask(mask=mask[:, t]):
                 self.obj.step(state, x[:, t], t, idx)
         return state
+
+
+class MarkovStateSpaceModel(torch.nn.Module):
+    r"""Base of step-wise state-space models :math:`p(z_t \mid z_{t-1})\, p(x_t \mid z_t)`.
+
+    A subclass implements :meth:`transition_dist` and :meth:`emission_dist`; :meth:`init`,
+    :meth:`step` (sites ``"z_t"`` and ``"x_t"`` in the data plate, ``state["z"]`` the
+    previous latent) and :meth:`sample` derive from them. It sets ``num_data`` (the dataset
+    size, for ``idx`` subsampling) and ``name`` (its prefix in Pyro's param store).
+    """
+
+    num_data: int | None = None
+    name: str = "ssm"
+
+    def transition_dist(self, z_prev: torch.Tensor | None) -> dist.Distribution:
+        """p(z_t | z_{t-1}); the initial distribution when ``z_prev`` is ``None``."""
+        raise NotImplementedError
+
+    def emission_dist(self, z: torch.Tensor) -> dist.Distribution:
+        """p(x_t | z_t)."""
+        raise NotImplementedError
+
+    def init(self, state: dict, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+        """Register the parameters, build the data plate, clear the previous latent."""
+        pyro.module(self.name, self)
+        state.pop("z", None)
+        state["plate"] = data_plate(x, idx, self.num_data)
+
+    def step(self, state: dict, x_t: torch.Tensor, t: int, idx=None) -> torch.Tensor:
+        """Sample ``"z_t"`` from the transition and observe ``"x_t"``, in the data plate."""
+        with state["plate"]:
+            z = pyro.sample(f"z_{t}", self.transition_dist(state.get("z")))
+            pyro.sample(f"x_{t}", self.emission_dist(z), obs=x_t)
+        state["z"] = z
+        return z
+
+    @torch.no_grad()
+    def sample(self, n: int, num_steps: int) -> torch.Tensor:
+        """Ancestral samples: ``n`` sequences of ``num_steps`` observations, ``(n, T, ...)``."""
+        z, xs = None, []
+        for _ in range(num_steps):
+            z = self.transition_dist(z).sample(() if z is not None else (n,))
+            xs.append(self.emission_dist(z).sample())
+        return torch.stack(xs, dim=1)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyro_lvm.plates import data_plate
+from pyro_lvm.sequential import MarkovStateSpaceModel
 
 __all__ = ["DeepMarkovModel", "GatedTransition"]
 
@@ -43,7 +42,7 @@ class GatedTransition(nn.Module):
         return loc, F.softplus(self.scale(F.relu(proposed))) + 1e-4
 
 
-class DeepMarkovModel(nn.Module):
+class DeepMarkovModel(MarkovStateSpaceModel):
     r"""Deep Markov model (Krishnan, Shalit & Sontag 2017, arXiv:1609.09869), step-wise.
 
     .. math::
@@ -103,26 +102,3 @@ class DeepMarkovModel(nn.Module):
         if self.log_scale is None:
             return dist.Bernoulli(logits=out).to_event(1)
         return dist.Normal(out, self.log_scale.exp().expand_as(out)).to_event(1)
-
-    def init(self, state: dict, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
-        """Register the parameters with Pyro and clear the previous latent."""
-        pyro.module(self.name, self)
-        state.pop("z", None)
-        state["plate"] = data_plate(x, idx, self.num_data)
-
-    def step(self, state: dict, x_t: torch.Tensor, t: int, idx=None) -> torch.Tensor:
-        """Sample ``"z_t"`` and observe ``"x_t"`` inside the data plate."""
-        with state["plate"]:
-            z = pyro.sample(f"z_{t}", self.transition_dist(state.get("z")))
-            pyro.sample(f"x_{t}", self.emission_dist(z), obs=x_t)
-        state["z"] = z
-        return z
-
-    @torch.no_grad()
-    def sample(self, n: int, num_steps: int) -> torch.Tensor:
-        """Ancestral samples, shape ``(n, T, x_dim)``."""
-        z, xs = None, []
-        for _ in range(num_steps):
-            z = self.transition_dist(z).sample(() if z is not None else (n,))
-            xs.append(self.emission_dist(z).sample())
-        return torch.stack(xs, dim=1)

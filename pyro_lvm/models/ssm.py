@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyro_lvm.plates import data_plate
-from pyro_lvm.sequential import check_sequences
+from pyro_lvm.sequential import MarkovStateSpaceModel, check_sequences
 
 __all__ = ["LinearGaussianSSM", "SSMPosterior"]
 
@@ -54,7 +52,7 @@ class SSMPosterior:
         return dist.MultivariateNormal(loc, covariance_matrix=cov)
 
 
-class LinearGaussianSSM(nn.Module):
+class LinearGaussianSSM(MarkovStateSpaceModel):
     r"""Linear-Gaussian state-space model with exact Kalman-filter inference.
 
     .. math::
@@ -140,31 +138,6 @@ class LinearGaussianSSM(nn.Module):
         """p(x_t | z_t)."""
         loc = z @ self.emission.T
         return dist.Normal(loc, self.log_r.exp().expand_as(loc)).to_event(1)
-
-    def init(self, state: dict, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
-        """Register the parameters and start with no previous latent."""
-        pyro.module(self.name, self)
-        state.pop("z", None)
-        state["plate"] = data_plate(x, idx, self.num_data)
-
-    def step(self, state: dict, x_t: torch.Tensor, t: int, idx=None) -> torch.Tensor:
-        """Sample ``"z_t"`` from the transition and observe ``"x_t"``, in the data plate."""
-        with state["plate"]:
-            z = pyro.sample(f"z_{t}", self.transition_dist(state.get("z")))
-            pyro.sample(f"x_{t}", self.emission_dist(z), obs=x_t)
-        state["z"] = z
-        return z
-
-    @torch.no_grad()
-    def sample(self, n: int, num_steps: int) -> torch.Tensor:
-        """Draw ``n`` sequences of ``num_steps`` observations, shape ``(n, T, D)``."""
-        z = self.transition_dist(None).sample((n,))
-        xs = []
-        for t in range(num_steps):
-            if t > 0:
-                z = self.transition_dist(z).sample()
-            xs.append(self.emission_dist(z).sample())
-        return torch.stack(xs, dim=1)
 
     # -- exact inference -------------------------------------------------------------------
     def _filter(self, x: torch.Tensor, mask: torch.Tensor | None):
