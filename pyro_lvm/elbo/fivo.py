@@ -124,6 +124,10 @@ class FIVO(ELBO):
     :param kwargs: other :class:`pyro.infer.ELBO` arguments; particles are always vectorized.
     """
 
+    #: whether to resample is decided in Python from the weights at every step, which a
+    #: ``torch.jit`` trace would freeze: FastSVI and ``optimize_local`` run this loss eagerly.
+    traceable = False
+
     def __init__(
         self,
         num_particles: int = 4,
