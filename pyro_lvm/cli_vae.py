@@ -174,6 +174,7 @@ def _print_table(metrics: dict, out: Path, figures: Sequence[str] = ()) -> None:
     rows = [
         ("test ELBO (nats)", metrics.get("elbo")),
         (f"test log p(x), IS K={metrics.get('num_samples')}", metrics.get("log_likelihood")),
+        (f"test log p(x), AIS M={metrics.get('ais_steps')}", metrics.get("ais_log_likelihood")),
         ("reconstruction E_q[log p(x|z)]", metrics.get("reconstruction")),
         ("KL(q(z|x) || p(z)) (nats)", metrics.get("kl")),
         ("rate (bits)", metrics.get("rate_bits")),
@@ -208,9 +209,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     vae, config = _restore(args.checkpoint)
     x, _, _ = _load_split(config["dataset"], args.split, args.data_root)
     device, total, x = resolve_device(args.device), len(x), x[: args.n]
-    metrics = evaluate_vae(
-        vae, x, args.num_samples, device=device, split=args.split, of=total, progress=not args.quiet
-    )
+    if args.method == "ais":  # annealed importance sampling from the prior (issue 20)
+        from pyro_lvm.evaluate.ais import ais_summary
+
+        metrics = ais_summary(vae.to(device), x.to(device), args.ais_steps, args.ais_chains)
+    else:
+        metrics = evaluate_vae(
+            vae, x, args.num_samples, device=device, split=args.split, of=total,
+            progress=not args.quiet,
+        )  # fmt: skip
     metrics.update(split=args.split, checkpoint=str(args.checkpoint))
     out = _output_folder(args.out, Path(args.checkpoint).parent)
     _write_json(out / f"evaluation_{args.split}.json", metrics)
@@ -338,6 +345,12 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint written by `pyro-lvm train`")
     p.add_argument("--split", choices=("train", "valid", "test"), default="test", help="data")
     p.add_argument("--num-samples", type=positive_int, default=1000, help="importance samples K")
+    p.add_argument(
+        "--method", choices=("is", "ais"), default="is",
+        help="log-likelihood by importance sampling (K = --num-samples) or AIS from the prior",
+    )  # fmt: skip
+    p.add_argument("--ais-steps", type=positive_int, default=500, help="AIS temperatures M")
+    p.add_argument("--ais-chains", type=positive_int, default=16, help="AIS chains per point")
     p.add_argument("--n", type=positive_int, default=None, help="evaluate the first n points")
     p.add_argument("--data-root", default=None, help="folder with the data (or PYRO_LVM_DATA)")
     p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")

@@ -15,6 +15,7 @@ from pyro_lvm.data.mnist import (
 )
 from pyro_lvm.data.named import NamedData, as_named, check_accepts, named_chunks, split_named
 from pyro_lvm.data.quadrants import join_quadrants, quadrant_mask, split_quadrants
+from pyro_lvm.data.sequences import load_mnist_rows, sample_ssm_sequences
 from pyro_lvm.data.synthetic import sample_gaussian_mixture, sample_linear_gaussian
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "download_binarized_mnist",
     "load_binarized_mnist",
     "load_digits",
+    "load_mnist_rows",
     "mnist_data_dir",
     "read_amat",
     "read_npz_array",
@@ -44,4 +46,5 @@ __all__ = [
     "join_quadrants",
     "quadrant_mask",
     "split_quadrants",
+    "sample_ssm_sequences",
 ]

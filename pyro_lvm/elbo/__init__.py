@@ -14,6 +14,7 @@ from pyro_lvm.elbo.base import (
     load_estimator_state,
 )
 from pyro_lvm.elbo.baselines import DecayingAverageBaseline, NVILBaseline
+from pyro_lvm.elbo.fivo import FIVO
 from pyro_lvm.elbo.hmc_refined import HMCRefinedELBO
 from pyro_lvm.elbo.iwae import IWAE
 from pyro_lvm.elbo.mmd import MMDELBO, WAEMMD, InfoVAE, mmd
@@ -55,6 +56,7 @@ __all__ = [
     "ESTIMATORS",
     "Estimator",
     "EstimatorSpec",
+    "FIVO",
     "HMCRefinedELBO",
     "IWAE",
     "InfoVAE",

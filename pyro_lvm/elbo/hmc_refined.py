@@ -11,21 +11,11 @@ from pyro.poutine.util import site_is_subsample
 
 from pyro_lvm.elbo.base import SurrogateELBO, require_reparameterized
 from pyro_lvm.elbo.registry import register
+from pyro_lvm.hmc import hmc_transition
 
 __all__ = ["HMCRefinedELBO"]
 
 _SUMMARY = "ELBO for the guide, HMC-refined posterior samples for the model (Hoffman 2017)"
-
-
-def _pick(accept: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Per-chain Metropolis choice: ``new`` where ``accept`` (shape: the chains'), else ``old``."""
-    extra = new.dim() - accept.dim()
-    return torch.where(accept.reshape(*accept.shape, *[1] * extra), new, old)
-
-
-def _per_chain_sum(value: torch.Tensor, chain_shape: torch.Size) -> torch.Tensor:
-    """Sum of ``value`` over its event dims, leaving one entry per chain."""
-    return value.reshape(*chain_shape, -1).sum(-1)
 
 
 @register("hmc-refined", "refined", sites="reparam", summary=_SUMMARY)
@@ -135,40 +125,16 @@ class HMCRefinedELBO(SurrogateELBO):
                 leaves = {k: v.detach().requires_grad_() for k, v in values.items()}
                 logp = self.log_joint(model, leaves, args, kwargs)
                 grads = torch.autograd.grad(logp.sum(), list(leaves.values()))
-            return -logp.detach(), dict(zip(leaves, (-g for g in grads), strict=True))
+            return -logp.detach(), dict(zip(leaves, (-g for g in grads), strict=True)), {}
 
         accepted = 0.0
         with poutine.block():
-            u, grad_u = potential_and_grad(z)
-            chains = u.shape
-            for k, v in z.items():
-                if v.shape[: len(chains)] != chains:
-                    raise ValueError(
-                        f"latent {k!r} of shape {tuple(v.shape)} does not lead with the "
-                        f"chains' shape {tuple(chains)} (the model's log-density shape)"
-                    )
-
-            def kinetic(p):
-                return sum(0.5 * _per_chain_sum(v.pow(2), chains) for v in p.values())
-
+            u, grad_u, _ = potential_and_grad(z)
             for _ in range(self.num_hmc_steps):
-                p = {k: torch.randn_like(v) for k, v in z.items()}
-                h0 = u + kinetic(p)
-                q_new, g_new = dict(z), grad_u
-                p_new = {k: p[k] - 0.5 * eps * g_new[k] for k in p}
-                for step in range(self.num_leapfrog):
-                    q_new = {k: q_new[k] + eps * p_new[k] for k in q_new}
-                    u_new, g_new = potential_and_grad(q_new)
-                    if step < self.num_leapfrog - 1:
-                        p_new = {k: p_new[k] - eps * g_new[k] for k in p_new}
-                p_new = {k: p_new[k] - 0.5 * eps * g_new[k] for k in p_new}
-                log_accept = (h0 - u_new - kinetic(p_new)).nan_to_num(nan=-math.inf)
-                prob = log_accept.clamp(max=0).exp()
-                accept = torch.rand_like(prob) < prob
+                z, u, grad_u, _, prob = hmc_transition(
+                    z, u, grad_u, {}, potential_and_grad, eps, self.num_leapfrog
+                )
                 accepted = accepted + prob
-                z = {k: _pick(accept, q_new[k], z[k]) for k in z}
-                grad_u = {k: _pick(accept, g_new[k], grad_u[k]) for k in z}
-                u = torch.where(accept, u_new, u)
         rate = accepted / max(self.num_hmc_steps, 1)
         return z, torch.as_tensor(rate)
 

@@ -1,5 +1,12 @@
-"""Evaluation: IS log-likelihood, ELBO decomposition, inference gaps, collapse diagnostics."""
+"""Evaluation: IS and AIS (BDMC) log-likelihood, ELBO decomposition, gaps, collapse."""
 
+from pyro_lvm.evaluate.ais import (
+    AISResult,
+    BDMCResult,
+    ais_log_likelihood,
+    annealing_schedule,
+    bdmc,
+)
 from pyro_lvm.evaluate.collapse import (
     ActiveUnits,
     RateDistortion,
@@ -19,6 +26,11 @@ from pyro_lvm.evaluate.latent import (
 from pyro_lvm.evaluate.loglik import elbo_estimate, log_importance_weights, log_likelihood
 
 __all__ = [
+    "AISResult",
+    "BDMCResult",
+    "ais_log_likelihood",
+    "annealing_schedule",
+    "bdmc",
     "ActiveUnits",
     "ELBODecomposition",
     "GapResult",

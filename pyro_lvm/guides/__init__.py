@@ -9,3 +9,6 @@ __all__ += ["LocalBernoulliGuide", "LocalGaussianGuide", "LocalGuide", "SemiAmor
 from pyro_lvm.guides.flows import FLOWS, AmortizedFlowGuide, FlowPosterior  # noqa: E402
 
 __all__ += ["FLOWS", "AmortizedFlowGuide", "FlowPosterior"]
+from pyro_lvm.guides.sequential import BootstrapGuide, ExactSSMGuide, RNNGuide  # noqa: E402
+
+__all__ += ["BootstrapGuide", "ExactSSMGuide", "RNNGuide"]

@@ -17,3 +17,9 @@ from pyro_lvm.models.discrete import DiscreteVAE, TemperatureSchedule  # noqa: E
 from pyro_lvm.models.semi_supervised import M2  # noqa: E402
 
 __all__ += ["ConditionalVAE", "DiscreteVAE", "M2", "TemperatureSchedule"]
+
+from pyro_lvm.models.dmm import DeepMarkovModel  # noqa: E402
+from pyro_lvm.models.ssm import LinearGaussianSSM, SSMPosterior  # noqa: E402
+from pyro_lvm.sequential import SequentialProgram  # noqa: E402
+
+__all__ += ["DeepMarkovModel", "LinearGaussianSSM", "SSMPosterior", "SequentialProgram"]
