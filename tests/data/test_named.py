@@ -128,7 +128,7 @@ def test_fit_local_passes_the_entries_too():
     guide = _NamedLocalGuide(12, 3)
     history = fit_local(model, guide, data, num_epochs=1, batch_size=4, inner_max_steps=3,
                         progress=False)  # fmt: skip
-    assert len(history.loss) == 1 and model.calls >= 3 * 3
+    assert len(history.epoch_losses) == 1 and model.calls >= 3 * 3
     with pytest.raises(ValueError, match="does not take"):
         fit_local(model, guide, {**data, "c": data["s"]}, num_epochs=1, progress=False)
 
