@@ -206,6 +206,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pyro_lvm.evaluate.report import evaluate_vae
     from pyro_lvm.train import resolve_device
 
+    out = _output_folder(args.out, Path(args.checkpoint).parent)  # before the long work
     vae, config = _restore(args.checkpoint)
     x, _, _ = _load_split(config["dataset"], args.split, args.data_root)
     device, total, x = resolve_device(args.device), len(x), x[: args.n]
@@ -219,7 +220,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )  # fmt: skip
     metrics.update(split=args.split, checkpoint=str(args.checkpoint))
-    out = _output_folder(args.out, Path(args.checkpoint).parent)
     _write_json(out / f"evaluation_{args.split}.json", metrics)
     _print_table(metrics, out, [f"evaluation_{args.split}.json"])
     return 0

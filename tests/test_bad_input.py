@@ -132,7 +132,8 @@ def _poisoned_fit(tmp_path):
     def model(x, idx=None):
         calls["n"] += 1
         lg(x, idx)
-        if calls["n"] == 2 + 2 + 1:  # validation, subsampling check, 2 steps of epoch 1
+        # validation, subsampling check, the estimator's plate-nesting dry run, 2 steps of epoch 1
+        if calls["n"] == 3 + 2 + 1:
             pyro.factor("boom", torch.tensor(-2e10))
 
     path = tmp_path / "c.pt"

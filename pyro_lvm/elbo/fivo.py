@@ -14,6 +14,7 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
 
+from pyro_lvm.elbo.iwae import IWAE
 from pyro_lvm.elbo.multisample import PARTICLE_PLATE, log_weights
 from pyro_lvm.elbo.registry import register
 from pyro_lvm.sequential import SequentialProgram, check_sequences, is_sequential
@@ -170,6 +171,18 @@ class FIVO(ELBO):
         self.resampling, self.ess_threshold = resampling, float(ess_threshold)
         # Pyro's ELBO counts the particle plate in max_plate_nesting; the steps' own plates:
         self._step_nesting = int(max_plate_nesting)
+        # a whole-program model is one step: its SMC bound is the IWAE bound, so it runs on
+        # the multi-sample engine (any plate nesting, every site kind, the empty model)
+        self._whole_program = IWAE(num_particles=int(num_particles))
+
+    def state_dict(self) -> dict:
+        """FIVO keeps no state across steps (resampling draws from the global generator)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Accept only the empty state of :meth:`state_dict`."""
+        if state:
+            raise ValueError(f"FIVO keeps no state; got {sorted(state)}")
 
     def __repr__(self) -> str:
         return (
@@ -284,6 +297,10 @@ class FIVO(ELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """:math:`-\\frac{N}{B} \\sum_i \\log \\hat Z_i` (the primary method)."""
+        if not (is_sequential(model) or isinstance(model, SequentialProgram)):
+            if is_sequential(guide) or isinstance(guide, SequentialProgram):
+                raise ValueError("FIVO got a step-wise guide for a whole-program model; wrap both")
+            return self._whole_program.differentiable_loss(model, guide, *args, **kwargs)
         log_z, scale = self.log_marginal(model, guide, *args, **kwargs)
         loss = -scale * log_z.sum()
         warn_if_nan(loss, "loss")

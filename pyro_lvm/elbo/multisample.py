@@ -20,6 +20,7 @@ from pyro_lvm.elbo.log_weights import (
     _StoreScale,
     check_match,
     log_weights,
+    refuse_enumerated,
 )
 
 __all__ = [
@@ -76,12 +77,17 @@ class MultiSampleELBO(Estimator, ELBO):
             **kwargs,
         )
 
+    #: whether a guide site marked for enumeration is refused (a bound; not evaluation)
+    _refuses_enumerated = True
+
     def _get_trace(self, model, guide, args, kwargs):
         """Guide trace and the model replayed on it (sample values aliased when rescaling).
 
         Mirrors :func:`pyro.infer.enum.get_importance_trace`.
         """
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        if self._refuses_enumerated:
+            refuse_enumerated(guide_trace)
         handle, replayed = self._sample_path, guide_trace
         if handle is not None:
             # the model (and the stopped guide density) see an alias of each sample; the guide
@@ -192,6 +198,8 @@ class MultiSampleELBO(Estimator, ELBO):
 
 class _Engine(MultiSampleELBO):
     """The multi-sample machinery without a bound: log weights for evaluation."""
+
+    _refuses_enumerated = False
 
     def _bound_and_surrogate(self, weights: LogWeights):  # pragma: no cover - never a loss
         raise NotImplementedError("the evaluation engine computes weights, not a bound")
