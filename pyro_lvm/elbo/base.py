@@ -17,6 +17,7 @@ tensors, floats and ints.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
@@ -165,11 +166,18 @@ class DetachSamples(Messenger):
 class RNGNeutralGuess:
     """Mixin: Pyro's first-call guess of ``max_plate_nesting`` (a dry run of the model and
     guide) without drawing from the caller's random stream, so that the first call gives the
-    same sample as every later one under one seed."""
+    same sample as every later one under one seed. Pyro's INFO line announcing the guess is
+    kept out of the user's output (it would print once per estimator and run)."""
 
     def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
-        with torch.random.fork_rng(devices=[]):
-            super()._guess_max_plate_nesting(model, guide, args, kwargs)
+        elbo_logger = logging.getLogger("pyro.infer.elbo")
+        level = elbo_logger.level
+        elbo_logger.setLevel(max(level, logging.WARNING))
+        try:
+            with torch.random.fork_rng(devices=[]):
+                super()._guess_max_plate_nesting(model, guide, args, kwargs)
+        finally:
+            elbo_logger.setLevel(level)
 
 
 class Estimator(RNGNeutralGuess):
