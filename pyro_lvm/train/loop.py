@@ -46,7 +46,7 @@ from pyro_lvm.data import Minibatches
 from pyro_lvm.train.callbacks import Callback
 from pyro_lvm.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from pyro_lvm.train.device import device_scope
-from pyro_lvm.train.divergence import DivergenceMonitor
+from pyro_lvm.train.divergence import DivergenceMonitor, RunFailedError
 from pyro_lvm.train.history import FitHistory
 
 __all__ = [
@@ -67,17 +67,9 @@ __all__ = [
 GradientHook = Callable[[list[torch.Tensor]], None]
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A training step returned a NaN or infinite loss.
-
-    :ivar epoch: the epoch (1-based) of the failing step.
-    :ivar step: the step (1-based) within that epoch.
-    :ivar checkpoint: the last good checkpoint file, or ``None`` when none was written.
-    """
-
-    def __init__(self, message: str, epoch: int, step: int, checkpoint: Path | None):
-        super().__init__(message)
-        self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
+class NonFiniteLossError(RunFailedError):
+    """A training step returned a NaN or infinite loss (``epoch``, ``step`` and the last good
+    ``checkpoint`` as in :class:`~pyro_lvm.train.divergence.RunFailedError`)."""
 
 
 @dataclass
