@@ -138,8 +138,9 @@ class FIVO(ELBO):
     """
 
     #: whether to resample is decided in Python from the weights at every step, which a
-    #: ``torch.jit`` trace would freeze: FastSVI and ``optimize_local`` run this loss eagerly.
-    traceable = False
+    #: captured graph would freeze (:mod:`pyro_lvm.capture`): FastSVI and ``optimize_local``
+    #: run this loss eagerly.
+    capturable = False
 
     def __init__(
         self,
