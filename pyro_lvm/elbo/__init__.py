@@ -8,10 +8,7 @@ and capabilities.
 
 from pyro_lvm.elbo.base import (
     Estimator,
-    Stateful,
     SurrogateELBO,
-    estimator_state,
-    load_estimator_state,
 )
 from pyro_lvm.elbo.baselines import DecayingAverageBaseline, NVILBaseline
 from pyro_lvm.elbo.fivo import FIVO
@@ -67,16 +64,13 @@ __all__ = [
     "REFINED_NAMES",
     "RenyiBound",
     "SPECS",
-    "Stateful",
     "STL",
     "ScoreFunctionELBO",
     "SurrogateELBO",
     "VIMCO",
     "WAEMMD",
-    "estimator_state",
     "estimator_table",
     "iter_importance_weights",
-    "load_estimator_state",
     "log_weights",
     "make_estimator",
     "mmd",

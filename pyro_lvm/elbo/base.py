@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from pyro.distributions.util import detach, is_identically_zero, scale_and_mask
@@ -36,10 +36,7 @@ __all__ = [
     "PARTICLE_PLATE",
     "RNGNeutralGuess",
     "SurrogateELBO",
-    "Stateful",
     "check_num_particles",
-    "estimator_state",
-    "load_estimator_state",
     "particle_dim",
     "require_reparameterized",
     "stopped_log_prob",
@@ -114,35 +111,6 @@ def require_reparameterized(guide_trace, estimator: str) -> None:
             f"{estimator} needs fully reparameterized guide sites, but {bad} have no rsample or "
             "carry a score-function term (e.g. a rejection sampler); use 'elbo', 'iwae' or "
             "'vimco', which add the score-function term"
-        )
-
-
-@runtime_checkable
-class Stateful(Protocol):
-    """An estimator with state kept across steps (the checkpoint protocol)."""
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def estimator_state(loss: Any) -> dict[str, Any]:
-    """``loss.state_dict()`` for a :class:`Stateful` estimator, ``{}`` for any other ELBO
-    (Pyro's own keep no state): what a checkpoint stores next to the param store."""
-    return loss.state_dict() if isinstance(loss, Stateful) else {}
-
-
-def load_estimator_state(loss: Any, state: dict[str, Any]) -> None:
-    """Restore :func:`estimator_state` into ``loss``.
-
-    :raises ValueError: on a non-empty state for an estimator that keeps none.
-    """
-    if isinstance(loss, Stateful):
-        loss.load_state_dict(state)
-    elif state:
-        raise ValueError(
-            f"{type(loss).__name__} keeps no state, but the checkpoint holds {sorted(state)}; "
-            "resume with the estimator the checkpoint was written with"
         )
 
 
