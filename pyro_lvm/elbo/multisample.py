@@ -10,7 +10,7 @@ from pyro import poutine
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
-from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
+from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
 
 from pyro_lvm.elbo.base import PARTICLE_PLATE, Estimator
 from pyro_lvm.elbo.log_weights import (
@@ -110,8 +110,8 @@ class MultiSampleELBO(Estimator, ELBO):
         model_trace = prune_subsample_sites(model_trace)
         check_match(model_trace, guide_trace)
         if is_validation_enabled():
+            # enumerated guide sites: refused above by a bound, sampled on purpose by evaluation
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
-            check_if_enumerated(guide_trace)
         model_trace.compute_log_prob()
         guide_trace.compute_score_parts()
         if is_validation_enabled():
