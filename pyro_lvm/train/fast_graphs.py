@@ -269,7 +269,13 @@ class SignatureGraphs:
             self.compile(key, args, kwargs)
         at = self.switch_at
         switched = key in self.inductor and self.inductor[key] is None
-        if key in self.graphs and switched and n > at and self.graphs[key][0].backend == "aten":
+        if (
+            key in self.graphs
+            and switched
+            and at is not None
+            and n > at
+            and self.graphs[key][0].backend == "aten"
+        ):
             self.promote(key, args)
         for _ in range(2):  # the Inductor graph, then (if it fails) the aten graph under it
             if key not in self.graphs or self.mode(key, n, steps) not in ("traced", "check"):
