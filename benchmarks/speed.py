@@ -4,7 +4,11 @@ Interleaved, repeated measurements in one process: for each repeat, every path o
 (architecture, K) runs ``--steps`` steps in turn, in an order rotated from repeat to repeat;
 a path's figure is the median over repeats of ms/step, and its ratio is the median over
 repeats of (path / reference) within the repeat, which cancels most of the drift of a shared
-machine. ``--json PATH`` writes one row per path.
+machine. ``--json PATH`` writes one row per path. ``fast/*`` is ``FastSVI``'s default
+(``backend="auto"`` with no planned run length: the aten graph); ``fast-inductor/*``
+(``--inductor``) compiles every graph with Inductor; ``fast-auto/*`` (``--auto``) plans for
+``--planned-steps`` and so times what the ``auto`` policy picks for a run that long (column
+``backend_used``).
 
     python benchmarks/speed.py --json speed.json            # full run
     python benchmarks/speed.py --smoke                      # seconds, for the tests
@@ -38,6 +42,7 @@ from pyro_lvm.handlers import KLWeightedELBO, linear_schedule
 from pyro_lvm.models import VAE
 from pyro_lvm.train import fit
 from pyro_lvm.train.fast import FastSVI
+from pyro_lvm.train.fast_graphs import AUTO_AFTER
 from pyro_lvm.train.fit_local import optimize_local
 
 LR = 1e-3
@@ -138,12 +143,13 @@ CLOCK = time.perf_counter
 def time_group(paths: dict[str, Callable], steps: int, repeats: int, ref: str) -> dict:
     """Interleaved timing; returns name -> (median ms/step, median ratio, ratio spread).
 
-    The first 8 steps of each path (record, capture, verify, ...) are timed apart, in wall
-    time, as ``fn.warmup_s``: the first-step cost."""
+    The first 8 steps of each path (record, capture, verify, ...; ``fn.warmup_steps`` where
+    set) are timed apart, in wall time, as ``fn.warmup_s``: the first-step cost."""
     for name, fn in paths.items():  # warm up (captures losses, builds optimizers)
         use_param_store(name)
         tic = time.perf_counter()  # wall time: Inductor compiles in worker processes
-        for _ in range(8 if getattr(fn, "steps_per_call", None) is None else 1):
+        first = getattr(fn, "warmup_steps", 8)
+        for _ in range(first if getattr(fn, "steps_per_call", None) is None else 1):
             fn()
         fn.warmup_s = time.perf_counter() - tic  # type: ignore[attr-defined]
     times: dict[str, list[float]] = {n: [] for n in paths}
@@ -278,6 +284,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default="",
         help="estimators to time with FastSVI(backend='inductor') too (rows fast-inductor/*)",
     )
+    p.add_argument(
+        "--auto",
+        default="",
+        help="estimators to time with FastSVI(backend='auto', planned_steps=--planned-steps) "
+        "too (rows fast-auto/*; warmed up past the Inductor decision)",
+    )
+    p.add_argument(
+        "--planned-steps",
+        type=int,
+        default=50_000,
+        help="the run length fast-auto/* plans for (default: 100 MNIST epochs of 500 steps)",
+    )
     p.add_argument("--no-fit", action="store_true", help="skip the fit/* rows")
     p.add_argument("--device", default="cpu", help="torch device of every path, e.g. cuda")
     p.add_argument("--synthetic", action="store_true", help="random images of MNIST's shape")
@@ -345,6 +363,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     paths[f"fast-inductor/{name}"] = svi_step(
                         FastSVI, vae(), x, make_estimator(name, k), backend="inductor"
                     )
+                if name in a.auto.split(","):
+                    paths[f"fast-auto/{name}"] = svi_step(
+                        FastSVI, vae(), x, make_estimator(name, k), planned_steps=a.planned_steps
+                    )
+                    paths[f"fast-auto/{name}"].warmup_steps = AUTO_AFTER + 2
                 if not a.no_fit:
                     fits[f"fit/{name}"] = fit_step(vae(), train[: batch * a.steps], name, k, batch)
             if "elbo" in names:
@@ -374,6 +397,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if isinstance(svi, FastSVI):
                     row["traced"] = svi.traced_steps > 0
                     row["jit_reason"], row["fallback_reason"] = svi.jit_reason, svi.fallback_reason
+                    why = svi.get_state()["schedule"]["inductor"]  # signature -> reason or None
+                    row["backend_used"] = "inductor" if None in why.values() else "aten"
+                    row["inductor_reason"] = next(iter(why.values()), None)
                 rows.append(row)
     hidden, zd = next(iter(archs.values()))
     if a.eval_only:
@@ -421,7 +447,7 @@ def _report(rows: list[dict], a: argparse.Namespace) -> list[dict]:
         )
         if "traced" in r:
             extra = (
-                "  traced"
+                f"  traced ({r['backend_used']})"
                 if r["traced"]
                 else f"  eager ({r['jit_reason'] or r['fallback_reason']})"
             )

@@ -13,8 +13,8 @@ where :math:`w` are the differentiated tensors (parameters or local leaves), :ma
 further tensors the programs read (other parameters), :math:`d` the data and :math:`r` the
 run-time inputs of :class:`RuntimeInputs` (a KL schedule's β). The graph is built by
 :func:`torch.fx.experimental.proxy_tensor.make_fx` (the capture under ``torch.compile`` and
-``torch.export``) from a function that calls :func:`torch.autograd.grad`; ``backend=
-"inductor"`` compiles it with :func:`torch.compile` (``fallback_random``). Random operations
+``torch.export``) from a function that calls :func:`torch.autograd.grad`;
+:mod:`pyro_lvm.capture_inductor` compiles it with Inductor where that pays. Random operations
 stay operations: every call draws fresh noise from the global generator, in eager order.
 
 **One policy** (:class:`~pyro_lvm.train.FastSVI`, the per-datapoint inner loop and
@@ -36,9 +36,7 @@ Bytecode Transformation and Graph Compilation*, ASPLOS (make_fx, AOTAutograd, In
 
 from __future__ import annotations
 
-import logging
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from numbers import Number
@@ -71,8 +69,6 @@ __all__ = [
     "verify",
 ]
 
-logger = logging.getLogger(__name__)
-
 BACKENDS = ("aten", "inductor")  #: replay the make_fx graph, or compile it with torch.compile
 NEEDS_TENSORS = "capture needs positional tensor arguments only (no keywords, no None)"
 _CAPTURE_SEED = 20261203  # a random state other than any the verification uses
@@ -91,11 +87,9 @@ class RuntimeInputs(Protocol):
     An estimator that implements this protocol hands such values over as tensors: the
     engine reads :meth:`runtime_inputs` before every captured call and passes them to the
     graph as inputs; while capturing, the estimator reads them back inside
-    :meth:`using_runtime_inputs`. Example: :class:`~pyro_lvm.handlers.KLWeightedELBO`.
-
-    An estimator whose Python state cannot be expressed so (an adapted HMC step size) sets
-    the class attribute ``capturable = False``; the engine then never captures it.
-    """
+    :meth:`using_runtime_inputs`. Example: :class:`~pyro_lvm.handlers.KLWeightedELBO`. An
+    estimator whose Python state cannot be expressed so (an adapted HMC step size) sets
+    ``capturable = False``; the engine then never captures it."""
 
     def runtime_inputs(self) -> tuple[torch.Tensor, ...]:
         """The current values, as tensors (``()`` when there are none)."""
@@ -175,17 +169,21 @@ def capture_patches(owner: Any = None) -> Iterator[None]:
 
 class Captured:
     """A captured loss: ``captured(wrt, others, data) -> (value, grads)`` with no autograd.
-    ``scale`` is |loss| at verification; ``verified`` whether :func:`verify` accepted it."""
+    ``fx``: the aten graph (``graph`` is it, or Inductor's compilation of it); ``rtol``: its
+    verification's tolerance; ``scale``: |loss| when :func:`verify` accepted it (``verified``)."""
 
-    def __init__(self, graph: Callable, num_wrt: int, owner: Any, backend: str):
+    def __init__(self, graph: Callable, num_wrt: int, owner: Any, backend: str, fx: Any = None):
         self.graph, self.num_wrt, self.owner, self.backend = graph, num_wrt, owner, backend
-        self.scale, self.verified = 0.0, False
+        self.fx = graph if fx is None else fx
+        self.scale, self.verified, self.rtol = 0.0, False, None
+        self._reads = isinstance(owner, RuntimeInputs)  # once: a Protocol check costs ~20 µs
 
     def __call__(
         self, wrt: Sequence[torch.Tensor], others: Sequence[torch.Tensor], data: Sequence
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        extra = tuple(self.owner.runtime_inputs()) if self._reads else ()
         with torch.no_grad():
-            value, grads = self.graph(*wrt, *others, *data, *runtime_inputs(self.owner))
+            value, grads = self.graph(*wrt, *others, *data, *extra)
         return value, list(grads)
 
 
@@ -203,7 +201,7 @@ def capture(
 
     Runs ``fn`` once, with validation off, Pyro's effects blocked, :func:`capture_patches`
     active and a random state of its own (the caller's is restored). Unused ``wrt`` get a
-    ``None`` gradient.
+    ``None`` gradient. ``backend="inductor"`` compiles it (:mod:`pyro_lvm.capture_inductor`).
 
     :param owner: the estimator, read for :class:`RuntimeInputs` and patched by
         :func:`capture_patches`.
@@ -231,17 +229,16 @@ def capture(
         with pyro.validation_enabled(False), pyro.poutine.block(), capture_patches(owner):
             graph = make_fx(both)(*wrt, *others, *data, *extra)
         _prune(graph)
-        if backend == "inductor":  # compiled at its first call, here
-            with torch.no_grad(), warnings.catch_warnings():
-                # modules of torch that Inductor imports still warn about TorchScript
-                warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
-                graph = torch.compile(graph, dynamic=False, options={"fallback_random": True})
-                graph(*wrt, *others, *data, *extra)
     except Exception as e:  # any capture failure keeps the eager path
         raise CaptureError(f"capture failed: {type(e).__name__}: {e}") from e
     finally:
         set_rng_state(rng)
-    return Captured(graph, n_wrt, owner, backend)
+    captured = Captured(graph, n_wrt, owner, "aten")  # rtol None: default_rtol of wrt
+    if backend == "inductor":
+        from pyro_lvm.capture_inductor import compile_inductor
+
+        captured = compile_inductor(captured, [*wrt, *others, *data])
+    return captured
 
 
 def _prune(graph: torch.fx.GraphModule) -> None:
@@ -275,7 +272,7 @@ def verify(
         draws are those of an eager step.
     :raises CaptureError: saying where the two differ.
     """
-    rtol = rtol or default_rtol(wrt[0].dtype)
+    rtol = rtol or captured.rtol or default_rtol(wrt[0].dtype)
     rng = get_rng_state()
     try:
         with perturbed(wrt, shift=0.1):
@@ -312,7 +309,7 @@ def drifted(captured: Captured, value: float, eager_value: float, rtol: float = 
     """Whether a captured ``value`` no longer matches the eager one (same random state). Graph
     and eager rounding differ by ~ε times the loss's *terms*, which can cancel to a much smaller
     total, so the tolerance is ``rtol`` times the larger of |loss| now and at verification."""
-    rtol = rtol or default_rtol(torch.get_default_dtype())
+    rtol = rtol or captured.rtol or default_rtol(torch.get_default_dtype())
     return abs(value - eager_value) > rtol * max(abs(eager_value), captured.scale)
 
 

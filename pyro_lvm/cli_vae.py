@@ -153,6 +153,7 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
         device=device,
         log_dir=out,
         tensorboard=args.tensorboard,
+        backend=args.backend,
     )
     seconds = time.perf_counter() - start
     vae.eval()
@@ -321,6 +322,12 @@ def _add_training_arguments(
         "--tensorboard",
         action="store_true",
         help="also write TensorBoard event files to OUT/tensorboard (needs tensorboard)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "aten", "inductor"),
+        default="auto",
+        help="captured loss: Inductor once the run is long enough to pay its compile (auto)",
     )
     _add_device_argument(p)
     runs = p.add_mutually_exclusive_group()

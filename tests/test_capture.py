@@ -22,6 +22,7 @@ from pyro_lvm.capture import (
     set_rng_state,
     verify,
 )
+from pyro_lvm.capture_inductor import inductor_rtol
 
 
 def _model(x):
@@ -143,5 +144,6 @@ def test_inductor_backend_gives_the_eager_numbers():
     captured = capture(fn, params, (x,), owner=elbo, backend="inductor")
     value, grads = verify(captured, fn, params, (x,))
     assert captured.verified and captured.backend == "inductor"
+    assert captured.rtol == inductor_rtol(captured.fx, x.dtype)  # its rounding's tolerance
     with pytest.raises(ValueError, match="backend must be one of"):
         capture(fn, params, (x,), backend="jit")

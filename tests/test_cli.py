@@ -61,6 +61,7 @@ def test_missing_mnist_is_a_one_line_error(tmp_path, capsys):
         ["quickstart", "--out", "x", "--hidden", "0"],
         ["quickstart", "--out", "x", "--particles", "-1"],
         ["quickstart", "--out", "x", "--network", "nope"],
+        ["train", "--out", "x", "--backend", "jit"],
     ],
 )
 def test_bad_arguments_exit_2(args):

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from pyro_lvm.data.named import split_named
+from pyro_lvm.device import device_scope, resolve_device, to_device
 from pyro_lvm.elbo.multisample import iter_importance_weights
 from pyro_lvm.validation import validate_inputs
 
@@ -131,8 +132,6 @@ def log_likelihood(
         log_likelihood(model, guide, x, num_samples=2000)  # ≈ model.log_evidence(x)
     """
     if device is not None:
-        from pyro_lvm.train.device import device_scope, resolve_device, to_device
-
         device = resolve_device(device)
         to_device(device, model, guide)
         x = x.to(device) if torch.is_tensor(x) else {k: v.to(device) for k, v in x.items()}

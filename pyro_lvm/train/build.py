@@ -14,6 +14,7 @@ from pyro.optim import PyroOptim
 
 from pyro_lvm.train.callbacks import Callback, JSONLinesLogger, TensorBoardLogger, as_callbacks
 from pyro_lvm.train.fast import FastSVI
+from pyro_lvm.train.fast_graphs import SWITCH_BACKENDS
 from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.loop import Checkpointer
 
@@ -62,15 +63,28 @@ def check_optimizer(optimizer: PyroOptim | None, lr: float = 1e-3) -> PyroOptim:
 
 
 def make_stepper(
-    model: Callable, guide: Callable, optimizer: PyroOptim, estimator: ELBO, fast: bool
+    model: Callable,
+    guide: Callable,
+    optimizer: PyroOptim,
+    estimator: ELBO,
+    fast: bool,
+    backend: str = "auto",
+    planned_steps: int | None = None,
 ) -> tuple[Any, Any]:
     """The object that takes steps and the one that holds the optimizer state.
 
-    ``fast``: a :class:`~pyro_lvm.train.FastSVI`, which holds its fused optimizer's state
+    ``fast``: a :class:`~pyro_lvm.train.FastSVI` (with ``backend`` and the run's
+    ``planned_steps``, for its Inductor decision), which holds its fused optimizer's state
     itself; otherwise ``pyro.infer.SVI``, whose state is in the ``PyroOptim``.
+
+    :raises ValueError: on an unknown ``backend``, also with ``fast=False``.
     """
+    if backend not in SWITCH_BACKENDS:
+        raise ValueError(f"backend must be one of {SWITCH_BACKENDS}, got {backend!r}")
     if fast:
-        svi = FastSVI(model, guide, optimizer, estimator)
+        svi = FastSVI(
+            model, guide, optimizer, estimator, backend=backend, planned_steps=planned_steps
+        )
         return svi, svi
     return SVI(model, guide, optimizer, loss=estimator), optimizer
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pyro
@@ -15,20 +13,8 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 
-from pyro_lvm.capture import (
-    BACKENDS,
-    NEEDS_TENSORS,
-    CaptureError,
-    Recorder,
-    capture,
-    default_rtol,
-    drifted,
-    get_rng_state,
-    input_key,
-    not_capturable,
-    set_rng_state,
-    verify,
-)
+from pyro_lvm.capture import Recorder, input_key, not_capturable
+from pyro_lvm.train.fast_graphs import SWITCH_BACKENDS, SignatureGraphs
 
 __all__ = ["FastSVI"]
 
@@ -66,6 +52,13 @@ class FastSVI:
        eager one (:func:`~pyro_lvm.capture.drifted`: a graph that drifted, e.g. past a KL
        schedule applied by hand, is dropped). A captured step runs no Python of Pyro, the
        programs or autograd: one graph computes the loss and every gradient.
+    5. **Inductor where it pays** (``backend``). ``"auto"`` compiles a signature's graph
+       with Inductor (:mod:`pyro_lvm.capture_inductor`) after its 20th step when the
+       projected remaining steps with it (from ``planned_steps``, which ``fit`` sets) save
+       more than the compile costs, by a deterministic cost model; ``"inductor"`` always
+       does, ``"aten"`` never. The compiled graph is verified like the aten one, at a
+       tolerance for its rounding; a failed compile or verification keeps the aten graph
+       and logs why. The per-signature work is :mod:`pyro_lvm.train.fast_graphs`.
 
     .. warning:: Capture and verification run the model and guide a few extra times (once
         per new input signature), so Python side effects in them repeat. A captured step
@@ -79,9 +72,10 @@ class FastSVI:
         (:class:`~pyro_lvm.handlers.KLWeightedELBO`'s scheduled β).
 
     **Exact resume.** The mode of a step (record, compile, verify, traced or eager) is a pure
-    function of the global step count, of how many times its input signature was seen and of
-    ``jit_reason``/``fallback_reason``; :meth:`get_state` saves these with the optimizer state.
-    After :meth:`set_state`, the recording, tracing and verification that the earlier steps
+    function of the global step count, of how many times its input signature was seen, of
+    ``jit_reason``/``fallback_reason`` and of the Inductor decisions; :meth:`get_state` saves
+    these with the optimizer state. After :meth:`set_state`, the recording, capture, Inductor
+    compile and verification that the earlier steps
     with a signature did are redone as *dry runs* (random state restored; parameters, their
     gradients and the optimizer untouched) when that signature is first met, so every resumed
     step takes the path, hence computes the floats, of the uninterrupted run.
@@ -97,10 +91,13 @@ class FastSVI:
     :param loss: a :class:`pyro.infer.ELBO` (ideally with ``differentiable_loss``).
     :param jit: try a verified captured loss (:mod:`pyro_lvm.capture`).
     :param check_every: run an eager, structure-checking step every this many traced steps.
-    :param backend: ``"aten"`` (replay the captured graph) or ``"inductor"`` (compile it with
-        :func:`torch.compile` first; slow to start, see benchmarks/RESULTS.md).
-    :param rtol: relative tolerance of the verification (default
-        :math:`0.01\\sqrt{\\epsilon}` of the loss dtype: 3e-6 in float32, 1.5e-10 in float64).
+    :param backend: ``"auto"`` (Inductor where it pays), ``"aten"`` (replay the captured
+        graph) or ``"inductor"`` (compile it with :func:`torch.compile` after verification).
+    :param rtol: relative tolerance of the verification; by default each graph's own: the aten
+        graph's :math:`0.01\\sqrt{\\epsilon}` of the loss dtype (3e-6 in float32), an
+        Inductor graph's :func:`~pyro_lvm.capture_inductor.inductor_rtol`.
+    :param planned_steps: the run's total number of steps (``fit`` passes epochs × minibatches
+        per epoch); without it ``backend="auto"`` keeps the aten graph.
     :raises ValueError: on an ``optim`` that is not a ``PyroOptim`` or a ``loss`` that is not
         an ``ELBO``, or ``check_every < 1``.
 
@@ -126,8 +123,9 @@ class FastSVI:
         *,
         jit: bool = True,
         check_every: int = 100,
-        backend: str = "aten",
+        backend: str = "auto",
         rtol: float | None = None,
+        planned_steps: int | None = None,
     ):
         if not isinstance(optim, PyroOptim):
             raise ValueError(
@@ -136,24 +134,21 @@ class FastSVI:
             )
         if not isinstance(loss, ELBO):
             raise ValueError(f"loss must be a pyro.infer.ELBO instance, got {type(loss).__name__}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend not in SWITCH_BACKENDS:
+            raise ValueError(f"backend must be one of {SWITCH_BACKENDS}, got {backend!r}")
         if int(check_every) < 1:
             raise ValueError(f"check_every must be a positive integer, got {check_every}")
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
         self.jit, self.check_every, self.rtol = bool(jit), int(check_every), rtol
         self.backend = backend
+        self._graphs = SignatureGraphs(self, backend, rtol, self.check_every, planned_steps)
         self.optimizer: torch.optim.Optimizer | None = None
         self._params: dict[str, torch.Tensor] = {}
         # saved by get_state: key -> sample sites of its first step, key -> steps with it
         self._structure: dict[str, tuple] = {}
         self._seen: dict[str, int] = {}
         self._steps = 0
-        # this object's own work: keys recorded here, key -> [Captured, parameter names]
-        self._recorded: set[str] = set()
-        self._traced: dict[str, list] = {}
-        # key -> |loss| when its graph was verified: the scale of the periodic check (saved)
-        self._check_scale: dict[str, float] = {}
+        self._recorded: set[str] = set()  # this object's own work: keys recorded here
         #: how many steps used the verified captured loss (counted across set_state)
         self.traced_steps = 0
         #: why the lean path is off (``None`` while it is on)
@@ -180,7 +175,7 @@ class FastSVI:
         if self.jit_reason is None:
             self.jit_reason = reason
             logger.info("FastSVI does not capture the loss: %s", reason)
-        self._traced.clear()
+        self._graphs.clear()
 
     def _register(self, params: dict[str, torch.Tensor]) -> bool:
         """Add unseen parameters to the optimizer; return whether any was new."""
@@ -227,95 +222,6 @@ class FastSVI:
                 value = self.loss.loss_and_grads(self.model, self.guide, *args, **kwargs)
         return value, rec
 
-    # ------------------------------------------------------------------ the captured loss
-    def _loss_fn(self, kwargs: dict) -> Callable:
-        """The eager loss of ``*args``; the sample sites of its last run go to ``self._rec``."""
-
-        def fn(*args):
-            with Recorder() as self._rec:
-                return self.loss.differentiable_loss(self.model, self.guide, *args, **kwargs)
-
-        return fn
-
-    def _compile(self, key: str, args: tuple, kwargs: dict) -> None:
-        if kwargs:
-            self._disable_jit(NEEDS_TENSORS)
-            return
-        names = list(self._params)
-        params = [self._params[n] for n in names]
-        try:
-            captured = capture(
-                self._loss_fn(kwargs), params, args, owner=self.loss, backend=self.backend
-            )
-        except CaptureError as e:
-            self._disable_jit(str(e))
-            return
-        self._traced[key] = [captured, names]
-
-    def _captured(self, key: str, args: tuple) -> tuple[torch.Tensor, list, list]:
-        """The captured loss value, the parameters and their gradients."""
-        captured, names = self._traced[key]
-        params = [self._params[n] for n in names]
-        value, grads = captured(params, (), args)
-        return value, params, grads
-
-    def _run_traced(self, key: str, args: tuple) -> float:
-        """One captured step: the loss value, gradients written to ``.grad``."""
-        value, params, grads = self._captured(key, args)
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        return float(value)
-
-    def _verify(self, key: str, args: tuple, kwargs: dict) -> float:
-        """:func:`~pyro_lvm.capture.verify` the captured loss; the step is the eager one."""
-        captured, names = self._traced[key]
-        params = [self._params[n] for n in names]
-        rng = get_rng_state()
-        try:
-            with pyro.validation_enabled(False):
-                value, grads = verify(captured, self._loss_fn(kwargs), params, args, rtol=self.rtol)
-        except CaptureError as e:
-            self._disable_jit(str(e))
-            value = None
-        if value is None:  # the step is the eager one
-            for p in params:
-                p.grad = None
-            set_rng_state(rng)
-            value, rec = self._eager(args, kwargs, validate=False)
-        else:
-            rec = self._rec
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
-        if self._check_structure(key, rec) and captured.verified:
-            self._check_scale.setdefault(key, captured.scale)
-        return value
-
-    def _check(self, key: str, args: tuple, kwargs: dict) -> float:
-        """A periodic eager step that also compares the captured loss value with the eager one.
-
-        The step itself (its random draws, gradient and update) is the eager one; the
-        captured loss runs under the same random state. One whose value no longer agrees
-        (:func:`~pyro_lvm.capture.drifted`: a Python number it froze has changed since
-        capture, e.g. a KL weight schedule applied by hand with
-        :func:`~pyro_lvm.handlers.kl_weight`) is dropped for good, and the reason logged.
-        Frozen numbers that move the gradient only are what the perturbed verification
-        before the first captured step looks for.
-        """
-        captured = self._traced[key][0]
-        captured.scale = max(captured.scale, self._check_scale.get(key, 0.0))
-        rng = get_rng_state()
-        traced = self._captured(key, args)[0]
-        set_rng_state(rng)
-        value, rec = self._eager(args, kwargs, validate=False)
-        rtol = self.rtol or default_rtol(traced.dtype)
-        if self._check_structure(key, rec) and drifted(captured, float(traced), value, rtol):
-            self._disable_jit(
-                f"the captured loss stopped matching the eager one at step {self._steps}: a "
-                "Python value it froze (e.g. a KL weight schedule) has changed since capture; "
-                "the remaining steps run eagerly"
-            )
-        return value
-
     # ------------------------------------------------------------------ the step
     def _check_structure(self, key: str, rec: Recorder) -> bool:
         structure = tuple(rec.sites)
@@ -331,56 +237,26 @@ class FastSVI:
             return False
         return True
 
-    def _mode(self, n: int) -> str:
-        """The mode of the ``n``-th step with an input signature: a function of saved state."""
+    def _mode(self, key: str, n: int) -> str:
+        """The mode of the ``n``-th step with ``key``: a function of saved state."""
         if self.fallback_reason is not None:
             return "general"
-        if n == 1:
-            return "record"
-        if self.jit_reason is not None:
-            return "lean"
-        if n <= 3:
-            return "compile" if n == 2 else "verify"
-        return "traced" if self._steps % self.check_every else "check"
-
-    @contextmanager
-    def _dry_run(self) -> Iterator[None]:
-        """Restore the random state, the parameters' ``.grad`` and the estimator's state kept
-        across steps (``state_dict``/``load_state_dict``, where it has them) on exit."""
-        rng = get_rng_state()
-        grads = [(p, p.grad) for p in self._params.values()]
-        stateful = callable(getattr(self.loss, "state_dict", None)) and callable(
-            getattr(self.loss, "load_state_dict", None)
-        )
-        saved = copy.deepcopy(self.loss.state_dict()) if stateful else None
-        try:
-            yield
-        finally:
-            for p, g in grads:
-                p.grad = g
-            if stateful:
-                self.loss.load_state_dict(saved)
-            set_rng_state(rng)
+        return "record" if n == 1 else self._graphs.mode(key, n, self._steps)
 
     def _catch_up(self, key: str, n: int, args: tuple, kwargs: dict) -> str:
         """Redo as dry runs the work that steps ``1..n-1`` with ``key`` did but this object did
         not (it was restored by :meth:`set_state`); return the mode of step ``n``."""
-        mode = self._mode(n)
-        if mode in ("general", "record"):
-            return mode
+        if self._mode(key, n) in ("general", "record"):
+            return self._mode(key, n)
         if key not in self._recorded:  # forward only: no gradient is computed
-            with self._dry_run(), Recorder() as rec:
+            with self._graphs.dry_run(), Recorder() as rec:
                 run = getattr(self.loss, "differentiable_loss", self.loss.loss)
                 run(self.model, self.guide, *args, **kwargs)
             self._register(rec.params)
             self._structure.setdefault(key, tuple(rec.sites))
             self._recorded.add(key)
-        if mode in ("verify", "traced", "check") and key not in self._traced:
-            self._compile(key, args, kwargs)  # restores the random state itself
-        if self._mode(n) in ("traced", "check") and not self._traced[key][0].verified:
-            with self._dry_run():
-                self._verify(key, args, kwargs)
-        return self._mode(n)
+        self._graphs.catch_up(key, n, args, kwargs)
+        return self._mode(key, n)
 
     def step(self, *args, **kwargs) -> float:
         """Take one gradient step; returns the loss estimate as a float (as ``SVI.step``)."""
@@ -390,6 +266,7 @@ class FastSVI:
         self._steps += 1
         n = self._seen[key] = self._seen.get(key, 0) + 1
         mode = self._catch_up(key, n, args, kwargs)
+        graphs = self._graphs
         if mode in ("general", "record"):
             value, rec = self._eager(args, kwargs, validate=True)
             self._register(rec.params)
@@ -397,20 +274,31 @@ class FastSVI:
                 self._structure[key] = tuple(rec.sites)
                 self._recorded.add(key)
         elif mode == "traced":
-            value = self._run_traced(key, args)
+            value = graphs.run(key, args)
             self.traced_steps += 1
         elif mode == "verify":
-            value = self._verify(key, args, kwargs)
+            value = graphs.verify(key, args, kwargs)
         elif mode == "check":
-            value = self._check(key, args, kwargs)
+            value = graphs.check(key, args, kwargs)
         else:  # "lean" or "compile": eager, structure checked
             value, rec = self._eager(args, kwargs, validate=False)
             if self._check_structure(key, rec) and mode == "compile":
                 self._update()
-                self._compile(key, args, kwargs)
+                graphs.compile(key, args, kwargs)
                 return value
         self._update()
+        if graphs.decides(key, n):  # after the step: it is the aten graph's in any case
+            graphs.decide(key, args)
         return value
+
+    @property
+    def planned_steps(self) -> int | None:
+        """The run's total number of steps, for ``backend="auto"`` (settable)."""
+        return self._graphs.planned_steps
+
+    @planned_steps.setter
+    def planned_steps(self, steps: int | None) -> None:
+        self._graphs.planned_steps = None if steps is None else int(steps)
 
     def evaluate_loss(self, *args, **kwargs) -> float:
         """The loss estimate without a gradient step (``loss.loss`` under ``no_grad``)."""
@@ -421,11 +309,12 @@ class FastSVI:
         """``{"optimizer": state_dict, "schedule": {...}}`` for :meth:`set_state`.
 
         The schedule holds the step counts (global, and per input signature as a string), the
-        sample sites of each signature's first step, ``traced_steps``, ``jit_reason`` and
-        ``fallback_reason``: plain values that ``torch.load(..., weights_only=True)`` reads.
-        The ``state_dict`` references the live moment tensors: ``torch.save`` or
-        ``copy.deepcopy`` it for a snapshot. On the :class:`pyro.infer.SVI` path (scheduler,
-        clipping) this is ``optim.get_state()``.
+        sample sites of each signature's first step, ``traced_steps``, ``jit_reason``,
+        ``fallback_reason``, each signature's loss scale at verification (``check_scale``) and
+        Inductor decision (``inductor``: ``None`` when compiled, else why not): plain values
+        that ``torch.load(..., weights_only=True)`` reads. The ``state_dict`` references the
+        live moment tensors: ``torch.save`` or ``copy.deepcopy`` it for a snapshot. On the
+        :class:`pyro.infer.SVI` path (scheduler, clipping) this is ``optim.get_state()``.
         """
         if self._svi is not None:
             return self.optim.get_state()
@@ -443,7 +332,8 @@ class FastSVI:
             },
             "jit_reason": self.jit_reason,
             "fallback_reason": self.fallback_reason,
-            "check_scale": dict(self._check_scale),
+            "check_scale": dict(self._graphs.scale),
+            "inductor": dict(self._graphs.inductor),
         }
         return {"optimizer": optimizer, "schedule": schedule}
 
@@ -486,10 +376,14 @@ class FastSVI:
             }
             self.fallback_reason = own_fallback or schedule["fallback_reason"]
             self.jit_reason = own_jit or schedule["jit_reason"]
-            scales = schedule.get("check_scale", {})  # absent from older checkpoints
-            self._check_scale = {str(k): float(v) for k, v in scales.items()}
+            graphs = self._graphs  # "check_scale", "inductor": absent from older checkpoints
+            graphs.scale = {str(k): float(v) for k, v in schedule.get("check_scale", {}).items()}
+            graphs.inductor = {
+                str(k): None if v is None else str(v)
+                for k, v in schedule.get("inductor", {}).items()
+            }
             self._recorded.clear()
-            self._traced.clear()
+            graphs.clear()
         if self.optimizer is None:
             self._pending_state = optimizer or None
         else:

@@ -64,6 +64,7 @@ def fit(
     log_dir: str | os.PathLike | None = None,
     tensorboard: bool = False,
     divergence: DivergenceRule | None = DEFAULT_DIVERGENCE,
+    backend: str = "auto",
 ) -> FitHistory:
     r"""Train ``model`` and ``guide`` by stochastic variational inference on minibatches.
 
@@ -128,6 +129,9 @@ def fit(
     :param divergence: when a finite loss counts as diverged (by default, growth by a factor
         of 1000 over the best of the last 1000 steps, see
         :class:`~pyro_lvm.train.divergence.DivergenceRule`); ``None`` disables the check.
+    :param backend: the captured loss's backend with ``fast=True``: ``"auto"`` (Inductor once
+        the run's remaining steps pay for its compile, see
+        :class:`~pyro_lvm.train.fast.FastSVI`), ``"aten"`` or ``"inductor"``.
     :returns: the :class:`FitHistory`, including the epochs of a resumed checkpoint.
     :raises NonFiniteLossError: on a NaN or infinite loss; the message names the epoch, the
         step and the last good checkpoint (the in-memory parameters are then unusable).
@@ -177,7 +181,10 @@ def fit(
     batches = Minibatches({"x": train_data, **named}, int(batch_size), shuffle=True, seed=seed)
     num_data = batches.num_data
     to_device(device, model, guide)
-    stepper, optimizer_state = make_stepper(model, guide, optimizer, estimator, fast)
+    planned = int(num_epochs) * len(batches)  # for FastSVI(backend="auto")
+    stepper, optimizer_state = make_stepper(
+        model, guide, optimizer, estimator, fast, backend, planned
+    )
     config = {
         "loss": loss_name,
         "num_particles": int(getattr(estimator, "num_particles", num_particles)),

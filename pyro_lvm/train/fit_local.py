@@ -215,7 +215,7 @@ def optimize_local(
     }
     params = list(leaves.values())
     batch = params[0].shape[0]
-    optim = torch.optim.Adam(params, lr=lr, foreach=True)
+    optim = torch.optim.Adam(params, lr=lr)  # torch's choice: per tensor for two CPU leaves
     active = torch.ones(batch, dtype=torch.bool)
     steps = torch.zeros(batch, dtype=torch.long)
     masks = [active.reshape((-1,) + (1,) * (p.dim() - 1)) for p in params]  # views of active

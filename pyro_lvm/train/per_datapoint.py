@@ -74,6 +74,7 @@ def fit_local(
     device: DeviceLike = None,
     log_dir: str | os.PathLike | None = None,
     tensorboard: bool = False,
+    backend: str = "auto",
 ) -> FitHistory:
     r"""The per-datapoint SVI algorithm (warm-started local optima, then a θ step).
 
@@ -113,7 +114,7 @@ def fit_local(
     :param seed: seeds Pyro's generators at the start of a fresh run, and the minibatch order.
     :param progress: show a tqdm bar with the loss, inner steps and the fraction converged.
     :param checkpoint, resume, callbacks, extra, fast, device, log_dir, tensorboard: as in
-        :func:`~pyro_lvm.train.fit`.
+        :func:`~pyro_lvm.train.fit`; ``backend`` too (the θ step's captured loss).
     :param divergence: when the θ-step loss counts as diverged
         (:class:`~pyro_lvm.train.divergence.DivergenceRule`); ``None`` disables the check.
     :return: the :class:`~pyro_lvm.train.FitHistory`.
@@ -149,7 +150,10 @@ def fit_local(
     callbacks = make_callbacks(callbacks, log_dir, tensorboard)
     batches = Minibatches({"x": data, **named}, int(batch_size), shuffle=True, seed=seed)
     to_device(device, model, guide)
-    stepper, optimizer_state = make_stepper(*_theta_pair(model, guide), optim, estimator, fast)
+    planned = int(num_epochs) * len(batches)  # for FastSVI(backend="auto")
+    stepper, optimizer_state = make_stepper(
+        *_theta_pair(model, guide), optim, estimator, fast, backend, planned
+    )
     inner = dict(lr=inner_lr, max_steps=inner_max_steps, tol=inner_tol, lr_decay=inner_lr_decay)
     config = {
         "algorithm": "fit_local",

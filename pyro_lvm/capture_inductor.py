@@ -1,0 +1,160 @@
+r"""Inductor for a captured graph: compiling it, the tolerance its rounding needs, when it pays.
+
+:mod:`pyro_lvm.capture` records a loss and its gradient as one aten graph. Replaying that
+graph calls each aten operation from Python; :func:`torch.compile` (Inductor) fuses the
+pointwise operations into generated kernels instead, which saves a per-operation overhead and
+the memory traffic of the fused intermediates, at the cost of a compile of seconds to tens of
+seconds per input signature. This module holds the three facts the policy of
+:class:`~pyro_lvm.train.FastSVI` (``backend="auto"``) needs, each a deterministic function of
+the graph (never of a clock, so a resumed run decides as the uninterrupted one did):
+
+1. **Compile** (:func:`compile_inductor`): ``torch.compile(graph, options={"fallback_random":
+   True})`` so random operations draw what eager code draws; any failure (no C++ compiler,
+   an unsupported operation) is a :class:`~pyro_lvm.capture.CaptureError` whose message is
+   the logged reason for staying on the aten graph.
+2. **Tolerance** (:func:`inductor_rtol`): fused kernels sum in other orders and use other
+   ``exp``/``log`` implementations, so they do not reproduce eager rounding. By the
+   probabilistic rounding-error bound of Higham & Mary (2019), a result computed through
+   :math:`n` roundings of unit roundoff :math:`u = \epsilon/2` is within
+   :math:`\lambda\sqrt{n}\,u` (relative to its magnitude) with probability at least
+   :math:`1 - 2\exp(-\lambda^2/2)`; two such computations differ by at most
+   :math:`\lambda\sqrt{n}\,\epsilon`. Here :math:`n` is the graph's longest *accumulation
+   chain* (:func:`accumulation_depth`: one rounding per pointwise node, the reduced length
+   per sum or matrix product) and :math:`\lambda = 4` (failure probability 7e-4 per
+   compared quantity). The tolerance is never below :func:`~pyro_lvm.capture.default_rtol`.
+   Example: iwae-dreg at 784-400-50, K = 50 has :math:`n = 8407`, so rtol = 4.4e-5 in
+   float32; its Inductor gradients differed from eager by up to 1.9e-5 (159 ε, relative to
+   each gradient's largest entry), which the aten tolerance 3.5e-6 rejected. Frozen Python
+   numbers, which the verification looks for, move the loss at the perturbed point by
+   orders of magnitude more.
+3. **Pay-off** (:func:`inductor_pays`): a conservative cost model of this CPU class,
+   compile :math:`\approx 0.2` s per graph node and a saving per step of 5 µs per pointwise
+   node plus its output bytes at 8 GB/s, about half of the savings measured in
+   benchmarks/RESULTS.md §2.1, with compiles of 4-46 s. Inductor pays when the steps still
+   to come with the signature save more than the compile costs.
+
+References:
+
+1. Ansel et al. (2024), *PyTorch 2: Faster Machine Learning Through Dynamic Python Bytecode
+   Transformation and Graph Compilation*, ASPLOS (Inductor).
+2. Higham & Mary (2019), *A New Approach to Probabilistic Rounding Error Analysis*, SIAM J.
+   Sci. Comput. 41(5), A2815-A2835.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from pyro_lvm.capture import (
+    Captured,
+    CaptureError,
+    default_rtol,
+    get_rng_state,
+    runtime_inputs,
+    set_rng_state,
+)
+
+__all__ = [
+    "COST",
+    "accumulation_depth",
+    "compile_inductor",
+    "inductor_pays",
+    "inductor_rtol",
+]
+
+#: the constants of :func:`inductor_pays` (conservative, CPU; see the module docstring)
+COST = {"compile_s_per_node": 0.2, "saving_s_per_pointwise": 5e-6, "bytes_per_s": 8e9}
+_LAMBDA = 4.0  # Higham & Mary's λ: the bound fails with probability 2 exp(-λ²/2) = 7e-4
+_MATMULS = {"mm", "addmm", "bmm"}
+_REDUCTIONS = {"sum", "mean", "amax", "logsumexp", "_softmax", "_log_softmax"}
+
+
+def _op(node: torch.fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+def _val(node: torch.fx.Node) -> torch.Tensor | None:
+    v = node.meta.get("val")
+    v = v[0] if isinstance(v, (tuple, list)) and v else v
+    return v if torch.is_tensor(v) else None
+
+
+def _is_pointwise(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and torch.Tag.pointwise in getattr(node.target, "tags", ())
+
+
+def accumulation_depth(graph: torch.fx.GraphModule) -> int:
+    """The longest chain of roundings from an input to an output of ``graph``: a pointwise
+    node adds one, a matrix product its inner dimension, a reduction the number of entries
+    it sums per output (input size over output size)."""
+    depth: dict[torch.fx.Node, int] = {}
+    for node in graph.graph.nodes:
+        before = max((depth[a] for a in node.all_input_nodes), default=0)
+        add = 0
+        if node.op == "call_function":
+            add, op, ins = 1, _op(node), node.all_input_nodes
+            if op in _MATMULS and len(ins) >= 2:
+                first = _val(ins[0] if op == "bmm" else ins[-2])
+                add = int(first.shape[-1]) if first is not None and first.dim() else 1
+            elif (op in _REDUCTIONS or op.endswith("_backward_data")) and ins:
+                a, out = _val(ins[0]), _val(node)
+                if a is not None and out is not None and out.numel():
+                    add = max(1, a.numel() // out.numel())
+        depth[node] = before + add
+    return max(depth.values(), default=0)
+
+
+def inductor_rtol(graph: torch.fx.GraphModule, dtype: torch.dtype) -> float:
+    r"""The verification tolerance of an Inductor-compiled ``graph``:
+    :math:`\max(\text{default\_rtol},\ 4\sqrt{n}\,\epsilon)` with :math:`n` =
+    :func:`accumulation_depth` (see the module docstring)."""
+    eps = torch.finfo(dtype).eps
+    return max(default_rtol(dtype), _LAMBDA * math.sqrt(accumulation_depth(graph)) * eps)
+
+
+def _step_saving_s(graph: torch.fx.GraphModule) -> float:
+    pointwise = [n for n in graph.graph.nodes if _is_pointwise(n)]
+    moved = sum(v.numel() * v.element_size() for n in pointwise if (v := _val(n)) is not None)
+    return len(pointwise) * COST["saving_s_per_pointwise"] + moved / COST["bytes_per_s"]
+
+
+def inductor_pays(graph: torch.fx.GraphModule, remaining_steps: float) -> tuple[bool, str]:
+    """Whether compiling ``graph`` pays over ``remaining_steps`` more steps, and why (a line
+    for the log). Deterministic: a function of the graph and the step count only."""
+    nodes = sum(1 for n in graph.graph.nodes if n.op == "call_function")
+    compile_s = COST["compile_s_per_node"] * nodes
+    saving_s = _step_saving_s(graph)
+    pays = remaining_steps * saving_s > compile_s
+    why = (
+        f"{remaining_steps:.0f} projected steps x {saving_s * 1e3:.2f} ms saved per step "
+        f"{'>' if pays else '<='} {compile_s:.0f} s estimated compile ({nodes} nodes)"
+    )
+    return pays, why
+
+
+def compile_inductor(captured: Captured, inputs: Sequence[torch.Tensor]) -> Captured:
+    """``captured``'s graph compiled by Inductor (compiled here, at a first call on ``inputs``
+    = wrt, others and data, under the caller's random state, which is restored), with its
+    tolerance :func:`inductor_rtol`; not yet verified.
+
+    :raises CaptureError: when compiling or running the compiled graph fails.
+    """
+    inputs = [*inputs, *runtime_inputs(captured.owner)]
+    rng = get_rng_state()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # modules of torch that Inductor imports still warn about TorchScript
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
+            compiled = torch.compile(captured.fx, dynamic=False, options={"fallback_random": True})
+            compiled(*inputs)
+    except Exception as e:  # no compiler, an unsupported operation: stay on the aten graph
+        raise CaptureError(f"the Inductor compile failed: {type(e).__name__}: {e}") from e
+    finally:
+        set_rng_state(rng)
+    out = Captured(compiled, captured.num_wrt, captured.owner, "inductor", fx=captured.fx)
+    out.rtol = inductor_rtol(captured.fx, inputs[0].dtype)
+    return out
