@@ -89,9 +89,7 @@ def stopped_log_prob(site: dict, estimator: str, value: torch.Tensor | None = No
     return scale_and_mask(log_q, site["scale"], site["mask"])
 
 
-def rescored_log_prob(
-    site: dict, value: torch.Tensor, stop: bool, estimator: str
-) -> torch.Tensor:
+def rescored_log_prob(site: dict, value: torch.Tensor, stop: bool, estimator: str) -> torch.Tensor:
     """The guide site's unscaled log-density at ``value`` (numerically its sample), with the
     parameters stopped or live (:func:`~pyro_lvm.elbo.rescore.rescorable`).
 

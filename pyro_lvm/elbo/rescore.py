@@ -15,8 +15,9 @@ do: they only recognise their own output by identity (``cache_size=1``).
     x'(\phi, z) = x_0 + J_0^{-1}\,\big(z - T_\phi(x_0)\big).
 
 At :math:`z = z_0` its value is exactly :math:`x_0` (the scored value must equal the cached
-:math:`z_0` to :math:`\sqrt{\epsilon}` relative, else it is another sample and refused), and its first derivatives are those of
-the true inverse :math:`T_\phi^{-1}(z)` (differentiate :math:`T_\phi(T_\phi^{-1}(z)) = z`):
+:math:`z_0` to :math:`\sqrt{\epsilon}` relative, else it is another sample and refused), and
+its first derivatives are those of the true inverse :math:`T_\phi^{-1}(z)` (differentiate
+:math:`T_\phi(T_\phi^{-1}(z)) = z`):
 
 .. math::
 

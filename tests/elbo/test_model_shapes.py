@@ -4,9 +4,9 @@ Shapes (after ``pyro/tests/infer/test_valid_models.py`` and ``test_gradient.py``
 plates, a subsampled plate with scaling, automatic ``dim`` allocation, masks, ``pyro.factor``,
 a global latent above a local plate, a sequential plate, a discrete latent, a guide built on
 Pyro's ``Planar`` flow (no inverse: STL, DReG and the score function rescore it by the
-linearized inverse of ``pyro_lvm.elbo.rescore``); and models Pyro rejects. Each estimator either agrees with Pyro's ``Trace_ELBO`` gradient in expectation or
-refuses the model with a ``ValueError`` listed in :data:`REFUSALS`; a rejected model is
-rejected by every estimator.
+linearized inverse of ``pyro_lvm.elbo.rescore``); and models Pyro rejects. Each estimator
+either agrees with Pyro's ``Trace_ELBO`` gradient in expectation or refuses the model with a
+``ValueError`` listed in :data:`REFUSALS`; a rejected model is rejected by every estimator.
 
 Vectorized z-test: each model runs R independent replicates inside an outer plate, with its
 own copy of every parameter (a leading dim of size R), so one call gives R independent

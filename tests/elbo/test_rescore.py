@@ -125,9 +125,7 @@ def test_linearized_and_exact_inverse_give_the_same_gradients():
         stopped = rescorable(q, stop=True).log_prob(z).sum()
         live = rescorable(q, stop=False).log_prob(z.detach()).sum()
         params = list(exact.parameters())
-        grads.append(
-            torch.autograd.grad(stopped, params) + torch.autograd.grad(live, params)
-        )
+        grads.append(torch.autograd.grad(stopped, params) + torch.autograd.grad(live, params))
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
     assert max(g.abs().max() for g in grads[0]) > 1e-3
