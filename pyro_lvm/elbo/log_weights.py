@@ -44,6 +44,8 @@ class LogWeights:
         reparameterized (the score-function term), or ``None`` when every site is pathwise.
     :ivar scale: the subsample scale :math:`N / B` of the enclosing plates (1 without
         subsampling).
+    :ivar log_q: :math:`\log q_\phi(z_k)`, the proposal's log-density alone (what annealing
+        from the guide or the prior needs, :mod:`pyro_lvm.evaluate.ais`).
     :ivar nonreparam_sites: names of the guide sites that need a score-function term.
     :ivar nested_shape: per (model, guide) trace pair, the weights' shape laid out like the
         sites' batch dims (size 1 for plates that do not enclose every site).
@@ -56,6 +58,7 @@ class LogWeights:
     scale: float
     nonreparam_sites: tuple[str, ...]
     nested_shape: tuple[tuple[int, ...], ...] = ()
+    log_q: torch.Tensor | None = field(default=None, repr=False)
     reducer: _Reducer | None = field(default=None, repr=False)
     #: the (model, guide) trace pairs the weights come from
     traces: tuple[tuple[Trace, Trace], ...] = field(default=(), repr=False)
@@ -343,6 +346,7 @@ def log_weights(
         scale=reduce.scale,
         nonreparam_sites=tuple(nonreparam),
         nested_shape=(reduce.full_shape,),
+        log_q=reduce.finish(log_q, like),
         reducer=reduce,
         traces=((model_trace, guide_trace),),
     )

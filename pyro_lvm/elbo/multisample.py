@@ -28,6 +28,9 @@ __all__ = [
     "MultiSampleELBO",
     "PARTICLE_PLATE",
     "SamplePathScale",
+    "check_positive",
+    "check_rows",
+    "guess_max_plate_nesting",
     "iter_importance_weights",
     "log_weights",
 ]
@@ -205,6 +208,30 @@ class _Engine(MultiSampleELBO):
         raise NotImplementedError("the evaluation engine computes weights, not a bound")
 
 
+def guess_max_plate_nesting(model: Callable, guide: Callable, *args, **kwargs) -> int:
+    """The plate nesting of a (model, guide) pair, particles excluded, guessed by one dry run
+    exactly as Pyro's ELBOs guess it, without drawing from the caller's random stream."""
+    engine = _Engine(num_particles=1)  # one particle: no particle plate counted
+    engine._guess_max_plate_nesting(model, guide, args, kwargs)
+    return int(engine.max_plate_nesting)
+
+
+def check_positive(**values: int | None) -> None:
+    """Raise a ``ValueError`` naming each size that is given but not a positive integer."""
+    for name, value in values.items():
+        if value is not None and int(value) < 1:
+            raise ValueError(f"{name} must be a positive integer (or None), got {value}")
+
+
+def check_rows(x) -> None:
+    """Raise a ``ValueError`` unless ``x`` is a tensor with at least one row (data points
+    along dim 0)."""
+    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(
+            f"x must be a non-empty tensor with data points along dim 0, got {x!r:.80}"
+        )
+
+
 def _chunks(n: int, size: int | None) -> Iterator[slice]:
     size = n if size is None else int(size)
     for start in range(0, n, size):
@@ -234,17 +261,8 @@ def iter_importance_weights(
     :raises ValueError: on a non-positive size, an ``x`` without rows, an ``idx`` of another
         length, or (from the engine) a model/guide mismatch.
     """
-    for name, value in (
-        ("num_samples", num_samples),
-        ("sample_chunk", sample_chunk),
-        ("data_chunk", data_chunk),
-    ):
-        if value is not None and int(value) < 1:
-            raise ValueError(f"{name} must be a positive integer (or None), got {value}")
-    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
-        raise ValueError(
-            f"x must be a non-empty tensor with data points along dim 0, got {x!r:.80}"
-        )
+    check_positive(num_samples=num_samples, sample_chunk=sample_chunk, data_chunk=data_chunk)
+    check_rows(x)
     if idx is not None and len(idx) != x.shape[0]:
         raise ValueError(f"idx must hold one index per row of x; got {len(idx)} for {x.shape[0]}")
     sample_chunk = num_samples if sample_chunk is None else min(int(sample_chunk), num_samples)
