@@ -1,7 +1,8 @@
 """The log-weight engine: per-particle, per-datapoint log importance weights of a trace pair.
 
-One home for the plates that enclose every site, the subsample scale divided out before the
-particles are combined, and the model/guide match check: used by every multi-sample bound
+One home for the plates that enclose every site and the subsample scale divided out before
+the particles are combined (the model/guide check is
+:func:`pyro_lvm.validation.check_site_match`): used by every multi-sample bound
 (:class:`~pyro_lvm.elbo.multisample.MultiSampleELBO`) and by :mod:`pyro_lvm.evaluate`.
 """
 
@@ -18,7 +19,7 @@ from pyro.poutine.util import site_is_subsample
 
 from pyro_lvm.elbo.base import PARTICLE_PLATE, stopped_log_prob
 
-__all__ = ["ALIAS", "LogWeights", "SamplePathScale", "check_match", "log_weights"]
+__all__ = ["ALIAS", "LogWeights", "SamplePathScale", "log_weights"]
 
 #: key of a guide site holding the alias of its value that the model saw (DReG)
 ALIAS = "_pyro_lvm_path_alias"
@@ -199,39 +200,6 @@ def refuse_enumerated(guide_trace: Trace) -> None:
                 "it with pyro.infer.TraceEnum_ELBO, or drop the mark to sample it with a "
                 "score-function gradient"
             )
-
-
-def check_match(model_trace: Trace, guide_trace: Trace) -> None:
-    """Raise a ``ValueError`` when the guide and the model disagree on the latent sites.
-
-    Importance weights need every model latent drawn by the guide, and no guide site the
-    model does not have. A model site marked ``infer={"enumerate": ...}`` is refused by name:
-    only :class:`pyro.infer.TraceEnum_ELBO` marginalizes it.
-    """
-    guide_latents = {n for n, s in _sample_sites(guide_trace) if not s["is_observed"]}
-    model_sites = dict(_sample_sites(model_trace))
-    extra = sorted(guide_latents - set(model_sites))
-    if extra:
-        raise ValueError(
-            f"model/guide mismatch: guide sample sites {extra} do not appear in the model; "
-            "rename them to the model's latent sites or remove them from the guide"
-        )
-    missing = sorted(
-        n for n, s in model_sites.items() if not s["is_observed"] and n not in guide_latents
-    )
-    enumerated = [n for n in missing if model_sites[n]["infer"].get("enumerate")]
-    if enumerated:
-        raise ValueError(
-            f"model sites {enumerated} are enumerated (infer={{'enumerate': ...}}), which only "
-            "pyro.infer.TraceEnum_ELBO marginalizes; importance weights need every latent drawn "
-            "by the guide: sample them in the guide, or train with TraceEnum_ELBO"
-        )
-    if missing:
-        raise ValueError(
-            f"model/guide mismatch: unobserved model sites {missing} have no guide site; add "
-            "them to the guide (enumerated discrete latents must be sampled by the guide, or "
-            "marginalized inside the model, for importance sampling)"
-        )
 
 
 def _plate_frames(site: dict) -> set:

@@ -18,18 +18,16 @@ from pyro_lvm.elbo.log_weights import (
     LogWeights,
     SamplePathScale,
     _StoreScale,
-    check_match,
     log_weights,
     refuse_enumerated,
 )
+from pyro_lvm.validation import check_positive, check_rows, check_site_match
 
 __all__ = [
     "LogWeights",
     "MultiSampleELBO",
     "PARTICLE_PLATE",
     "SamplePathScale",
-    "check_positive",
-    "check_rows",
     "guess_max_plate_nesting",
     "iter_importance_weights",
     "log_weights",
@@ -111,7 +109,7 @@ class MultiSampleELBO(Estimator, ELBO):
         )
         guide_trace = prune_subsample_sites(guide_trace)
         model_trace = prune_subsample_sites(model_trace)
-        check_match(model_trace, guide_trace)
+        check_site_match(model_trace, guide_trace, enumerated=False)
         if is_validation_enabled():
             # enumerated guide sites: refused above by a bound, sampled on purpose by evaluation
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
@@ -214,22 +212,6 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, *args, **kwargs) -
     engine = _Engine(num_particles=1)  # one particle: no particle plate counted
     engine._guess_max_plate_nesting(model, guide, args, kwargs)
     return int(engine.max_plate_nesting)
-
-
-def check_positive(**values: int | None) -> None:
-    """Raise a ``ValueError`` naming each size that is given but not a positive integer."""
-    for name, value in values.items():
-        if value is not None and int(value) < 1:
-            raise ValueError(f"{name} must be a positive integer (or None), got {value}")
-
-
-def check_rows(x) -> None:
-    """Raise a ``ValueError`` unless ``x`` is a tensor with at least one row (data points
-    along dim 0)."""
-    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
-        raise ValueError(
-            f"x must be a non-empty tensor with data points along dim 0, got {x!r:.80}"
-        )
 
 
 def _chunks(n: int, size: int | None) -> Iterator[slice]:

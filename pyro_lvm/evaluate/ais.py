@@ -13,14 +13,10 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
 from pyro_lvm.elbo.base import PARTICLE_PLATE
-from pyro_lvm.elbo.log_weights import check_match, log_weights
-from pyro_lvm.elbo.multisample import (
-    _chunks,
-    check_positive,
-    check_rows,
-    guess_max_plate_nesting,
-)
+from pyro_lvm.elbo.log_weights import log_weights
+from pyro_lvm.elbo.multisample import _chunks, guess_max_plate_nesting
 from pyro_lvm.hmc import hmc_transition
+from pyro_lvm.validation import check_positive, check_rows, check_site_match
 
 __all__ = [
     "AISResult",
@@ -135,7 +131,7 @@ class _Annealer:
             else:
                 proposal = self._trace(self.guide, leaves)
             if not self._checked:  # the structure is static: check the first pair only
-                check_match(model_trace, proposal)
+                check_site_match(model_trace, proposal, enumerated=False)
                 self._checked = True
             model_trace.compute_log_prob()
             proposal.compute_score_parts()
