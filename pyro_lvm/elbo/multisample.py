@@ -184,7 +184,11 @@ class MultiSampleELBO(Estimator, ELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """Negative bound estimate whose gradient is the estimator's (the primary method)."""
-        weights = self._get_log_weights(model, guide, args, kwargs)
+        return self.loss_from_weights(self._get_log_weights(model, guide, args, kwargs))
+
+    def loss_from_weights(self, weights: LogWeights) -> torch.Tensor:
+        """The negative bound of given :class:`LogWeights` (particles first), its gradient the
+        estimator's: what :meth:`differentiable_loss` returns for the weights it draws."""
         bound, surrogate = self._bound_and_surrogate(weights)
         if bound.shape != weights.log_w.shape[1:] or surrogate.shape != bound.shape:
             raise RuntimeError(
