@@ -288,7 +288,7 @@ def test_agrees_with_trace_elbo_or_refuses(name, shape):
     _run_or_refuse(name, shape, SPECS[name].min_particles)
 
 
-@pytest.mark.parametrize("shape", ["nested-plates", "global-and-local", "discrete"])
+@pytest.mark.parametrize("shape", ["nested-plates", "global-and-local", "discrete", "planar-flow"])
 @pytest.mark.parametrize("name", ["iwae", "iwae-dreg", "vimco"])
 def test_bounds_at_three_particles_agree_with_the_plain_iwae_estimator(name, shape):
     _run_or_refuse(name, shape, 3)
