@@ -147,7 +147,12 @@ class FlowPosterior(dist.TransformedDistribution):
         return self.base_dist
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        latest = (
+            getattr(self.transforms[-1], "_cached_x_y", (None,) * 2)[1] if self.transforms else None
+        )
         try:
+            if latest is not None and value.shape != latest.shape:
+                raise KeyError(f"a value of shape {tuple(value.shape)}")
             return super().log_prob(value)
         except KeyError as e:
             raise ValueError(
