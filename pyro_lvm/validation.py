@@ -21,13 +21,15 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 __all__ = [
     "DataConversionWarning",
     "InputError",
     "check_data",
     "check_learning_rate",
+    "check_positive",
+    "check_rows",
     "check_site_match",
     "check_support",
     "validate_inputs",
@@ -55,6 +57,27 @@ def _model_dtype(*modules: Any) -> torch.dtype:
     return torch.get_default_dtype()
 
 
+def check_positive(**values: int | None) -> None:
+    """Refuse each size that is given but not a positive integer.
+
+    :raises InputError: naming the first such size and its value.
+    """
+    for name, value in values.items():
+        if value is not None and int(value) < 1:
+            raise InputError(f"{name} must be a positive integer (or None), got {value}")
+
+
+def check_rows(x: Any, name: str = "x") -> None:
+    """Refuse anything but a non-empty tensor with data points along dim 0.
+
+    :raises InputError: naming ``name`` and what was given.
+    """
+    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
+        raise InputError(
+            f"{name} must be a non-empty tensor with data points along dim 0, got {x!r:.80}"
+        )
+
+
 def check_data(x: Any, name: str = "data", dtype: torch.dtype | None = None) -> torch.Tensor:
     """Check a data tensor and return it in a floating dtype.
 
@@ -67,10 +90,7 @@ def check_data(x: Any, name: str = "data", dtype: torch.dtype | None = None) -> 
     :param dtype: the floating dtype the model computes in.
     :raises InputError: for a non-tensor, an empty tensor, complex values, NaN or inf.
     """
-    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
-        raise InputError(
-            f"{name} must be a non-empty tensor with data points along dim 0, got {x!r:.80}"
-        )
+    check_rows(x, name)
     if x.is_complex():
         raise InputError(f"{name} has complex dtype {x.dtype}; pass real-valued data")
     dtype = torch.get_default_dtype() if dtype is None else dtype
@@ -108,44 +128,60 @@ def _traces(model: Callable, guide: Callable, x: torch.Tensor, idx, named) -> tu
     return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
 
 
-def check_site_match(model_trace: Trace, guide_trace: Trace) -> None:
-    """Check that the guide samples exactly the model's latent sites (by name).
+def _sample_sites(trace: Trace) -> dict[str, dict]:
+    """The trace's sample sites, subsample sites excluded."""
+    return {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    }
 
-    Model latents the guide need not sample: sites enumerated by the model
-    (``infer={"enumerate": ...}``, for ``TraceEnum_ELBO``). Guide sites the model need not
-    have: auxiliary ones (``infer={"is_auxiliary": True}``). This is the rule of Pyro's
+
+def check_site_match(model_trace: Trace, guide_trace: Trace, enumerated: bool = True) -> None:
+    """Check that the guide samples exactly the model's latent sites (by name): the one
+    model/guide check of the library (entry points, the multi-sample bounds, evaluation, AIS).
+
+    Guide sites the model need not have: auxiliary ones (``infer={"is_auxiliary": True}``,
+    as Pyro's ``AutoContinuous`` draws). Model latents the guide need not sample: sites the
+    model enumerates (``infer={"enumerate": ...}``), which ``TraceEnum_ELBO`` marginalizes,
+    when ``enumerated`` is true; importance weights (``enumerated=False``) need every latent
+    drawn by the guide, and such a site is named with that reason. This is the rule of Pyro's
     ``check_model_guide_match``, raised as an error for every estimator instead of a warning
     from some of them.
 
+    :param enumerated: whether model-enumerated latents may be absent from the guide.
     :raises InputError: naming the sites on each side.
     """
-    model_latents = {
-        name
-        for name, site in model_trace.nodes.items()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and not site["infer"].get("enumerate")
-    }
+    model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+    model_latents = {n for n, s in model_sites.items() if not s["is_observed"]}
+    marginalized = {n for n in model_latents if model_sites[n]["infer"].get("enumerate")}
     guide_latents = {
-        name
-        for name, site in guide_trace.nodes.items()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and not site["infer"].get("is_auxiliary")
+        n
+        for n, s in guide_sites.items()
+        if not s["is_observed"] and not s["infer"].get("is_auxiliary")
     }
-    model_sites = {n for n, s in model_trace.nodes.items() if s["type"] == "sample"}
-    missing, extra = sorted(model_latents - guide_latents), sorted(guide_latents - model_sites)
-    if missing or extra:
-        problems = []
-        if missing:
-            problems.append(f"unobserved model sites {missing} have no guide site")
-        if extra:
-            problems.append(f"guide sample sites {extra} do not appear in the model")
-        raise InputError(
-            f"model/guide mismatch: {' and '.join(problems)} (model samples "
-            f"{sorted(model_latents)}, guide samples {sorted(guide_latents)}); give the guide "
-            "one sample site per model latent, with the same name"
-        )
+    missing = model_latents - guide_latents - (marginalized if enumerated else set())
+    extra = sorted(guide_latents - set(model_sites))
+    if not missing and not extra:
+        return
+    problems = []
+    if missing:
+        problems.append(f"unobserved model sites {sorted(missing)} have no guide site")
+    if extra:
+        problems.append(f"guide sample sites {extra} do not appear in the model")
+    refused = sorted(missing & marginalized)
+    why = (
+        f"; sites {refused} are enumerated by the model (infer={{'enumerate': ...}}), which "
+        "only pyro.infer.TraceEnum_ELBO marginalizes: importance weights need the guide to "
+        "sample them, or train with TraceEnum_ELBO"
+        if refused
+        else ""
+    )
+    raise InputError(
+        f"model/guide mismatch: {' and '.join(problems)} (model samples "
+        f"{sorted(model_latents)}, guide samples {sorted(guide_latents)}); give the guide "
+        f"one sample site per model latent, with the same name{why}"
+    )
 
 
 def _first_outside(support, value: torch.Tensor) -> tuple[int, int, float | None] | None:

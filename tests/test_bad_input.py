@@ -110,7 +110,7 @@ DATA = [
     Case("valid-other-shape", lambda _: _fit(_x(), valid_data=_x(8, D + 1)), InputError,
          "valid_data has points of shape (7,)"),
     Case("complex", lambda _: _fit(_x().to(torch.complex128)), InputError, "complex dtype"),
-    Case("empty", lambda _: _fit(_x()[:0]), ValueError, "must be a tensor"),
+    Case("empty", lambda _: _fit(_x()[:0]), InputError, "must be a non-empty tensor"),
     Case("not-a-tensor", lambda _: _fit(_x().tolist()), ValueError, "must be a tensor"),
     Case("wrong-width", lambda _: _fit(_x(20, D + 2)), InputError,
          "cannot run on train_data of shape (20, 8) (RuntimeError: mat1 and mat2 shapes"),

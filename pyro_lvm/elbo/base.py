@@ -23,12 +23,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from pyro.distributions.util import detach, is_identically_zero, scale_and_mask
+from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO
 from pyro.infer.util import torch_item
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from pyro.util import warn_if_nan
+
+from pyro_lvm.elbo.rescore import RESCORE_FAILURES, rescorable
 
 __all__ = [
     "DetachSamples",
@@ -39,6 +41,7 @@ __all__ = [
     "check_num_particles",
     "particle_dim",
     "require_reparameterized",
+    "rescored_log_prob",
     "stopped_log_prob",
 ]
 
@@ -74,24 +77,35 @@ def particle_dim(site: dict) -> int | None:
 
 def stopped_log_prob(site: dict, estimator: str, value: torch.Tensor | None = None):
     r"""The site's scaled, masked :math:`\log q_{\bar\phi}(z)`: its density with every
-    parameter detached, at its sample (or ``value``) with the sample's gradient path kept.
+    parameter detached, at its sample (or ``value``, numerically equal to it) with the
+    sample's gradient path kept. Flows without an inverse (Pyro's ``Planar``, ``Radial``)
+    are rescored by the linearized inverse of :mod:`pyro_lvm.elbo.rescore`.
 
-    :raises ValueError: when the distribution cannot score a value with stopped parameters:
-        a transform with no inverse that caches its output by identity (Pyro's ``Planar``,
-        ``Radial``), whose stopped copy would need :math:`T^{-1}(z)`.
+    :raises ValueError: when the distribution cannot score the value with stopped parameters
+        (:func:`~pyro_lvm.elbo.rescore.rescorable` names why).
     """
     value = site["value"] if value is None else value
-    try:
-        log_q = detach(site["fn"]).log_prob(value, *site["args"], **site["kwargs"])
-    except (KeyError, NotImplementedError) as e:
-        raise ValueError(
-            f"{estimator} rescores guide site {site['name']!r} with stopped parameters, but its "
-            f"distribution ({type(site['fn']).__name__}) cannot score a sample it did not just "
-            f"draw ({type(e).__name__}: {e}): a flow without an inverse (Planar, Radial) "
-            "caches log|det J| by sample identity. Use 'elbo' or 'iwae' (full gradient), or an "
-            "invertible transform (e.g. affine_autoregressive)"
-        ) from e
+    log_q = rescored_log_prob(site, value, stop=True, estimator=estimator)
     return scale_and_mask(log_q, site["scale"], site["mask"])
+
+
+def rescored_log_prob(site: dict, value: torch.Tensor, stop: bool, estimator: str) -> torch.Tensor:
+    """The guide site's unscaled log-density at ``value`` (numerically its sample), with the
+    parameters stopped or live (:func:`~pyro_lvm.elbo.rescore.rescorable`).
+
+    :raises ValueError: naming the site, why it cannot be rescored and what to use instead.
+    """
+    try:
+        fn = rescorable(site["fn"], stop)
+        return fn.log_prob(value, *site["args"], **site["kwargs"])
+    except RESCORE_FAILURES as e:
+        params = "stopped" if stop else "live"
+        raise ValueError(
+            f"{estimator} rescores guide site {site['name']!r} with {params} parameters at a "
+            f"value it did not just draw, which its distribution ({type(site['fn']).__name__}) "
+            f"cannot score ({type(e).__name__}: {e}). Use 'elbo' or 'iwae' (which score the "
+            "sample itself), or an invertible transform (e.g. affine_autoregressive)"
+        ) from e
 
 
 def require_reparameterized(guide_trace, estimator: str) -> None:

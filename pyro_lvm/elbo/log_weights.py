@@ -1,7 +1,8 @@
 """The log-weight engine: per-particle, per-datapoint log importance weights of a trace pair.
 
-One home for the plates that enclose every site, the subsample scale divided out before the
-particles are combined, and the model/guide match check: used by every multi-sample bound
+One home for the plates that enclose every site and the subsample scale divided out before
+the particles are combined (the model/guide check is
+:func:`pyro_lvm.validation.check_site_match`): used by every multi-sample bound
 (:class:`~pyro_lvm.elbo.multisample.MultiSampleELBO`) and by :mod:`pyro_lvm.evaluate`.
 """
 
@@ -18,7 +19,7 @@ from pyro.poutine.util import site_is_subsample
 
 from pyro_lvm.elbo.base import PARTICLE_PLATE, stopped_log_prob
 
-__all__ = ["ALIAS", "LogWeights", "SamplePathScale", "check_match", "log_weights"]
+__all__ = ["ALIAS", "LogWeights", "SamplePathScale", "log_weights"]
 
 #: key of a guide site holding the alias of its value that the model saw (DReG)
 ALIAS = "_pyro_lvm_path_alias"
@@ -44,6 +45,8 @@ class LogWeights:
         reparameterized (the score-function term), or ``None`` when every site is pathwise.
     :ivar scale: the subsample scale :math:`N / B` of the enclosing plates (1 without
         subsampling).
+    :ivar log_q: :math:`\log q_\phi(z_k)`, the proposal's log-density alone (what annealing
+        from the guide or the prior needs, :mod:`pyro_lvm.evaluate.ais`).
     :ivar nonreparam_sites: names of the guide sites that need a score-function term.
     :ivar nested_shape: per (model, guide) trace pair, the weights' shape laid out like the
         sites' batch dims (size 1 for plates that do not enclose every site).
@@ -56,6 +59,7 @@ class LogWeights:
     scale: float
     nonreparam_sites: tuple[str, ...]
     nested_shape: tuple[tuple[int, ...], ...] = ()
+    log_q: torch.Tensor | None = field(default=None, repr=False)
     reducer: _Reducer | None = field(default=None, repr=False)
     #: the (model, guide) trace pairs the weights come from
     traces: tuple[tuple[Trace, Trace], ...] = field(default=(), repr=False)
@@ -198,39 +202,6 @@ def refuse_enumerated(guide_trace: Trace) -> None:
             )
 
 
-def check_match(model_trace: Trace, guide_trace: Trace) -> None:
-    """Raise a ``ValueError`` when the guide and the model disagree on the latent sites.
-
-    Importance weights need every model latent drawn by the guide, and no guide site the
-    model does not have. A model site marked ``infer={"enumerate": ...}`` is refused by name:
-    only :class:`pyro.infer.TraceEnum_ELBO` marginalizes it.
-    """
-    guide_latents = {n for n, s in _sample_sites(guide_trace) if not s["is_observed"]}
-    model_sites = dict(_sample_sites(model_trace))
-    extra = sorted(guide_latents - set(model_sites))
-    if extra:
-        raise ValueError(
-            f"model/guide mismatch: guide sample sites {extra} do not appear in the model; "
-            "rename them to the model's latent sites or remove them from the guide"
-        )
-    missing = sorted(
-        n for n, s in model_sites.items() if not s["is_observed"] and n not in guide_latents
-    )
-    enumerated = [n for n in missing if model_sites[n]["infer"].get("enumerate")]
-    if enumerated:
-        raise ValueError(
-            f"model sites {enumerated} are enumerated (infer={{'enumerate': ...}}), which only "
-            "pyro.infer.TraceEnum_ELBO marginalizes; importance weights need every latent drawn "
-            "by the guide: sample them in the guide, or train with TraceEnum_ELBO"
-        )
-    if missing:
-        raise ValueError(
-            f"model/guide mismatch: unobserved model sites {missing} have no guide site; add "
-            "them to the guide (enumerated discrete latents must be sampled by the guide, or "
-            "marginalized inside the model, for importance sampling)"
-        )
-
-
 def _plate_frames(site: dict) -> set:
     return {f for f in site["cond_indep_stack"] if f.name != PARTICLE_PLATE}
 
@@ -343,6 +314,7 @@ def log_weights(
         scale=reduce.scale,
         nonreparam_sites=tuple(nonreparam),
         nested_shape=(reduce.full_shape,),
+        log_q=reduce.finish(log_q, like),
         reducer=reduce,
         traces=((model_trace, guide_trace),),
     )

@@ -18,16 +18,17 @@ from pyro_lvm.elbo.log_weights import (
     LogWeights,
     SamplePathScale,
     _StoreScale,
-    check_match,
     log_weights,
     refuse_enumerated,
 )
+from pyro_lvm.validation import check_positive, check_rows, check_site_match
 
 __all__ = [
     "LogWeights",
     "MultiSampleELBO",
     "PARTICLE_PLATE",
     "SamplePathScale",
+    "guess_max_plate_nesting",
     "iter_importance_weights",
     "log_weights",
 ]
@@ -108,7 +109,7 @@ class MultiSampleELBO(Estimator, ELBO):
         )
         guide_trace = prune_subsample_sites(guide_trace)
         model_trace = prune_subsample_sites(model_trace)
-        check_match(model_trace, guide_trace)
+        check_site_match(model_trace, guide_trace, enumerated=False)
         if is_validation_enabled():
             # enumerated guide sites: refused above by a bound, sampled on purpose by evaluation
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
@@ -183,7 +184,11 @@ class MultiSampleELBO(Estimator, ELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """Negative bound estimate whose gradient is the estimator's (the primary method)."""
-        weights = self._get_log_weights(model, guide, args, kwargs)
+        return self.loss_from_weights(self._get_log_weights(model, guide, args, kwargs))
+
+    def loss_from_weights(self, weights: LogWeights) -> torch.Tensor:
+        """The negative bound of given :class:`LogWeights` (particles first), its gradient the
+        estimator's: what :meth:`differentiable_loss` returns for the weights it draws."""
         bound, surrogate = self._bound_and_surrogate(weights)
         if bound.shape != weights.log_w.shape[1:] or surrogate.shape != bound.shape:
             raise RuntimeError(
@@ -203,6 +208,14 @@ class _Engine(MultiSampleELBO):
 
     def _bound_and_surrogate(self, weights: LogWeights):  # pragma: no cover - never a loss
         raise NotImplementedError("the evaluation engine computes weights, not a bound")
+
+
+def guess_max_plate_nesting(model: Callable, guide: Callable, *args, **kwargs) -> int:
+    """The plate nesting of a (model, guide) pair, particles excluded, guessed by one dry run
+    exactly as Pyro's ELBOs guess it, without drawing from the caller's random stream."""
+    engine = _Engine(num_particles=1)  # one particle: no particle plate counted
+    engine._guess_max_plate_nesting(model, guide, args, kwargs)
+    return int(engine.max_plate_nesting)
 
 
 def _chunks(n: int, size: int | None) -> Iterator[slice]:
@@ -234,17 +247,8 @@ def iter_importance_weights(
     :raises ValueError: on a non-positive size, an ``x`` without rows, an ``idx`` of another
         length, or (from the engine) a model/guide mismatch.
     """
-    for name, value in (
-        ("num_samples", num_samples),
-        ("sample_chunk", sample_chunk),
-        ("data_chunk", data_chunk),
-    ):
-        if value is not None and int(value) < 1:
-            raise ValueError(f"{name} must be a positive integer (or None), got {value}")
-    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
-        raise ValueError(
-            f"x must be a non-empty tensor with data points along dim 0, got {x!r:.80}"
-        )
+    check_positive(num_samples=num_samples, sample_chunk=sample_chunk, data_chunk=data_chunk)
+    check_rows(x)
     if idx is not None and len(idx) != x.shape[0]:
         raise ValueError(f"idx must hold one index per row of x; got {len(idx)} for {x.shape[0]}")
     sample_chunk = num_samples if sample_chunk is None else min(int(sample_chunk), num_samples)

@@ -72,7 +72,8 @@ class RenyiBound(MultiSampleELBO):
         that does not enclose every site must not be subsampled. STL and DReG rescore each
         guide density with all its parameters detached, which stops φ exactly when no guide
         density's parameters depend on upstream latents; flows without an inverse (Pyro's
-        ``Planar``) cannot be rescored and are refused with a ``ValueError``.
+        ``Planar``, ``Radial``) are rescored by the linearized inverse of
+        :mod:`pyro_lvm.elbo.rescore`.
 
     :param alpha: order α; any finite value ``>= 0`` other than 1.
     :param num_particles: ``K >= 1``.

@@ -15,7 +15,13 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 from torch import nn
 
-from pyro_lvm.elbo.base import DetachSamples, SurrogateELBO, check_num_particles, particle_dim
+from pyro_lvm.elbo.base import (
+    DetachSamples,
+    SurrogateELBO,
+    check_num_particles,
+    particle_dim,
+    rescored_log_prob,
+)
 from pyro_lvm.elbo.baselines import (
     BASELINES,
     DecayingAverageBaseline,
@@ -70,8 +76,9 @@ class ScoreFunctionELBO(SurrogateELBO):
 
     .. warning:: The decaying averages live in this object: save them with
         :meth:`state_dict` next to the param store. :meth:`loss` does not update them.
-        Guide distributions must score a detached sample: flows without an inverse (Pyro's
-        ``Planar``) are refused with a ``ValueError``.
+        Guide distributions score the detached sample with live parameters; flows without
+        an inverse (Pyro's ``Planar``, ``Radial``) do so by the linearized inverse of
+        :mod:`pyro_lvm.elbo.rescore` (exact value and first derivatives).
 
     :param num_particles: K, vectorized by default.
     :param baseline: one of ``"none"``, ``"avg"``, ``"loo"``, ``"nvil"``.
@@ -193,7 +200,8 @@ class ScoreFunctionELBO(SurrogateELBO):
 
         As :func:`pyro.infer.enum.get_importance_trace`, but without ``score_parts``: the
         estimator scores every site itself, and distributions that compute their score
-        parts from a cached sample (rejection samplers) would refuse the detached one.
+        parts from a cached sample (rejection samplers) would refuse the detached one. Guide
+        log-densities come from :func:`~pyro_lvm.elbo.base.rescored_log_prob`.
         """
         guide_trace = poutine.trace(DetachSamples()(guide)).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
@@ -205,15 +213,15 @@ class ScoreFunctionELBO(SurrogateELBO):
         guide_trace = prune_subsample_sites(guide_trace)
         model_trace = prune_subsample_sites(model_trace)
         model_trace.compute_log_prob()
-        try:
-            guide_trace.compute_log_prob()
-        except (KeyError, NotImplementedError) as e:
-            raise ValueError(
-                "the score-function estimator needs log q(z) at a detached sample z, which "
-                f"this guide cannot compute ({type(e).__name__}: {e}); a flow without an "
-                "inverse (Planar, Radial) scores only the sample it drew. Use 'elbo' or 'stl' "
-                "for reparameterized guides"
-            ) from e
+        for site in guide_trace.nodes.values():
+            if site["type"] == "sample" and not site["is_observed"]:
+                # log q_phi at the detached sample, parameters live: flows without an inverse
+                # (Planar, Radial) by the linearized inverse of pyro_lvm.elbo.rescore
+                log_q = rescored_log_prob(site, site["value"], stop=False, estimator=str(self))
+                site["unscaled_log_prob"] = log_q
+                site["log_prob"] = scale_and_mask(log_q, site["scale"], site["mask"])
+                site["log_prob_sum"] = site["log_prob"].sum()
+        guide_trace.compute_log_prob()
         if is_validation_enabled():
             for trace in (model_trace, guide_trace):
                 for site in trace.nodes.values():

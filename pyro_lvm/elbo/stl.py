@@ -36,7 +36,8 @@ class STL(SurrogateELBO):
 
     .. warning:: The stopped copy is ``pyro.distributions.util.detach(site["fn"])``
         (:func:`~pyro_lvm.elbo.base.stopped_log_prob`); flows without an inverse (Pyro's
-        ``Planar``) cannot score with it and are refused with a ``ValueError``. It also
+        ``Planar``, ``Radial``) score through the linearized inverse of
+        :mod:`pyro_lvm.elbo.rescore` (exact value and first derivatives). It also
         stops gradients that reach a site's distribution through *other* reparameterized
         latents (hierarchical guides ``q(z_2 | z_1)``), which biases STL there. Mean-field
         and amortized guides ``q(z | x)`` are exact.

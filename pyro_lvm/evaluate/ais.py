@@ -12,13 +12,11 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
-from pyro_lvm.elbo.multisample import _chunks
-from pyro_lvm.evaluate._sites import (
-    _check_positive,
-    _guess_max_plate_nesting,
-    _site_log_prob,
-)
+from pyro_lvm.elbo.base import PARTICLE_PLATE
+from pyro_lvm.elbo.log_weights import log_weights
+from pyro_lvm.elbo.multisample import _chunks, guess_max_plate_nesting
 from pyro_lvm.hmc import hmc_transition
+from pyro_lvm.validation import check_positive, check_rows, check_site_match
 
 __all__ = [
     "AISResult",
@@ -29,8 +27,6 @@ __all__ = [
     "bdmc",
 ]
 
-_CHAINS = "_pyro_lvm_ais_chains"
-
 
 def annealing_schedule(num_steps: int, kind: str = "sigmoid", sharpness: float = 4.0):
     r"""Inverse temperatures :math:`0 = \beta_0 < \dots < \beta_M = 1`, shape ``(M + 1,)``.
@@ -38,7 +34,7 @@ def annealing_schedule(num_steps: int, kind: str = "sigmoid", sharpness: float =
     ``"linear"`` spaces them evenly; ``"sigmoid"`` (Grosse et al. 2015) uses
     :math:`\tilde\beta_m = \sigma(\delta(2m/M - 1))` rescaled to [0, 1], denser at both ends.
     """
-    _check_positive(num_steps=num_steps)
+    check_positive(num_steps=num_steps)
     grid = torch.linspace(0, 1, int(num_steps) + 1, dtype=torch.float64)
     if kind == "linear":
         return grid
@@ -84,36 +80,36 @@ class BDMCResult:
 
 
 class _Annealer:
-    """The geometric path log f_β = log p₀(z) + β [log p(x, z) − log p₀(z)], on one chunk."""
+    """The geometric path log f_β = log p₀(z) + β [log p(x, z) − log p₀(z)], on one chunk.
+
+    Both terms come from the log-weight engine (:func:`~pyro_lvm.elbo.log_weights`) with the
+    chains as its particles and p₀ as its proposal: the guide, or the model's own latent sites
+    (the prior); ``log_q`` is log p₀ and ``log_w`` the log ratio, per (chain, data point).
+    """
 
     def __init__(self, model, guide, x, idx, num_chains, nesting):
         self.model, self.guide, self.x, self.idx = model, guide, x, idx
         self.num_chains, self.nesting = num_chains, nesting
-        self.shape = torch.Size((num_chains, x.shape[0]))
         self.latents: list[str] = []
+        self._checked = False
 
     def _chains(self, fn):
         def run(*args, **kwargs):
-            with pyro.plate(_CHAINS, self.num_chains, dim=-(self.nesting + 1)):
+            with pyro.plate(PARTICLE_PLATE, self.num_chains, dim=-(self.nesting + 1)):
                 return fn(*args, **kwargs)
 
         return run
 
-    def _sum(self, trace, latent: bool) -> torch.Tensor:
-        """Per-(chain, datapoint) log density of the latent sites (or of the observed ones)."""
-        total = self.x.new_zeros(self.shape)
-        for name, site in trace.nodes.items():
-            if site["type"] == "sample" and (name in self.latents) == latent:
-                total = total + _site_log_prob(site, -(self.nesting + 1), self.shape)
-        return total
+    def _trace(self, fn, values: dict | None = None):
+        if values is not None:
+            fn = poutine.condition(fn, data=values)
+        trace = poutine.trace(self._chains(fn)).get_trace(self.x, self.idx)
+        return prune_subsample_sites(trace)
 
     def initial(self) -> dict[str, torch.Tensor]:
         """z₀ ~ p₀: the prior (the model's latent sites) or the guide."""
-        fn = self.model if self.guide is None else self.guide
         with poutine.block(), torch.no_grad():
-            trace = prune_subsample_sites(
-                poutine.trace(self._chains(fn)).get_trace(self.x, self.idx)
-            )
+            trace = self._trace(self.model if self.guide is None else self.guide)
         z = {
             name: site["value"].detach()
             for name, site in trace.nodes.items()
@@ -126,18 +122,22 @@ class _Annealer:
         """log p₀, the log ratio ℓ = log p(x, z) − log p₀ and both gradients, at ``values``."""
         with torch.enable_grad(), poutine.block():
             leaves = {k: v.detach().requires_grad_() for k, v in values.items()}
-            model = poutine.condition(self._chains(self.model), data=leaves)
-            trace = prune_subsample_sites(poutine.trace(model).get_trace(self.x, self.idx))
-            trace.compute_log_prob()
-            log_prior, log_lik = self._sum(trace, True), self._sum(trace, False)
-            if self.guide is None:
-                base, ratio = log_prior, log_lik
+            model_trace = self._trace(self.model, leaves)
+            if self.guide is None:  # the prior: the model's latent sites are the proposal
+                proposal = model_trace.copy()
+                for name, site in model_trace.nodes.items():
+                    if site["type"] == "sample" and name not in leaves:
+                        proposal.remove_node(name)
             else:
-                guide = poutine.condition(self._chains(self.guide), data=leaves)
-                gtrace = prune_subsample_sites(poutine.trace(guide).get_trace(self.x, self.idx))
-                gtrace.compute_log_prob()
-                base = self._sum(gtrace, True)
-                ratio = log_prior + log_lik - base
+                proposal = self._trace(self.guide, leaves)
+            if not self._checked:  # the structure is static: check the first pair only
+                check_site_match(model_trace, proposal, enumerated=False)
+                self._checked = True
+            model_trace.compute_log_prob()
+            proposal.compute_score_parts()
+            weights = log_weights(model_trace, proposal, estimator="AIS")
+            rows = self.x.shape[0]
+            base, ratio = weights.per_row(rows, weights.log_q), weights.per_row(rows)
             names = list(leaves)
             g_base = torch.autograd.grad(base.sum(), list(leaves.values()), retain_graph=True)
             g_ratio = torch.autograd.grad(ratio.sum(), list(leaves.values()))
@@ -221,7 +221,8 @@ def ais_log_likelihood(
     :func:`~pyro_lvm.evaluate.log_likelihood`); ``data_chunk`` rows run at a time; the
     only Python loop is over the M temperatures. Runs without parameter gradients.
 
-    :param model: ``model(x, idx=None)`` with continuous latents in the ``"data"`` plate.
+    :param model: ``model(x, idx=None)`` with continuous latents in its data plate (the plate
+        enclosing every site, one entry per row of x), read by the log-weight engine.
     :param x: data, points along dim 0.
     :param guide: optional q(z | x) as the starting distribution (must be reparameterizable
         so that its density can be rescored).
@@ -236,7 +237,7 @@ def ais_log_likelihood(
     :param idx: optional dataset indices of the rows (per-datapoint guides).
     :param return_result: return an :class:`AISResult` instead of the ``(N,)`` tensor.
     """
-    _check_positive(num_chains=num_chains, num_leapfrog=num_leapfrog, data_chunk=data_chunk)
+    check_positive(num_chains=num_chains, num_leapfrog=num_leapfrog, data_chunk=data_chunk)
     if not (step_size > 0 and math.isfinite(step_size)) or not 0 < target_accept < 1:
         raise ValueError(
             f"need step_size > 0 and 0 < target_accept < 1, got {step_size}, {target_accept}"
@@ -261,12 +262,9 @@ def ais_log_likelihood(
 
 
 def _chunked(model, guide, x, idx, num_chains, data_chunk):
-    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
-        raise ValueError(
-            f"x must be a non-empty tensor with data points along dim 0, got {x!r:.80}"
-        )
+    check_rows(x)
     first = next(_chunks(x.shape[0], data_chunk))
-    nesting = _guess_max_plate_nesting(
+    nesting = guess_max_plate_nesting(
         model, guide if guide is not None else model, x[first], None if idx is None else idx[first]
     )
     for rows in _chunks(x.shape[0], data_chunk):

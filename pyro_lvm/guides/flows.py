@@ -9,8 +9,6 @@ import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
 import torch.nn.functional as F
-from pyro.distributions import constraints
-from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.nn import PyroModule
 from torch import nn
 
@@ -18,8 +16,6 @@ from pyro_lvm.nn import NetworkFactory, mlp
 from pyro_lvm.plates import data_plate
 
 __all__ = ["FLOWS", "AmortizedFlowGuide", "FlowPosterior", "LinearHypernet", "Sylvester"]
-
-_EMPTY = torch.Size()
 
 
 class LinearHypernet(nn.Module):
@@ -113,18 +109,9 @@ FLOWS: dict[str, Callable[[int, int, Sequence[int]], nn.Module]] = {
 }
 
 
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when ``a`` and ``b`` are views of the same memory (e.g. ``b = a.detach()``)."""
-    return (
-        a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.data_ptr() == b.data_ptr()
-        and a.storage_offset() == b.storage_offset()
-    )
-
-
-class FlowPosterior(TorchDistribution):
-    r"""A base distribution q₀ pushed through transforms T_K ∘ … ∘ T_1, scored along its samples.
+class FlowPosterior(dist.TransformedDistribution):
+    r"""A base distribution q₀ pushed through transforms T_K ∘ … ∘ T_1 (Pyro's
+    ``TransformedDistribution`` with a vector event).
 
     .. math::
 
@@ -132,30 +119,16 @@ class FlowPosterior(TorchDistribution):
         \log q(z_K) = \log q_0(z_0) - \sum_{k=1}^K \log\left|\det \frac{\partial T_k}
         {\partial z_{k-1}}\right|.
 
-    Planar, radial and Sylvester transforms have no closed-form inverse, so only the
-    distribution's own samples can be scored. ``log_prob(z)`` of the sample itself returns
-    the log-density with its full (parameters and path) gradient. Any *other view* of that
-    sample, e.g. when an estimator rescores ``detach(q).log_prob(z)`` as STL and DReG do
-    (Roeder et al. 2017, arXiv:1703.09194; Tucker et al. 2018, arXiv:1810.04152), is
-    scored with stopped parameters: value log q(z), gradient ∇_z log q(z) only, computed by
-    the recursion of Vaitl et al. (2022, arXiv:2207.08219),
-
-    .. math::
-
-        \nabla_{z_k} \log q_k = J_k^{-\top}\bigl(\nabla_{z_{k-1}} \log q_{k-1}
-        - \nabla_{z_{k-1}} \log|\det J_k|\bigr),
-
-    with each Jacobian J_k formed by automatic differentiation (cost O(D) backward passes
-    per layer, done only when rescoring). No gradient-carrying cache leaks into the
-    stopped score: it is a detached value plus ``g · (z - z.detach())``.
+    Planar, radial and Sylvester transforms have no closed-form inverse: ``log_prob`` scores
+    the distribution's own latest sample (Pyro's transforms cache it by identity). The
+    estimators that rescore a copy of the sample, with stopped parameters (STL, DReG; Roeder
+    et al. 2017, arXiv:1703.09194; Tucker et al. 2018, arXiv:1810.04152) or at a detached
+    sample (the score function), do so through the linearized inverse of
+    :mod:`pyro_lvm.elbo.rescore`: exact value and exact first derivatives.
 
     :param base: q₀ with event shape ``(D,)``.
     :param transforms: bijections on ``R^D`` with ``log_abs_det_jacobian`` of batch shape.
     """
-
-    arg_constraints: dict = {}
-    support = constraints.real_vector
-    has_rsample = True
 
     def __init__(self, base: dist.Distribution, transforms: Sequence, validate_args=None):
         if len(base.event_shape) != 1:
@@ -163,68 +136,30 @@ class FlowPosterior(TorchDistribution):
                 f"the base distribution must have event shape (D,), got {tuple(base.event_shape)};"
                 " wrap a Normal with .to_event(1)"
             )
-        self.base, self.transforms = base, list(transforms)
-        self._z: torch.Tensor | None = None
-        self._log_q: torch.Tensor | None = None
-        self._chain: list[torch.Tensor] = []
-        self._grad: torch.Tensor | None = None
-        super().__init__(base.batch_shape, base.event_shape, validate_args=validate_args)
+        super().__init__(base, list(transforms), validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None) -> FlowPosterior:
-        return FlowPosterior(self.base.expand(batch_shape), self.transforms)
+        return FlowPosterior(self.base_dist.expand(batch_shape), self.transforms)
 
-    def rsample(self, sample_shape: torch.Size = _EMPTY) -> torch.Tensor:
-        z = self.base.rsample(sample_shape)
-        log_q = self.base.log_prob(z)
-        chain = []
-        for t in self.transforms:
-            chain.append(z)
-            y = t(z)
-            log_q = log_q - t.log_abs_det_jacobian(z, y)
-            z = y
-        self._z, self._log_q, self._chain, self._grad = z, log_q, chain + [z], None
-        return z
-
-    def sample(self, sample_shape: torch.Size = _EMPTY) -> torch.Tensor:
-        with torch.no_grad():
-            return self.rsample(sample_shape)
-
-    def score_gradient(self) -> torch.Tensor:
-        """∇_z log q(z) at the last sample (detached), by the inverse-Jacobian recursion."""
-        if self._z is None:
-            raise ValueError("draw a sample first: the gradient is taken at the last sample")
-        if self._grad is None:
-            with torch.enable_grad():
-                z0 = self._chain[0].detach().requires_grad_()
-                (g,) = torch.autograd.grad(self.base.log_prob(z0).sum(), z0)
-                for t, x in zip(self.transforms, self._chain[:-1], strict=True):
-                    x = x.detach().requires_grad_()
-                    y = t(x)
-                    ldj = t.log_abs_det_jacobian(x, y)
-                    (g_ldj,) = torch.autograd.grad(ldj.sum(), x, retain_graph=True)
-                    eye = torch.eye(y.shape[-1], dtype=y.dtype, device=y.device)
-                    rows = [
-                        torch.autograd.grad(y, x, e.expand_as(y), retain_graph=True)[0] for e in eye
-                    ]
-                    jac = torch.stack(rows, dim=-2)  # jac[..., i, j] = dy_i / dx_j
-                    rhs = (g - g_ldj).unsqueeze(-1)
-                    g = torch.linalg.solve(jac.transpose(-1, -2), rhs).squeeze(-1)
-            self._grad = g.detach()
-        return self._grad
+    @property
+    def base(self) -> dist.Distribution:
+        """q₀, the base distribution."""
+        return self.base_dist
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._z is None or not _same_storage(value, self._z):
+        latest = (
+            getattr(self.transforms[-1], "_cached_x_y", (None,) * 2)[1] if self.transforms else None
+        )
+        try:
+            if latest is not None and value.shape != latest.shape:
+                raise KeyError(f"a value of shape {tuple(value.shape)}")
+            return super().log_prob(value)
+        except KeyError as e:
             raise ValueError(
                 "FlowPosterior scores only its own latest sample (planar, radial and Sylvester "
-                "flows have no inverse); sample from the guide and score that value, or use an "
-                "invertible flow such as 'iaf' with pyro's TransformedDistribution"
-            )
-        if value is self._z:
-            return self._log_q
-        out = self._log_q.detach()
-        if value.requires_grad:
-            out = out + (self.score_gradient() * (value - value.detach())).sum(-1)
-        return out
+                "flows have no inverse); sample from the guide and score that value, rescore "
+                "it with pyro_lvm.elbo.rescore.rescorable, or use an invertible flow ('iaf')"
+            ) from e
 
 
 class AmortizedFlowGuide(PyroModule):
@@ -240,7 +175,8 @@ class AmortizedFlowGuide(PyroModule):
     arXiv:1505.05770) and ``"iaf"`` (Kingma et al. 2016, arXiv:1606.04934) take their
     parameters from a hypernetwork of the context h(x), as in those papers; ``"sylvester"``
     (van den Berg et al. 2018, arXiv:1803.05649) has parameters shared across data points.
-    q is a :class:`FlowPosterior`, which STL and DReG can rescore with stopped parameters.
+    q is a :class:`FlowPosterior`, which STL, DReG and the score-function estimators rescore
+    through :mod:`pyro_lvm.elbo.rescore`.
 
     :param x_dim: data dimension (ignored when ``encoder`` is given).
     :param z_dim: latent dimension.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pyro
 import pyro.distributions as dist
@@ -10,15 +11,43 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.nn import PyroModule
+from pyro.poutine.util import prune_subsample_sites
 
 from pyro_lvm.elbo import SPECS, make_estimator, names
+from pyro_lvm.elbo.log_weights import log_weights
+from pyro_lvm.elbo.multisample import MultiSampleELBO
 from pyro_lvm.plates import data_plate
+from pyro_lvm.validation import check_site_match
 
 __all__ = ["SemiAmortizedGuide"]
 
 
 def _softplus_inv(y: torch.Tensor) -> torch.Tensor:
     return y + torch.log(-torch.expm1(-y))
+
+
+def _inner_estimator(name: str, num_particles: int):
+    """The inner estimator: an ELBO (any), or a multi-sample bound whose gradient needs no
+    particle plate (not DReG's sample-path rescaling, which aliases values per particle)."""
+    spec = SPECS.get(name)
+    usable = sorted(names("elbo") | {n for n in names("bound") if _plate_free_bound(n)})
+    if spec is not None and spec.category == "elbo":
+        return make_estimator(name, 1, vectorize_particles=False)
+    if spec is not None and spec.category == "bound" and _plate_free_bound(name):
+        return make_estimator(name, num_particles)  # refuses K below the bound's minimum
+    raise ValueError(
+        f"inner_loss must name an ELBO estimator or a multi-sample bound combined per data "
+        f"point ({', '.join(usable)}), got {name!r}: the refinement ascends each data point's "
+        "bound; iwae-dreg rescales gradients along each particle's sample path, and the "
+        "sequential bounds combine particles over time steps, neither of which the copies of "
+        "the minibatch that serve as particles here provide"
+    )
+
+
+def _plate_free_bound(name: str) -> bool:
+    """Whether a registered bound is a Rényi/IWAE/VIMCO bound without DReG's path rescaling."""
+    est = make_estimator(name, max(SPECS[name].min_particles, 2))
+    return isinstance(est, MultiSampleELBO) and not getattr(est, "gradient", "") == "dreg"
 
 
 class SemiAmortizedGuide(PyroModule):
@@ -35,7 +64,14 @@ class SemiAmortizedGuide(PyroModule):
 
     with a reparameterized estimate (``inner_loss``, ``num_particles`` samples drawn in one
     vectorized pass, so a step costs one model evaluation whatever K) and sample z
-    from :math:`q(z; \varphi_T)`. With ``differentiable=True`` the steps stay in the graph
+    from :math:`q(z; \varphi_T)`. The K particles are K copies of the minibatch in one trace
+    (a particle plate would collide with an outer estimator's). An ELBO estimator averages
+    them; a multi-sample bound (``"iwae"``, ``"iwae-stl"``, ``"renyi"``, ``"vimco"``) combines
+    the K copies of each data point through the log-weight engine
+    (:meth:`~pyro_lvm.elbo.MultiSampleELBO.loss_from_weights`), so each point ascends its own
+    bound. ``"iwae-dreg"`` and the sequential bounds are refused: DReG rescales the gradient
+    along each particle's sample path and FIVO combines particles over time steps, which
+    copies of the minibatch do not provide. With ``differentiable=True`` the steps stay in the graph
     (``create_graph``), so training backpropagates through the refinement into the encoder
     and the model, as in SA-VAE (Kim, Wiseman, Miller, Sontag & Rush 2018,
     arXiv:1802.02550); otherwise :math:`\varphi_T` is treated as a constant offset of the
@@ -51,7 +87,8 @@ class SemiAmortizedGuide(PyroModule):
     :param eval_steps: T at evaluation.
     :param train_steps: T during training (0: plain amortized training).
     :param step_size: η.
-    :param inner_loss: registry name of the inner ELBO estimator (category ``"elbo"``).
+    :param inner_loss: registry name of the inner estimator: category ``"elbo"``, or one of
+        the multi-sample bounds above.
     :param num_particles: samples per inner gradient.
     :param differentiable: backpropagate through the refinement steps.
     :param max_grad_norm: per-datapoint clip of the inner gradient norm (0: no clipping).
@@ -92,16 +129,10 @@ class SemiAmortizedGuide(PyroModule):
         self.eval_steps, self.train_steps = int(eval_steps), int(train_steps)
         self.step_size, self.max_grad_norm = float(step_size), float(max_grad_norm)
         self.differentiable = bool(differentiable)
-        spec = SPECS.get(inner_loss)
-        if spec is None or spec.category != "elbo":
-            raise ValueError(
-                f"inner_loss must name an ELBO estimator ({', '.join(sorted(names('elbo')))}), "
-                f"got {inner_loss!r}: the refinement ascends each data point's ELBO"
-            )
+        self.num_particles = int(num_particles)
         # K particles are K copies of the minibatch in one trace (no particle plate, which
         # would collide with that of an outer estimator running this guide)
-        self.inner = make_estimator(inner_loss, 1, vectorize_particles=False)
-        self.num_particles = int(num_particles)
+        self.inner = _inner_estimator(inner_loss, self.num_particles)
 
     @property
     def model(self) -> Callable:
@@ -132,7 +163,28 @@ class SemiAmortizedGuide(PyroModule):
             with data_plate(x):
                 pyro.sample("z", dist.Normal(loc, F.softplus(raw)).to_event(1))
 
-        return self.inner.differentiable_loss(self.model, guide, x) / k
+        if not isinstance(self.inner, MultiSampleELBO):
+            return self.inner.differentiable_loss(self.model, guide, x) / k
+        # a bound: the engine's weights of the K copies, regrouped as (K, B) particles
+        guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(x))
+        replayed = poutine.replay(self.model, trace=guide_trace)
+        model_trace = prune_subsample_sites(poutine.trace(replayed).get_trace(x))
+        check_site_match(model_trace, guide_trace, enumerated=False)
+        model_trace.compute_log_prob()
+        guide_trace.compute_score_parts()
+        w = log_weights(model_trace, guide_trace, self.inner._stop_guide, repr(self.inner))
+
+        def particles(t):
+            return None if t is None else w.per_row(x.shape[0], t).reshape(k, -1)
+
+        regrouped = replace(
+            w,
+            log_w=particles(w.log_w),
+            log_w_stop=particles(w.log_w_stop),
+            score=particles(w.score),
+            log_q=particles(w.log_q),
+        )
+        return self.inner.loss_from_weights(regrouped)
 
     def refine(
         self, x: torch.Tensor, num_steps: int | None = None

@@ -1,4 +1,7 @@
-"""Checks of the model and data that the training loop runs once, before its first step."""
+"""Checks of the model and data that the training loop runs once, before its first step.
+
+(The data themselves are checked by :mod:`pyro_lvm.validation`: ``check_rows`` first, then
+``validate_inputs``.)"""
 
 from __future__ import annotations
 
@@ -9,13 +12,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-__all__ = ["check_data", "check_subsampling", "set_num_data"]
-
-
-def check_data(name: str, x: Any) -> None:
-    """Refuse anything but a tensor with data points along dim 0."""
-    if not torch.is_tensor(x) or x.dim() < 1 or x.shape[0] < 1:
-        raise ValueError(f"{name} must be a tensor with data points along dim 0, got {x!r:.80}")
+__all__ = ["check_subsampling", "set_num_data"]
 
 
 def set_num_data(model: Any, guide: Any, num_data: int) -> None:

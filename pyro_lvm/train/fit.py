@@ -21,14 +21,14 @@ from pyro_lvm.train.build import (
     start_history,
 )
 from pyro_lvm.train.callbacks import Callback
-from pyro_lvm.train.checks import check_data, check_subsampling, set_num_data
+from pyro_lvm.train.checks import check_subsampling, set_num_data
 from pyro_lvm.train.device import DeviceLike, device_scope, resolve_device, to_device
 from pyro_lvm.train.divergence import DEFAULT_DIVERGENCE, DivergenceMonitor, DivergenceRule
 from pyro_lvm.train.estimators import resolve_estimator
 from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.loop import Checkpointer, Loop, NonFiniteLossError, StepResult, run, svi_step
 from pyro_lvm.train.loop import validate as validation_bound
-from pyro_lvm.validation import validate_inputs
+from pyro_lvm.validation import check_rows, validate_inputs
 
 __all__ = ["NonFiniteLossError", "fit"]
 
@@ -157,9 +157,9 @@ def fit(
     valid_named: dict[str, torch.Tensor] = {}
     if valid_data is not None:
         valid_data, valid_named = split_named(valid_data, "valid_data")
-    check_data("train_data", train_data)
+    check_rows(train_data, "train_data")
     if valid_data is not None:
-        check_data("valid_data", valid_data)
+        check_rows(valid_data, "valid_data")
     for what, fn in (("model", model), ("guide", guide)):
         check_accepts(fn, named, what)
     check_counts(num_epochs, batch_size)

@@ -20,14 +20,14 @@ from pyro_lvm.train.build import (
     make_stepper,
     start_history,
 )
-from pyro_lvm.train.checks import check_data, set_num_data
+from pyro_lvm.train.checks import set_num_data
 from pyro_lvm.train.device import DeviceLike, resolve_device, to_device
 from pyro_lvm.train.divergence import DEFAULT_DIVERGENCE, DivergenceMonitor, DivergenceRule
 from pyro_lvm.train.estimators import resolve_estimator
 from pyro_lvm.train.fit_local import optimize_local
 from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.loop import Batch, Checkpointer, Loop, StepResult, run, svi_step
-from pyro_lvm.validation import validate_inputs
+from pyro_lvm.validation import check_rows, validate_inputs
 
 __all__ = ["fit_local"]
 
@@ -125,7 +125,7 @@ def fit_local(
     :raises DivergenceError: when the loss diverges.
     """
     data, named = split_named(data, "data")  # a tensor, or named tensors (pyro_lvm.data.named)
-    check_data("data", data)
+    check_rows(data, "data")
     for what, fn in (("model", model), ("guide", guide)):
         check_accepts(fn, named, what)
     if not isinstance(guide, LocalGuide):

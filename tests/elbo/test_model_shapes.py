@@ -2,10 +2,11 @@
 
 Shapes (after ``pyro/tests/infer/test_valid_models.py`` and ``test_gradient.py``): nested
 plates, a subsampled plate with scaling, automatic ``dim`` allocation, masks, ``pyro.factor``,
-a global latent above a local plate, a sequential plate, a discrete latent; and models Pyro
-rejects. Each estimator either agrees with Pyro's ``Trace_ELBO`` gradient in expectation or
-refuses the model with a ``ValueError`` listed in :data:`REFUSALS`; a rejected model is
-rejected by every estimator.
+a global latent above a local plate, a sequential plate, a discrete latent, a guide built on
+Pyro's ``Planar`` flow (no inverse: STL, DReG and the score function rescore it by the
+linearized inverse of ``pyro_lvm.elbo.rescore``); and models Pyro rejects. Each estimator
+either agrees with Pyro's ``Trace_ELBO`` gradient in expectation or refuses the model with a
+``ValueError`` listed in :data:`REFUSALS`; a rejected model is rejected by every estimator.
 
 Vectorized z-test: each model runs R independent replicates inside an outer plate, with its
 own copy of every parameter (a leading dim of size R), so one call gives R independent
@@ -27,6 +28,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from pyro.distributions.transforms.planar import ConditionedPlanar
 from pyro.infer import Trace_ELBO
 
 from pyro_lvm.elbo import ESTIMATORS, SPECS, make_estimator
@@ -170,6 +172,29 @@ def discrete_guide(x):
         pyro.sample("z", dist.Bernoulli(logits=logit))
 
 
+X32 = torch.tensor([[0.4, -1.1], [2.0, 1.3], [0.2, -0.6]])
+
+
+def _per_rep(name, values):
+    return pyro.param(name, lambda: torch.tensor(values).expand(R, 1, 1, len(values)).clone())
+
+
+def flow_model(x):
+    loc = _p("m_loc", (1, 1, 1), 0.3)
+    with rep(), pyro.plate("data", 3, dim=-1):
+        z = pyro.sample("z", dist.Normal(loc, 1.0).expand([R, 1, 3, 2]).to_event(1))
+        pyro.sample("x", dist.Normal(z, 0.7).to_event(1), obs=X32)
+
+
+def planar_guide(x):
+    """Pyro's Planar transform (no inverse; caches its sample by identity) on a Gaussian."""
+    loc, scale = _p("q_loc", (1, 3, 2), 0.1), _scale("q_scale", (1, 3, 2))
+    params = _per_rep("bias", [0.2]), _per_rep("u", [0.9, -0.4]), _per_rep("w", [0.5, 0.8])
+    with rep(), pyro.plate("data", 3, dim=-1):
+        base = dist.Normal(loc, scale).to_event(1)
+        pyro.sample("z", dist.TransformedDistribution(base, [ConditionedPlanar(params)]))
+
+
 SHAPES = {
     "nested-plates": (nested_model, nested_guide),
     "subsample-scaled": (subsample_model, subsample_guide),
@@ -179,6 +204,7 @@ SHAPES = {
     "global-and-local": (global_model, global_guide),
     "sequential-plate": (sequential_model, sequential_guide),
     "discrete": (discrete_model, discrete_guide),
+    "planar-flow": (flow_model, planar_guide),
 }
 
 X_ARG = X3.unsqueeze(-1)  # the models' first argument: a (3, 1) data matrix (NVIL's input)
@@ -262,7 +288,7 @@ def test_agrees_with_trace_elbo_or_refuses(name, shape):
     _run_or_refuse(name, shape, SPECS[name].min_particles)
 
 
-@pytest.mark.parametrize("shape", ["nested-plates", "global-and-local", "discrete"])
+@pytest.mark.parametrize("shape", ["nested-plates", "global-and-local", "discrete", "planar-flow"])
 @pytest.mark.parametrize("name", ["iwae", "iwae-dreg", "vimco"])
 def test_bounds_at_three_particles_agree_with_the_plain_iwae_estimator(name, shape):
     _run_or_refuse(name, shape, 3)

@@ -59,6 +59,20 @@ def test_ais_from_the_exact_posterior_is_exact(model):
     torch.testing.assert_close(est, model.log_evidence(x).detach())
 
 
+def test_one_step_ais_is_importance_sampling_from_the_same_engine(model):
+    """M = 1: no transition runs, and each chain's weight is the importance weight
+    log p(x, z) - log q(z) of the guide's draw: the evaluation engine's, under one seed."""
+    from pyro_lvm.evaluate import log_importance_weights
+
+    from .conftest import MeanFieldGuide
+
+    x, guide = model.sample(6), MeanFieldGuide(model)
+    pyro.set_rng_seed(3)
+    ais = ais_log_likelihood(model, x, guide=guide, num_steps=1, num_chains=4, return_result=True)
+    pyro.set_rng_seed(3)
+    assert torch.equal(ais.log_weights, log_importance_weights(model, guide, x, num_samples=4))
+
+
 def test_ais_from_the_prior_is_within_five_hundredths_of_a_nat(model):
     x = model.sample(30)
     result = ais_log_likelihood(
