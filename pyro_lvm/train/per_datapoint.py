@@ -189,20 +189,23 @@ def fit_local(
         )  # fmt: skip
     history = start_history(checkpointer, resume, seed, batches.num_data, batch_size)
     target = data.device if device is None else device
-    # a point this process owns: the stand-in batch of a step whose shard is empty
-    own = torch.tensor([par.rank]).to(target)
+
+    def own_point() -> Batch:
+        """Point ``rank`` (this process owns it): what a step whose shard is empty steps on,
+        with weight 0, and what the start traces."""
+        own = torch.tensor([par.rank])
+        kwargs = {k: v[own].to(target) for k, v in named.items()}
+        return Batch((data[own].to(target), own.to(target)), kwargs, 1)
 
     def theta_args(x, idx):
         rows = guide.local_rows(idx)
         return (x, idx, *(guide.unconstrained(n).detach()[rows] for n in guide.local_names))
 
     def step(batch: Batch) -> StepResult:
-        x, idx = batch.args
-        if batch.size == 0:  # owns none of the global batch: a step of weight 0 on its own
-            x, kwargs = data[own.cpu()].to(target), {k: v[own.cpu()] for k, v in named.items()}
-            batch = Batch((x, own), {k: v.to(target) for k, v in kwargs.items()}, 1)
-            metrics = {"inner_steps": 0.0, "fraction_converged": 0.0}
+        if batch.size == 0:  # this process owns none of the global batch
+            batch, metrics = own_point(), {"inner_steps": 0.0, "fraction_converged": 0.0}
         else:
+            x, idx = batch.args
             res = optimize_local(model, guide, x, idx, estimator, named=batch.kwargs, **inner)
             metrics = {
                 "inner_steps": float(res.steps.double().mean()),
@@ -213,9 +216,9 @@ def fit_local(
 
     if par.active:  # every process starts from rank 0's θ
         with device_scope(device):
-            x0 = data[own.cpu()].to(target)
-            kw0 = {k: v[own.cpu()].to(target) for k, v in named.items()}
-            par.start(theta_model, theta_guide, theta_args(x0, own), kw0, seed, history.epochs)
+            first = own_point()
+            par.start(theta_model, theta_guide, theta_args(*first.args), first.kwargs, seed,
+                      history.epochs)  # fmt: skip
 
     loop = Loop(
         step=step,

@@ -219,7 +219,7 @@ def count_reduces(fn, *args, **kwargs):
         GradientSync._reduce = staticmethod(original)
 
 
-def run_local(epochs, path=None, resume=False):
+def run_local(epochs, path=None, resume=False, batch_size=B):
     """fit_local of the model with a point-estimate local guide (sharded in a group)."""
     from pyro_lvm.train import fit_local
     from pyro_lvm.train.distributed import rank_and_size
@@ -230,7 +230,7 @@ def run_local(epochs, path=None, resume=False):
     if rank_and_size()[1] > 1:
         guide = ShardedLocalGuide(LocalDeltaGuide(shard_size(N)), N)
     history = fit_local(
-        model, guide, data(), loss="elbo", num_epochs=epochs, batch_size=B, lr=0.05,
+        model, guide, data(), loss="elbo", num_epochs=epochs, batch_size=batch_size, lr=0.05,
         inner_lr=0.1, inner_max_steps=5, inner_tol=0.0, seed=1, progress=False,
         checkpoint=path, resume=resume,
     )  # fmt: skip
@@ -260,6 +260,7 @@ def exact_worker(rank, size, folder):
     # pyro's SVI: one torch optimizer per parameter, the all-reduce still once per step
     out["elbo_svi"], out["svi_reduces"] = count_reduces(run_fit, "elbo", 1, EPOCHS, fast=False)
     out["local"] = run_local(EPOCHS, folder / "local2.pt")
+    out["local_b2"] = run_local(2, batch_size=2)  # a process often owns no point of a batch
     # resume 1 -> 2 (checkpoints written by one process) and 2 -> 1 (written here)
     out["resume_fit"] = run_fit("elbo", 1, EPOCHS, folder / "fit1.pt", resume=True)
     run_fit("elbo", 1, HALF, folder / "fit2.pt")

@@ -47,6 +47,7 @@ def runs(tmp_path_factory):
         ref = {loss: w.run_fit(loss, k, w.EPOCHS) for loss, k in w.ESTIMATORS}
         ref["local_ckpt"] = folder / "local_ref.pt"
         ref["local"] = w.run_local(w.EPOCHS, ref["local_ckpt"])
+        ref["local_b2"] = w.run_local(2, batch_size=2)
         ref["delta_valid"] = w.run_fit(
             "elbo", 1, w.EPOCHS, guide=w.delta_guide, valid_data=w.data()
         )
@@ -134,6 +135,17 @@ def test_per_datapoint_algorithm_is_exact_and_gathers_its_shards(runs):
     assert two["param_store"]["values"].keys() == one["param_store"]["values"].keys()
     for name, value in one["param_store"]["values"].items():
         assert _rel(two["param_store"]["values"][name][None], value[None]) <= RTOL
+
+
+def test_per_datapoint_steps_of_a_process_without_points_are_exact(runs):
+    from pyro_lvm.data import Minibatches
+
+    order = Minibatches(w.data(), 2, seed=1)
+    pairs = torch.cat([order.permutation(e).reshape(-1, 2) for e in range(2)])
+    assert bool(((pairs % 2).sum(-1) != 1).any())  # some global batch leaves a process empty
+    ref = _column(runs["ref"]["local_b2"])
+    for out in _two(runs):
+        assert len(out["local_b2"]) == 16 and _rel(_column(out["local_b2"]), ref) <= RTOL
 
 
 def test_resume_across_world_sizes(runs):
