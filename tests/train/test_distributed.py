@@ -252,3 +252,18 @@ def test_bad_layouts_are_refused_by_name(monkeypatch):
         DataParallel(num_data=3, batch_size=3, owned=True)
     with pytest.raises(ValueError, match="clip_args"):
         DataParallel(10, 5).check_optimizer(pyro.optim.Adam({"lr": 0.1}, {"clip_norm": 1.0}))
+
+
+def test_shard_slices_positional_and_named_tensors_alike(monkeypatch):
+    import pyro_lvm.train.distributed_loop as d
+
+    monkeypatch.setattr(d, "rank_and_size", lambda: (1, 2))
+    monkeypatch.setattr(d, "init_distributed", lambda device=None: (1, 2))
+    idx = torch.tensor([5, 2, 7, 4, 1])
+    batch = Batch((idx.double()[:, None], idx), {"y": 10 * idx}, 5)
+    par = DataParallel(10, 5)
+    part = par.shard(batch)  # rank 1 of 2: the second contiguous piece
+    assert part.args[1].tolist() == [4, 1] and part.args[0][:, 0].tolist() == [4.0, 1.0]
+    assert part.kwargs["y"].tolist() == [40, 10] and part.size == 2 and par.sync.weight == 0.4
+    owned = DataParallel(10, 5, owned=True).shard(batch)  # the odd indices
+    assert owned.args[1].tolist() == [5, 7, 1] and owned.kwargs["y"].tolist() == [50, 70, 10]
