@@ -332,7 +332,7 @@ def run_epoch(loop: Loop, history: FitHistory, epoch: int, bar: tqdm) -> None:
     batches = iterate_batches(
         loop.data, order, loop.batches.batch_size, loop.device, loop.batches.named_data
     )
-    par = loop.parallel
+    par, callbacks = loop.parallel, _callbacks(loop)
     for step, batch in enumerate(batches, start=1):
         if par is None:
             result = loop.step(batch)
@@ -350,7 +350,7 @@ def run_epoch(loop: Loop, history: FitHistory, epoch: int, bar: tqdm) -> None:
         total, seen = total + value * batch.size, seen + batch.size
         for name, metric in result.metrics.items():
             sums[name] = sums.get(name, 0.0) + metric * batch.size
-        for callback in _callbacks(loop):
+        for callback in callbacks:
             callback.on_step(history)
         bar.update(1)
         shown = {k: f"{v:.3g}" for k, v in result.metrics.items()}
