@@ -172,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser([command] if command in COMMANDS else [])
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line, for `train --nproc N` to start its processes with
     func: Callable[[argparse.Namespace], int] = _resolve(args.func)
     prefix = f"pyro-lvm {args.command}"
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -156,6 +157,8 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
         backend=args.backend,
     )
     seconds = time.perf_counter() - start
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        return {}  # a data-parallel run (issue 17): rank 0 alone evaluates and writes outputs
     vae.eval()
     metrics = _evaluate_test(args, vae, x_test, device)
     # what was used: a resume runs only with the checkpoint's settings (resume_mismatch)
@@ -193,6 +196,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:  # start the processes (issue 17)
+        from pyro_lvm.train.launch import launch
+
+        return launch(args.nproc, args.argv)
     _train(args, dataset=args.dataset, out=Path(args.out))
     return 0
 
@@ -346,6 +353,13 @@ def add_quickstart_arguments(p: argparse.ArgumentParser) -> None:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="training data")
     _add_training_arguments(p, epochs=10, z_dim=50, hidden="400", evaluation=TRAIN_EVALUATION)
+    p.add_argument(
+        "--nproc",
+        type=positive_int,
+        default=1,
+        help="data-parallel processes on this machine (through torch.distributed.run); "
+        "--batch-size stays the global minibatch",
+    )
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:

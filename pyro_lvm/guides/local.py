@@ -111,6 +111,14 @@ class LocalGuide(PyroModule):
             )
         return value
 
+    def local_rows(self, idx: torch.Tensor | None) -> torch.Tensor | slice:
+        """The rows of the parameter tensors that hold data points ``idx`` (``None``: all).
+
+        The identity here; :class:`~pyro_lvm.train.sharded.ShardedLocalGuide` maps dataset
+        indices to the rows of its process's shard.
+        """
+        return slice(None) if idx is None else idx
+
     def params(self, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The constrained parameters (detached) of rows ``idx`` (all rows if ``None``)."""
         out = {}

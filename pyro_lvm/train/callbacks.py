@@ -30,6 +30,10 @@ class Callback:
     still written); the return values of the other hooks are ignored, so a run only stops at
     an epoch boundary, where a checkpoint can resume it exactly.
 
+    In a multi-process run (:mod:`pyro_lvm.train.distributed_loop`) every process runs the
+    callbacks on the same (all-reduced) history, except those whose class sets ``main_only =
+    True`` (the loggers, which write files): rank 0 alone runs them.
+
     Example: a KL warm-up stepped once per optimization step::
 
         class StepSchedule(Callback):
@@ -39,6 +43,9 @@ class Callback:
             def on_step(self, history):
                 self.schedule.step()
     """
+
+    #: run on rank 0 only in a multi-process run (callbacks that write files)
+    main_only: bool = False
 
     def on_start(self, history: FitHistory) -> None:
         """Before the first step of this call (``history.epochs`` epochs are already done)."""
@@ -97,6 +104,8 @@ class JSONLinesLogger(Callback):
     :param path: the ``.jsonl`` file.
     :param every: write a step line every this many steps (epoch lines always).
     """
+
+    main_only = True
 
     def __init__(self, path: str | os.PathLike, every: int = 1):
         if int(every) != every or every < 1:
@@ -158,6 +167,8 @@ class TensorBoardLogger(Callback):
     :param every: write step scalars every this many steps.
     :raises ImportError: when ``tensorboard`` is not installed (the message names the extra).
     """
+
+    main_only = True
 
     def __init__(self, log_dir: str | os.PathLike, every: int = 1):
         try:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pyro_lvm.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from pyro_lvm.train.distributed import rank_and_size
 from pyro_lvm.train.history import FitHistory
 
 __all__ = ["EarlyStopping"]
@@ -27,7 +28,8 @@ class EarlyStopping:
     The best state is written atomically with :func:`~pyro_lvm.train.save_checkpoint` to
     ``path`` (no optimizer state: it is a snapshot to evaluate, not to resume). A new
     instance on an existing ``path`` takes up the best epoch and bound recorded there, so a
-    resumed ``fit`` goes on counting where it stopped.
+    resumed ``fit`` goes on counting where it stopped. In a multi-process run every process
+    decides alike (the validation bound is all-reduced) and rank 0 alone writes the file.
 
     :param model: the model whose parameters are kept.
     :param guide: its guide.
@@ -79,8 +81,10 @@ class EarlyStopping:
                 "EarlyStopping needs a validation bound each epoch: pass valid_data= to fit"
             )
         value = history.valid_elbos[-1]
-        if math.isfinite(value) and value > self.best + self.min_delta:
+        improved = math.isfinite(value) and value > self.best + self.min_delta
+        if improved:
             self.best, self.best_epoch = value, history.epochs
+        if improved and rank_and_size()[0] == 0:
             save_checkpoint(
                 self.path,
                 model=self.model,

@@ -23,6 +23,7 @@ from pyro_lvm.train.build import (
 from pyro_lvm.train.callbacks import Callback
 from pyro_lvm.train.checks import check_subsampling, set_num_data
 from pyro_lvm.train.device import DeviceLike, device_scope, resolve_device, to_device
+from pyro_lvm.train.distributed_loop import DataParallel
 from pyro_lvm.train.divergence import DEFAULT_DIVERGENCE, DivergenceMonitor, DivergenceRule
 from pyro_lvm.train.estimators import resolve_estimator
 from pyro_lvm.train.history import FitHistory
@@ -96,7 +97,11 @@ def fit(
     :param optimizer: any ``pyro.optim.PyroOptim``; ``pyro.optim.Adam({"lr": 1e-3})`` by
         default.
     :param num_epochs: total number of epochs (a resumed run continues up to this number).
-    :param batch_size: minibatch size (the last minibatch of an epoch may be smaller).
+    :param batch_size: minibatch size (the last minibatch of an epoch may be smaller). Under
+        ``torchrun`` (or any initialized process group) this is the **global** minibatch: each
+        of the W processes steps on its shard of about ``batch_size / W`` points and the
+        gradients are all-reduced (:mod:`pyro_lvm.train.distributed_loop`), so the update is
+        the single-process one; rank 0 alone shows progress, logs and writes checkpoints.
     :param valid_data: optional validation set (a tensor or named tensors, as ``train_data``).
     :param valid_loss: the estimator of the validation bound (a name, with ``num_particles``
         particles, or an instance); by default the training ``loss``. Pass the plain bound when
@@ -180,6 +185,9 @@ def fit(
     callbacks = make_callbacks(callbacks, log_dir, tensorboard)
     batches = Minibatches({"x": train_data, **named}, int(batch_size), shuffle=True, seed=seed)
     num_data = batches.num_data
+    par = DataParallel(num_data, int(batch_size), device=device)  # identity in one process
+    par.check_optimizer(optimizer)
+    device = par.cuda_device(device)  # local rank k drives GPU k
     to_device(device, model, guide)
     planned = int(num_epochs) * len(batches)  # for FastSVI(backend="auto")
     stepper, optimizer_state = make_stepper(
@@ -204,24 +212,25 @@ def fit(
     target = train_data.device if device is None else device
     with device_scope(device):
         head = torch.arange(first)
-        check_subsampling(
-            model,
-            train_data[:first].to(target),
-            head.to(target),
-            num_data,
-            {k: v.to(target) for k, v in batches.named(head).items()},
-        )
+        args = (train_data[:first].to(target), head.to(target))
+        head_kwargs = {k: v.to(target) for k, v in batches.named(head).items()}
+        check_subsampling(model, *args, num_data, head_kwargs)
+        par.start(model, guide, args, head_kwargs, seed, history.epochs)  # rank 0's parameters
     validate = None
     if valid_data is not None:
         chunk = int(batch_size)
 
-        def validate() -> float:
+        def bound(rows: slice) -> float:
+            named = {k: v[rows] for k, v in valid_named.items()}
             return validation_bound(
-                valid_estimator, model, guide, valid_data, chunk, device, valid_named
+                valid_estimator, model, guide, valid_data[rows], chunk, device, named
             )
 
+        def validate() -> float:  # processes take contiguous pieces
+            return par.mean(bound, len(valid_data))
+
     loop = Loop(
-        step=lambda batch: StepResult(svi_step(stepper, batch)),
+        step=lambda batch: StepResult(svi_step(stepper, batch, par.hooks)),
         data=train_data,
         batches=batches,
         num_epochs=int(num_epochs),
@@ -232,5 +241,6 @@ def fit(
         progress=progress,
         desc="fit",
         divergence=DivergenceMonitor(divergence, history.step_losses, what="fit"),
+        parallel=par if par.active else None,
     )
     return run(loop, history)

@@ -208,7 +208,7 @@ def optimize_local(
             f"{max_steps}, lr={lr}, tol={tol}, lr_decay={lr_decay}"
         )
     estimator = resolve_estimator(loss, num_particles)[0]
-    rows = slice(None) if idx is None else idx
+    rows = guide.local_rows(idx)  # a sharded guide maps dataset indices to its own rows
     leaves = {
         name: guide.unconstrained(name).detach()[rows].clone().requires_grad_()
         for name in guide.local_names

@@ -4,8 +4,7 @@ r"""The one training loop behind :func:`~pyro_lvm.train.fit` and
 Its pieces, each a small function with one job, in the order they run:
 
 - :func:`epoch_order`: the permutation of an epoch, drawn on the CPU from ``(seed, epoch)``
-  (so runs on any device visit the same rows). *Multi-process data parallelism shards this
-  permutation across ranks here.*
+  (so runs on any device, and every process of a distributed run, visit the same rows).
 - :func:`iterate_batches`: cut the order into :class:`Batch` objects on the training device.
   A batch carries positional arguments ``(x, idx)`` and keyword arguments: *named
   per-datapoint tensors (labels, masks) are sliced with the same ``idx`` into
@@ -13,17 +12,21 @@ Its pieces, each a small function with one job, in the order they run:
   ``model(x, idx, **kwargs)``.
 - :func:`svi_step`: one step of a stepper with Pyro's ``SVI.step`` interface (``FastSVI`` or
   ``pyro.infer.SVI``). Its ``before_update`` hooks run between the backward pass and the
-  optimizer update (a torch optimizer step pre-hook): *the gradient all-reduce of data
-  parallelism goes here*.
+  optimizer update (a torch optimizer step pre-hook, once per step): the gradient all-reduce of
+  data parallelism goes here.
 - :func:`run_epoch`: one pass over the batches with the non-finite-loss guard, the per-step
   history, callbacks and progress bar.
-- :func:`validate`: the bound per data point on held-out data (*its data can be sharded and
-  its sum all-reduced the same way*).
+- :func:`validate`: the bound per data point on held-out data.
 - :class:`Checkpointer`: write and restore the complete state (model, guide, param store,
   optimizer, estimator, RNG, history) with the run's configuration.
 - :func:`run`: start callbacks, epochs, validation, epoch callbacks, checkpoint, stop.
 
 Checks of the model and data before the first step live in :mod:`pyro_lvm.train.checks`.
+
+Several processes (``Loop.parallel``, see :mod:`pyro_lvm.train.distributed_loop`): each
+steps on its shard of every batch and records the global batch's all-reduced loss and metrics
+(the same history, so the guards decide alike); rank 0 alone shows progress, runs ``main_only``
+callbacks (loggers) and writes checkpoints; a stop asked by any process stops all.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
 from pyro.infer import ELBO
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -116,14 +120,29 @@ def iterate_batches(
         yield Batch((data[idx].to(target), idx.to(target)), kwargs, len(idx))
 
 
+def _with_grad(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters with a gradient: ``optimizer``'s, then the param store's others."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    ids = {id(p) for p in params}
+    store = pyro.get_param_store().named_parameters()
+    return params + [p for _, p in store if p.grad is not None and id(p) not in ids]
+
+
 @contextlib.contextmanager
 def _before_update(hooks: Sequence[GradientHook]) -> Iterator[None]:
     if not hooks:
         yield
         return
+    done = False
 
     def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # once per step: pyro.optim steps one torch optimizer per parameter, after the
+        # backward pass has filled every gradient
+        nonlocal done
+        if done:
+            return
+        done = True
+        params = _with_grad(optimizer)
         for hook in hooks:
             hook(params)
 
@@ -138,10 +157,11 @@ def svi_step(stepper: Any, batch: Batch, before_update: Sequence[GradientHook] =
     """``stepper.step(*batch.args, **batch.kwargs)``: one gradient step, the SVI loss back.
 
     ``stepper`` is a :class:`~pyro_lvm.train.FastSVI` or a ``pyro.infer.SVI``. Each hook of
-    ``before_update`` is called with the parameters that have gradients, after the backward
-    pass and before the optimizer step (through
-    ``torch.optim.optimizer.register_optimizer_step_pre_hook``, active during this step only),
-    and may change the gradients in place.
+    ``before_update`` is called once per step with the parameters that have gradients, after
+    the backward pass and before the optimizer updates any of them (through
+    ``torch.optim.optimizer.register_optimizer_step_pre_hook``, active during this step only,
+    at the first torch optimizer step: FastSVI's one fused optimizer, or the first of
+    ``pyro.optim``'s per-parameter ones), and may change the gradients in place.
     """
     with _before_update(before_update):
         return stepper.step(*batch.args, **batch.kwargs)
@@ -258,6 +278,9 @@ class Loop:
     :ivar progress: show a tqdm bar; ``desc``: its label.
     :ivar divergence: stops a run whose finite loss diverged
         (:class:`~pyro_lvm.train.divergence.DivergenceMonitor`), or ``None``.
+    :ivar parallel: the process group's
+        :class:`~pyro_lvm.train.distributed_loop.DataParallel` in a multi-process run, else
+        ``None``.
     """
 
     step: Callable[[Batch], StepResult]
@@ -271,6 +294,7 @@ class Loop:
     progress: bool = True
     desc: str = "fit"
     divergence: DivergenceMonitor | None = None
+    parallel: Any = None
 
 
 def _non_finite(loop: Loop, history: FitHistory, value: float, epoch: int, step: int):
@@ -284,6 +308,13 @@ def _non_finite(loop: Loop, history: FitHistory, value: float, epoch: int, step:
         step=step,
         checkpoint=last,
     )
+
+
+def _callbacks(loop: Loop) -> list[Callback]:
+    """The callbacks this process runs: all on rank 0, those not ``main_only`` elsewhere."""
+    if loop.parallel is None or loop.parallel.is_main:
+        return loop.callbacks
+    return [c for c in loop.callbacks if not getattr(c, "main_only", False)]
 
 
 def run_epoch(loop: Loop, history: FitHistory, epoch: int, bar: tqdm) -> None:
@@ -301,8 +332,14 @@ def run_epoch(loop: Loop, history: FitHistory, epoch: int, bar: tqdm) -> None:
     batches = iterate_batches(
         loop.data, order, loop.batches.batch_size, loop.device, loop.batches.named_data
     )
+    par, callbacks = loop.parallel, _callbacks(loop)
     for step, batch in enumerate(batches, start=1):
-        result = loop.step(batch)
+        if par is None:
+            result = loop.step(batch)
+        else:  # this process's shard; the global batch's loss and metrics back
+            result = loop.step(par.shard(batch))
+            loss, *values = par.reduce([result.loss, *result.metrics.values()])
+            result = StepResult(loss, dict(zip(result.metrics, values, strict=True)))
         value = result.loss / num_data
         if not math.isfinite(value):
             raise _non_finite(loop, history, value, epoch, step)
@@ -313,7 +350,7 @@ def run_epoch(loop: Loop, history: FitHistory, epoch: int, bar: tqdm) -> None:
         total, seen = total + value * batch.size, seen + batch.size
         for name, metric in result.metrics.items():
             sums[name] = sums.get(name, 0.0) + metric * batch.size
-        for callback in loop.callbacks:
+        for callback in callbacks:
             callback.on_step(history)
         bar.update(1)
         shown = {k: f"{v:.3g}" for k, v in result.metrics.items()}
@@ -329,14 +366,15 @@ def run(loop: Loop, history: FitHistory) -> FitHistory:
     :func:`~pyro_lvm.train.device.device_scope` of the training device.
     """
     start, per_epoch = history.epochs, len(loop.batches)
+    par, callbacks = loop.parallel, _callbacks(loop)
     bar = tqdm(
         total=loop.num_epochs * per_epoch,
         initial=min(start, loop.num_epochs) * per_epoch,
-        disable=not loop.progress,
+        disable=not loop.progress or not (par is None or par.is_main),
         desc=loop.desc,
         unit="step",
     )
-    for callback in loop.callbacks:
+    for callback in callbacks:
         callback.on_start(history)
     try:
         with device_scope(loop.device):
@@ -346,13 +384,17 @@ def run(loop: Loop, history: FitHistory) -> FitHistory:
                 if loop.validate is not None:
                     history.valid_elbos.append(loop.validate())
                 history.seconds += time.perf_counter() - tic
-                stop = any([bool(c.on_epoch(history)) for c in loop.callbacks])
-                if loop.checkpointer is not None:
+                stop = any([bool(c.on_epoch(history)) for c in callbacks])
+                if par is not None:
+                    stop = par.agree(stop)
+                if loop.checkpointer is not None and par is None:
                     loop.checkpointer.save(history)
+                elif loop.checkpointer is not None:  # rank 0 writes, then a barrier
+                    par.save(loop.checkpointer, history)
                 if stop:
                     break
     finally:
         bar.close()
-        for callback in loop.callbacks:
+        for callback in callbacks:
             callback.on_end(history)
     return history

@@ -21,12 +21,14 @@ from pyro_lvm.train.build import (
     start_history,
 )
 from pyro_lvm.train.checks import set_num_data
-from pyro_lvm.train.device import DeviceLike, resolve_device, to_device
+from pyro_lvm.train.device import DeviceLike, device_scope, resolve_device, to_device
+from pyro_lvm.train.distributed_loop import DataParallel
 from pyro_lvm.train.divergence import DEFAULT_DIVERGENCE, DivergenceMonitor, DivergenceRule
 from pyro_lvm.train.estimators import resolve_estimator
 from pyro_lvm.train.fit_local import optimize_local
 from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.loop import Batch, Checkpointer, Loop, StepResult, run, svi_step
+from pyro_lvm.train.sharded import ShardedCheckpointer, ShardedLocalGuide
 from pyro_lvm.validation import check_rows, validate_inputs
 
 __all__ = ["fit_local"]
@@ -104,7 +106,12 @@ def fit_local(
     :param loss: estimator name (see :data:`pyro_lvm.elbo.ESTIMATORS`) or an ELBO instance.
     :param num_particles: particles when ``loss`` is a name (refused with an instance).
     :param num_epochs: passes over the data (a resumed run continues up to this number).
-    :param batch_size: minibatch size.
+    :param batch_size: minibatch size; under ``torchrun`` (or an initialized process group)
+        the **global** minibatch: each process runs the inner loop on the points of it that
+        it owns (``i % W == rank``) and the θ gradients are all-reduced; the guide must then
+        be a :class:`~pyro_lvm.train.sharded.ShardedLocalGuide` (each process holds the rows
+        of its own points), and the checkpoint gathers them into one file that resumes with
+        any number of processes.
     :param optimizer: Pyro optimizer for θ (default ``pyro.optim.Adam({"lr": lr})``).
     :param lr: θ learning rate when ``optimizer`` is not given.
     :param inner_lr: Adam learning rate of the inner loop.
@@ -140,19 +147,31 @@ def fit_local(
         raise ValueError("resume=True needs the checkpoint path to resume from")
     check_extra(extra)
     device = resolve_device(device)
+    par = DataParallel(len(data), int(batch_size), owned=True, device=device)
+    if par.active and not isinstance(guide, ShardedLocalGuide):
+        raise ValueError(
+            f"fit_local with {par.size} processes needs a sharded guide: "
+            "ShardedLocalGuide(YourLocalGuide(shard_size(len(data)), ...), len(data)), so each "
+            "process holds the local parameters of its own points only"
+        )
+    device = par.cuda_device(device)  # local rank k drives GPU k
     estimator, loss_name = resolve_estimator(loss, num_particles)
     optim = check_optimizer(optimizer, lr)
+    par.check_optimizer(optim)
     set_num_data(model, guide, len(data))  # the plate scales the traced minibatch
+    head = torch.arange(min(int(batch_size), len(data)))
+    head = head[par.rows(head)] if par.active else head  # points this process owns
     data, _ = validate_inputs(
-        model, guide, data, idx=torch.arange(min(int(batch_size), len(data))), optimizer=optim,
-        rates={"inner_lr": inner_lr}, name="data", **named,
+        model, guide, data, idx=head, optimizer=optim, rates={"inner_lr": inner_lr},
+        name="data", **named,
     )  # fmt: skip
     callbacks = make_callbacks(callbacks, log_dir, tensorboard)
     batches = Minibatches({"x": data, **named}, int(batch_size), shuffle=True, seed=seed)
     to_device(device, model, guide)
-    planned = int(num_epochs) * len(batches)  # for FastSVI(backend="auto")
+    planned = int(num_epochs) * len(batches)  # for FastSVI(backend="auto"); same on every rank
+    theta_model, theta_guide = _theta_pair(model, guide)
     stepper, optimizer_state = make_stepper(
-        *_theta_pair(model, guide), optim, estimator, fast, backend, planned
+        theta_model, theta_guide, optim, estimator, fast, backend, planned
     )
     inner = dict(lr=inner_lr, max_steps=inner_max_steps, tol=inner_tol, lr_decay=inner_lr_decay)
     config = {
@@ -166,23 +185,44 @@ def fit_local(
         "inner": {k: float(v) for k, v in inner.items()},
     }
     checkpointer = None
-    if checkpoint is not None:
-        checkpointer = Checkpointer(
+    if checkpoint is not None:  # a sharded guide's rows are gathered into one file
+        cls = ShardedCheckpointer if isinstance(guide, ShardedLocalGuide) else Checkpointer
+        checkpointer = cls(
             checkpoint, model=model, guide=guide, optimizer=optimizer_state,
             estimator=estimator, config=config, extra=extra, map_location=device,
         )  # fmt: skip
     history = start_history(checkpointer, resume, seed, batches.num_data, batch_size)
+    target = data.device if device is None else device
+
+    def own_point() -> Batch:
+        """Point ``rank`` (this process owns it): what a step whose shard is empty steps on,
+        with weight 0, and what the start traces."""
+        own = torch.tensor([par.rank])
+        kwargs = {k: v[own].to(target) for k, v in named.items()}
+        return Batch((data[own].to(target), own.to(target)), kwargs, 1)
+
+    def theta_args(x, idx):
+        rows = guide.local_rows(idx)
+        return (x, idx, *(guide.unconstrained(n).detach()[rows] for n in guide.local_names))
 
     def step(batch: Batch) -> StepResult:
-        x, idx = batch.args
-        res = optimize_local(model, guide, x, idx, estimator, named=batch.kwargs, **inner)
-        rows = tuple(guide.unconstrained(n).detach()[idx] for n in guide.local_names)
-        batch.args = (x, idx, *rows)
-        metrics = {
-            "inner_steps": float(res.steps.double().mean()),
-            "fraction_converged": res.fraction_converged,
-        }
-        return StepResult(svi_step(stepper, batch), metrics)
+        if batch.size == 0:  # this process owns none of the global batch
+            batch, metrics = own_point(), {"inner_steps": 0.0, "fraction_converged": 0.0}
+        else:
+            x, idx = batch.args
+            res = optimize_local(model, guide, x, idx, estimator, named=batch.kwargs, **inner)
+            metrics = {
+                "inner_steps": float(res.steps.double().mean()),
+                "fraction_converged": res.fraction_converged,
+            }
+        batch.args = theta_args(*batch.args[:2])
+        return StepResult(svi_step(stepper, batch, par.hooks), metrics)
+
+    if par.active:  # every process starts from rank 0's θ
+        with device_scope(device):
+            first = own_point()
+            par.start(theta_model, theta_guide, theta_args(*first.args), first.kwargs, seed,
+                      history.epochs)  # fmt: skip
 
     loop = Loop(
         step=step,
@@ -195,5 +235,6 @@ def fit_local(
         progress=progress,
         desc="fit_local",
         divergence=DivergenceMonitor(divergence, history.step_losses, what="fit_local"),
+        parallel=par if par.active else None,
     )
     return run(loop, history)
