@@ -123,20 +123,6 @@ class DataParallel:
         """The ``before_update`` hooks of a step: the gradient all-reduce (none in one process)."""
         return [self.sync] if self.active else []
 
-    def check_optimizer(self, optimizer: Any) -> None:
-        """Refuse gradient clipping with several processes: ``pyro.optim`` clips each
-        parameter inside its own optimizer step, the first one before the once-per-step
-        all-reduce, so the update would not be the single-process one.
-
-        :raises ValueError: on a ``PyroOptim`` with ``clip_args`` in a multi-process run.
-        """
-        if self.active and getattr(optimizer, "pt_clip_args", None):
-            raise ValueError(
-                "gradient clipping (clip_args) is not supported with several processes: pyro "
-                "clips each parameter before the gradient all-reduce; drop clip_args (or use "
-                "one process)"
-            )
-
     def cuda_device(self, device: torch.device | None) -> torch.device | None:
         """``cuda:LOCAL_RANK`` for a CUDA ``device`` in a multi-process run (local rank ``k``
         drives GPU ``k``); any other device unchanged."""

@@ -292,6 +292,12 @@ class FastSVI:
         return value
 
     @property
+    def pyro_svi(self) -> SVI | None:
+        """The ``pyro.infer.SVI`` every step goes through when the optimizer schedules or clips
+        (``None`` on the lean path)."""
+        return self._svi
+
+    @property
     def planned_steps(self) -> int | None:
         """The run's total number of steps, for ``backend="auto"`` (settable)."""
         return self._graphs.planned_steps

@@ -186,7 +186,6 @@ def fit(
     batches = Minibatches({"x": train_data, **named}, int(batch_size), shuffle=True, seed=seed)
     num_data = batches.num_data
     par = DataParallel(num_data, int(batch_size), device=device)  # identity in one process
-    par.check_optimizer(optimizer)
     device = par.cuda_device(device)  # local rank k drives GPU k
     to_device(device, model, guide)
     planned = int(num_epochs) * len(batches)  # for FastSVI(backend="auto")

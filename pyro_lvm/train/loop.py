@@ -31,19 +31,16 @@ callbacks (loggers) and writes checkpoints; a stop asked by any process stops al
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyro
 import torch
 from pyro.infer import ELBO
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from tqdm import tqdm
 
 from pyro_lvm.data import Minibatches
@@ -52,6 +49,7 @@ from pyro_lvm.train.checkpoint import load_checkpoint, read_checkpoint, save_che
 from pyro_lvm.train.device import device_scope
 from pyro_lvm.train.divergence import DivergenceMonitor, RunFailedError
 from pyro_lvm.train.history import FitHistory
+from pyro_lvm.train.step import svi_step
 
 __all__ = [
     "Batch",
@@ -68,7 +66,6 @@ __all__ = [
 ]
 
 #: a hook ``f(params)`` run after the backward pass, before the optimizer uses the gradients
-GradientHook = Callable[[list[torch.Tensor]], None]
 
 
 class NonFiniteLossError(RunFailedError):
@@ -118,53 +115,6 @@ def iterate_batches(
         idx = order[start : start + batch_size]
         kwargs = {k: v[idx.to(v.device)].to(target) for k, v in named.items()}
         yield Batch((data[idx].to(target), idx.to(target)), kwargs, len(idx))
-
-
-def _with_grad(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The parameters with a gradient: ``optimizer``'s, then the param store's others."""
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    ids = {id(p) for p in params}
-    store = pyro.get_param_store().named_parameters()
-    return params + [p for _, p in store if p.grad is not None and id(p) not in ids]
-
-
-@contextlib.contextmanager
-def _before_update(hooks: Sequence[GradientHook]) -> Iterator[None]:
-    if not hooks:
-        yield
-        return
-    done = False
-
-    def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # once per step: pyro.optim steps one torch optimizer per parameter, after the
-        # backward pass has filled every gradient
-        nonlocal done
-        if done:
-            return
-        done = True
-        params = _with_grad(optimizer)
-        for hook in hooks:
-            hook(params)
-
-    handle = register_optimizer_step_pre_hook(pre_hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def svi_step(stepper: Any, batch: Batch, before_update: Sequence[GradientHook] = ()) -> float:
-    """``stepper.step(*batch.args, **batch.kwargs)``: one gradient step, the SVI loss back.
-
-    ``stepper`` is a :class:`~pyro_lvm.train.FastSVI` or a ``pyro.infer.SVI``. Each hook of
-    ``before_update`` is called once per step with the parameters that have gradients, after
-    the backward pass and before the optimizer updates any of them (through
-    ``torch.optim.optimizer.register_optimizer_step_pre_hook``, active during this step only,
-    at the first torch optimizer step: FastSVI's one fused optimizer, or the first of
-    ``pyro.optim``'s per-parameter ones), and may change the gradients in place.
-    """
-    with _before_update(before_update):
-        return stepper.step(*batch.args, **batch.kwargs)
 
 
 @torch.no_grad()

@@ -157,7 +157,6 @@ def fit_local(
     device = par.cuda_device(device)  # local rank k drives GPU k
     estimator, loss_name = resolve_estimator(loss, num_particles)
     optim = check_optimizer(optimizer, lr)
-    par.check_optimizer(optim)
     set_num_data(model, guide, len(data))  # the plate scales the traced minibatch
     head = torch.arange(min(int(batch_size), len(data)))
     head = head[par.rows(head)] if par.active else head  # points this process owns

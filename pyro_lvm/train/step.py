@@ -1,0 +1,106 @@
+r"""One gradient step of the training loop: :func:`svi_step`, with ``before_update`` hooks.
+
+A hook sees the gradients of a step after the backward pass and before the optimizer changes
+any parameter, and may rewrite them in place: the seam where data-parallel training
+(:mod:`pyro_lvm.train.distributed_loop`) all-reduces them. It runs **once per step**, whatever
+the stepper:
+
+- a ``pyro.infer.SVI`` (given, or the one :class:`~pyro_lvm.train.FastSVI` steps through for
+  learning-rate schedulers and gradient clipping) calls its ``pyro.optim`` optimizer with the
+  step's parameters; that optimizer clips each parameter's gradient and then steps one torch
+  optimizer per parameter. The hook runs before that call, so clipping sees the hooked
+  (e.g. all-reduced) gradient, as it would in one process;
+- FastSVI's lean path steps one fused torch optimizer: the hook runs in its step pre-hook
+  (``torch.optim.optimizer.register_optimizer_step_pre_hook``), registered for this step only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pyro
+import torch
+from pyro.infer import SVI
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+if TYPE_CHECKING:
+    from pyro_lvm.train.loop import Batch
+
+__all__ = ["GradientHook", "svi_step"]
+
+#: a ``before_update`` hook: called with the parameters that have gradients
+GradientHook = Callable[[list[torch.Tensor]], None]
+
+
+def _with_grad(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters with a gradient: ``optimizer``'s, then the param store's others."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    ids = {id(p) for p in params}
+    store = pyro.get_param_store().named_parameters()
+    return params + [p for _, p in store if p.grad is not None and id(p) not in ids]
+
+
+class _HookedOptim:
+    """A ``pyro.optim`` optimizer whose call runs ``before`` first, with the parameters that
+    have gradients: the seam before Pyro's per-parameter gradient clipping and steps."""
+
+    def __init__(self, optim: Any, before: Callable[[list[torch.Tensor]], None]):
+        self.optim, self.before = optim, before
+
+    def __call__(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        params = list(params)
+        store = pyro.get_param_store().named_parameters()
+        ids = {id(p) for p in params}
+        self.before([p for p in params if p.grad is not None] +
+                    [p for _, p in store if p.grad is not None and id(p) not in ids])  # fmt: skip
+        self.optim(params, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _before_update(stepper: Any, hooks: Sequence[GradientHook]) -> Iterator[None]:
+    if not hooks:
+        yield
+        return
+    done = False
+
+    def once(params: list[torch.Tensor]) -> None:
+        # once per step, after the backward pass has filled every gradient
+        nonlocal done
+        if not done:
+            done = True
+            for hook in hooks:
+                hook(params)
+
+    def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        once(_with_grad(optimizer))
+
+    # Pyro's SVI (given, or FastSVI's for schedulers and clipping) calls its PyroOptim, which
+    # clips each parameter's gradient before stepping it: the hooks run before that call
+    svi = stepper if isinstance(stepper, SVI) else getattr(stepper, "pyro_svi", None)
+    original = svi.optim if svi is not None else None
+    if svi is not None:
+        svi.optim = _HookedOptim(original, once)
+    handle = register_optimizer_step_pre_hook(pre_hook)  # FastSVI's fused optimizer
+    try:
+        yield
+    finally:
+        handle.remove()
+        if svi is not None:
+            svi.optim = original
+
+
+def svi_step(stepper: Any, batch: Batch, before_update: Sequence[GradientHook] = ()) -> float:
+    """``stepper.step(*batch.args, **batch.kwargs)``: one gradient step, the SVI loss back.
+
+    ``stepper`` is a :class:`~pyro_lvm.train.FastSVI` or a ``pyro.infer.SVI``. Each hook of
+    ``before_update`` is called once per step with the parameters that have gradients, after
+    the backward pass and before the optimizer updates or clips any of them, and may change
+    the gradients in place: for a ``pyro.infer.SVI`` path (given, or FastSVI's for schedulers
+    and gradient clipping) before its ``pyro.optim`` call, otherwise at FastSVI's fused torch
+    optimizer step (``torch.optim.optimizer.register_optimizer_step_pre_hook``); active during
+    this step only.
+    """
+    with _before_update(stepper, before_update):
+        return stepper.step(*batch.args, **batch.kwargs)
