@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -27,28 +25,14 @@ from pyro_lvm.elbo import make_estimator
 from pyro_lvm.evaluate import elbo_estimate, log_likelihood
 from pyro_lvm.models import VAE, DiscreteVAE, TemperatureSchedule
 from pyro_lvm.nn import NETWORKS, mlp
+from pyro_lvm.provenance import provenance
 from pyro_lvm.recipes import train_cvae, train_m2
 from pyro_lvm.train import fit
 from pyro_lvm.variance import gradient_moments
 
 
 def _meta(args) -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = None
-    return {
-        "smoke": args.smoke,
-        "seed": args.seed,
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
-        "commit": commit,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-    }
+    return {"smoke": args.smoke, "seed": args.seed, **provenance()}
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
-import subprocess
 import time
 import warnings
 
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.guides import LocalGaussianGuide
 from pyro_lvm.models import VAE
+from pyro_lvm.provenance import provenance
 from pyro_lvm.train.fit_local import optimize_local
 
 
@@ -141,11 +140,6 @@ def main(argv=None) -> int:
         statistics.median(r / p for r, p in zip(times[k][1:], times["pyro_lvm"][1:], strict=True))
         for k in ("reference", "reference_fused")
     )
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip() or None  # fmt: skip
-    except OSError:
-        commit = None
     result = {
         "benchmark": "local_inner_loop",
         "config": {k: v for k, v in vars(args).items() if k != "json"},
@@ -154,17 +148,7 @@ def main(argv=None) -> int:
         "ratio_pyro_lvm_over_reference": ratio,
         "ratio_pyro_lvm_over_reference_fused": ratio_fused,
         "seconds_per_repeat": times,
-        "versions": {
-            "torch": torch.__version__,
-            "pyro": pyro.__version__,
-            "python": platform.python_version(),
-        },  # fmt: skip
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "torch_threads": torch.get_num_threads(),
-        },  # fmt: skip
-        "commit": commit,
+        "provenance": provenance(),
     }
     print(f"{'loop':<16} {'datapoint-steps/s':>18}")
     for k, v in rates.items():

@@ -44,8 +44,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -60,6 +58,7 @@ from pyro_lvm.guides import AmortizedFlowGuide, AmortizedGaussianGuide
 from pyro_lvm.handlers import KLWeightedELBO
 from pyro_lvm.models import VAE, HierarchicalVAE, VampPrior
 from pyro_lvm.nn import NETWORKS, NetworkFactory, he_init_, mlp
+from pyro_lvm.provenance import provenance
 from pyro_lvm.train import EarlyStopping, fit, normalized_gradient_adam, read_checkpoint
 
 #: the VampPrior paper's Hardtanh bounds: log-variances of Gaussian heads, binary pseudo-inputs
@@ -209,20 +208,6 @@ def _build(
         )
         return VAE(x_dim, z_dim, hidden=hidden, guide=guide, network=network)
     raise ValueError(f"unknown config {name!r}; choose from {sorted(CONFIGS)} or 'all'")
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=10,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _data(args):
@@ -556,18 +541,9 @@ def main(argv=None) -> int:
         "seed": args.seed,
         "smoke": args.smoke,
         "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         },
-        "versions": {
-            "torch": torch.__version__,
-            "pyro": pyro.__version__,
-            "python": platform.python_version(),
-        },
-        "commit": _commit(),
+        "provenance": provenance(),
     }
     for name in names:
         result = {**run_config(name, args, train, valid, test, out), **setup}

@@ -20,15 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
-import subprocess
 import time
-from datetime import datetime, timezone
 
 import torch
 import torch.multiprocessing as mp
+
+from pyro_lvm.provenance import provenance
 
 
 def _port() -> int:
@@ -144,21 +143,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"(repeats {', '.join(f'{r:.2f}' for r in ratios)})",
             flush=True,
         )
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = None
     result = {
         "benchmark": "scaling",
         "config": vars(args),
         "rows": rows,
-        "machine": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "commit": commit,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "provenance": provenance(),
     }
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from pyro_lvm.data import Minibatches, load_mnist_rows, sample_ssm_sequences
 from pyro_lvm.elbo import FIVO, make_estimator
 from pyro_lvm.guides import RNNGuide
 from pyro_lvm.models import DeepMarkovModel, LinearGaussianSSM, SequentialProgram
+from pyro_lvm.provenance import provenance
 
 ESTIMATOR_NAMES = {"elbo": "elbo", "iwae": "iwae", "fivo": "fivo"}
 
@@ -141,12 +140,7 @@ def main(argv=None) -> dict:
         "test_fivo_se": scores["fivo"].std().item() / math.sqrt(len(test)),
         "train_loss_per_epoch": history,
         "args": {k: str(v) for k, v in vars(args).items()},
-        "machine": platform.platform(),
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "provenance": provenance(),
     }
     if ssm is not None:
         result["test_exact_true_model"] = ssm.log_evidence(test).mean().item()

@@ -20,14 +20,11 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import threading
 import time
 import warnings
 from collections.abc import Callable
-from datetime import datetime, timezone
 from functools import partial
 
 import pyro
@@ -40,6 +37,7 @@ from pyro_lvm.evaluate.loglik import log_likelihood
 from pyro_lvm.guides import LocalGaussianGuide
 from pyro_lvm.handlers import KLWeightedELBO, linear_schedule
 from pyro_lvm.models import VAE
+from pyro_lvm.provenance import provenance
 from pyro_lvm.train import fit
 from pyro_lvm.train.fast import FastSVI
 from pyro_lvm.train.fast_graphs import AUTO_AFTER
@@ -454,24 +452,7 @@ def _report(rows: list[dict], a: argparse.Namespace) -> list[dict]:
         head = f"{r['group']:18s} {r['name']:34s} {r['ms_per_step']:9.2f}"
         print(f"{head} {ratio:>7s}  {spread:>13s}{extra}")
     if a.json:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True
-            ).stdout.strip()
-        except OSError:
-            commit = ""
-        meta = {
-            "argv": vars(a),
-            "date": datetime.now(timezone.utc).isoformat(),
-            "machine": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "pyro": pyro.__version__,
-            "commit": commit,
-            "load_avg": os.getloadavg(),
-        }
+        meta = {"argv": vars(a), **provenance(), "load_avg": os.getloadavg()}
         with open(a.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     return rows

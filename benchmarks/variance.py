@@ -14,25 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-import pyro_lvm
 from pyro_lvm.elbo import make_estimator
+from pyro_lvm.provenance import provenance
 from pyro_lvm.variance import gradient_moments, linear_gaussian_scenario
 from pyro_lvm.variance.cli import run_variance
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def _pick(rows, **where):
@@ -79,11 +69,7 @@ def _run(args: argparse.Namespace) -> int:
             "draws": draws,
             "particles": list(ks),
             "seed": args.seed,
-            "torch": torch.__version__,
-            "pyro_lvm": pyro_lvm.__version__,
-            "commit": _commit(),
-            "machine": platform.platform(),
-            "threads": torch.get_num_threads(),
+            **provenance(),
         }
     }
     progress = not smoke

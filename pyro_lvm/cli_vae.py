@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pyro_lvm.cli import CLIError, int_list, positive_float, positive_int
+from pyro_lvm.provenance import provenance
 
 __all__ = [
     "add_evaluate_arguments",
@@ -163,7 +164,11 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
     metrics = _evaluate_test(args, vae, x_test, device)
     # what was used: a resume runs only with the checkpoint's settings (resume_mismatch)
     metrics.update(
-        train_seconds=seconds, epochs=history.epochs, config=config, resumed_from_epoch=resumed_from
+        train_seconds=seconds,
+        epochs=history.epochs,
+        config=config,
+        resumed_from_epoch=resumed_from,
+        provenance=provenance(),
     )
     _write_json(out / "metrics.json", metrics)
     _write_json(out / "history.json", history.to_dict())

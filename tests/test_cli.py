@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pyro_lvm.cli import main
 
@@ -27,6 +28,7 @@ def test_quickstart_writes_metrics_checkpoint_and_figures(quickstart_dir):
     assert metrics["log_likelihood"] >= metrics["elbo"] - 0.5
     assert metrics["elbo"] == pytest.approx(metrics["reconstruction"] - metrics["kl"], abs=1e-4)
     assert (quickstart_dir / "checkpoint.pt").stat().st_size > 0
+    assert metrics["provenance"]["torch"] == torch.__version__  # where the figure came from
     for name in ("training_curves.png", "samples.png", "reconstructions.png", "latents.png"):
         assert (quickstart_dir / name).read_bytes()[:4] == b"\x89PNG", name
 

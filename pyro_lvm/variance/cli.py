@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from pyro_lvm.provenance import provenance
 from pyro_lvm.variance.compare import compare_estimators, markdown_table, write_results
 from pyro_lvm.variance.plots import (
     plot_metric_vs_particles,
@@ -123,7 +124,7 @@ def run_variance(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     meta = {"scenario": scenario, "seed": seed, "estimators": estimators}
-    meta["torch"] = torch.__version__
+    meta["provenance"] = provenance()
     files: list[str] = []
     if scenario == "gaussian-testbed":
         unknown = sorted(set(estimators) - set(ESTIMATOR_KINDS))
