@@ -23,6 +23,7 @@ __all__ = [
     "check_extra",
     "check_optimizer",
     "make_callbacks",
+    "make_checkpointer",
     "make_stepper",
     "start_history",
 ]
@@ -109,6 +110,48 @@ def make_callbacks(
         if tensorboard:
             out.append(TensorBoardLogger(Path(log_dir) / "tensorboard"))
     return out
+
+
+def make_checkpointer(
+    checkpoint: str | os.PathLike | None,
+    *,
+    model: Any,
+    guide: Any,
+    optimizer_state: Any,
+    estimator: ELBO,
+    loss_name: str,
+    num_particles: int,
+    batch_size: int,
+    seed: int,
+    num_data: int,
+    fast: bool,
+    extra: dict[str, Any] | None,
+    device: Any,
+    config: dict[str, Any] | None = None,
+    cls: type[Checkpointer] = Checkpointer,
+) -> Checkpointer | None:
+    """The run's :class:`~pyro_lvm.train.loop.Checkpointer` (``None`` without a path).
+
+    Its configuration, which a resume must match, is what fixes the minibatch order and the
+    loss scale: loss name, particles, batch size, seed, data size, and whether FastSVI runs
+    (the two paths keep optimizer state in different layouts); ``config`` adds a loop's own
+    settings. ``cls`` is the checkpointer class (a sharded guide's gathers its rows).
+    """
+    if checkpoint is None:
+        return None
+    settings = {
+        **(config or {}),
+        "loss": loss_name,
+        "num_particles": int(getattr(estimator, "num_particles", num_particles)),
+        "batch_size": int(batch_size),
+        "seed": int(seed),
+        "num_data": int(num_data),
+        "fast": bool(fast),
+    }
+    return cls(
+        checkpoint, model=model, guide=guide, optimizer=optimizer_state, estimator=estimator,
+        config=settings, extra=extra, map_location=device,
+    )  # fmt: skip
 
 
 def start_history(

@@ -17,6 +17,7 @@ from pyro_lvm.train.build import (
     check_extra,
     check_optimizer,
     make_callbacks,
+    make_checkpointer,
     make_stepper,
     start_history,
 )
@@ -27,7 +28,7 @@ from pyro_lvm.train.distributed_loop import DataParallel
 from pyro_lvm.train.divergence import DEFAULT_DIVERGENCE, DivergenceMonitor, DivergenceRule
 from pyro_lvm.train.estimators import resolve_estimator
 from pyro_lvm.train.history import FitHistory
-from pyro_lvm.train.loop import Checkpointer, Loop, NonFiniteLossError, StepResult, run, svi_step
+from pyro_lvm.train.loop import Loop, NonFiniteLossError, StepResult, run, svi_step
 from pyro_lvm.train.loop import validate as validation_bound
 from pyro_lvm.validation import check_rows, validate_inputs
 
@@ -192,20 +193,12 @@ def fit(
     stepper, optimizer_state = make_stepper(
         model, guide, optimizer, estimator, fast, backend, planned
     )
-    config = {
-        "loss": loss_name,
-        "num_particles": int(getattr(estimator, "num_particles", num_particles)),
-        "batch_size": int(batch_size),
-        "seed": int(seed),
-        "num_data": int(num_data),
-        "fast": bool(fast),  # the two paths keep optimizer state in different layouts
-    }
-    checkpointer = None
-    if checkpoint is not None:
-        checkpointer = Checkpointer(
-            checkpoint, model=model, guide=guide, optimizer=optimizer_state,
-            estimator=estimator, config=config, extra=extra, map_location=device,
-        )  # fmt: skip
+    checkpointer = make_checkpointer(
+        checkpoint, model=model, guide=guide, optimizer_state=optimizer_state,
+        estimator=estimator, loss_name=loss_name, num_particles=num_particles,
+        batch_size=batch_size, seed=seed, num_data=num_data, fast=fast, extra=extra,
+        device=device,
+    )  # fmt: skip
     history = start_history(checkpointer, resume, seed, num_data, batch_size)
     first = min(int(batch_size), num_data)
     target = train_data.device if device is None else device

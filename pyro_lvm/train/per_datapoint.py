@@ -17,6 +17,7 @@ from pyro_lvm.train.build import (
     check_extra,
     check_optimizer,
     make_callbacks,
+    make_checkpointer,
     make_stepper,
     start_history,
 )
@@ -173,23 +174,15 @@ def fit_local(
         theta_model, theta_guide, optim, estimator, fast, backend, planned
     )
     inner = dict(lr=inner_lr, max_steps=inner_max_steps, tol=inner_tol, lr_decay=inner_lr_decay)
-    config = {
-        "algorithm": "fit_local",
-        "loss": loss_name,
-        "num_particles": int(getattr(estimator, "num_particles", num_particles)),
-        "batch_size": int(batch_size),
-        "seed": int(seed),
-        "num_data": int(batches.num_data),
-        "fast": bool(fast),
-        "inner": {k: float(v) for k, v in inner.items()},
-    }
-    checkpointer = None
-    if checkpoint is not None:  # a sharded guide's rows are gathered into one file
-        cls = ShardedCheckpointer if isinstance(guide, ShardedLocalGuide) else Checkpointer
-        checkpointer = cls(
-            checkpoint, model=model, guide=guide, optimizer=optimizer_state,
-            estimator=estimator, config=config, extra=extra, map_location=device,
-        )  # fmt: skip
+    checkpointer = make_checkpointer(
+        checkpoint, model=model, guide=guide, optimizer_state=optimizer_state,
+        estimator=estimator, loss_name=loss_name, num_particles=num_particles,
+        batch_size=batch_size, seed=seed, num_data=batches.num_data, fast=fast, extra=extra,
+        device=device, config={"algorithm": "fit_local",
+                               "inner": {k: float(v) for k, v in inner.items()}},
+        # a sharded guide's rows are gathered into one file
+        cls=ShardedCheckpointer if isinstance(guide, ShardedLocalGuide) else Checkpointer,
+    )  # fmt: skip
     history = start_history(checkpointer, resume, seed, batches.num_data, batch_size)
     target = data.device if device is None else device
 
