@@ -17,7 +17,7 @@ the stepper:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyro
@@ -34,9 +34,9 @@ __all__ = ["GradientHook", "svi_step"]
 GradientHook = Callable[[list[torch.Tensor]], None]
 
 
-def _with_grad(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The parameters with a gradient: ``optimizer``'s, then the param store's others."""
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+def _with_grad(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters with a gradient: those of ``params``, then the param store's others."""
+    params = [p for p in params if p.grad is not None]
     ids = {id(p) for p in params}
     store = pyro.get_param_store().named_parameters()
     return params + [p for _, p in store if p.grad is not None and id(p) not in ids]
@@ -51,10 +51,7 @@ class _HookedOptim:
 
     def __call__(self, params: Any, *args: Any, **kwargs: Any) -> None:
         params = list(params)
-        store = pyro.get_param_store().named_parameters()
-        ids = {id(p) for p in params}
-        self.before([p for p in params if p.grad is not None] +
-                    [p for _, p in store if p.grad is not None and id(p) not in ids])  # fmt: skip
+        self.before(_with_grad(params))
         self.optim(params, *args, **kwargs)
 
 
@@ -63,32 +60,37 @@ def _before_update(stepper: Any, hooks: Sequence[GradientHook]) -> Iterator[None
     if not hooks:
         yield
         return
+
+    def run(params: list[torch.Tensor]) -> None:
+        for hook in hooks:
+            hook(params)
+
+    # Pyro's SVI (given, or FastSVI's for schedulers and clipping) calls its PyroOptim once per
+    # step, which clips each parameter's gradient before stepping it: the hooks run before it
+    svi = stepper if isinstance(stepper, SVI) else getattr(stepper, "pyro_svi", None)
+    if svi is not None:
+        original, svi.optim = svi.optim, _HookedOptim(svi.optim, run)
+        try:
+            yield
+        finally:
+            svi.optim = original
+        return
+
     done = False
 
-    def once(params: list[torch.Tensor]) -> None:
-        # once per step, after the backward pass has filled every gradient
+    def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # once: an optimizer built on another (NormalizedGradientAdam on Adam) steps twice
         nonlocal done
         if not done:
             done = True
-            for hook in hooks:
-                hook(params)
+            run(_with_grad(p for g in optimizer.param_groups for p in g["params"]))
 
-    def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        once(_with_grad(optimizer))
-
-    # Pyro's SVI (given, or FastSVI's for schedulers and clipping) calls its PyroOptim, which
-    # clips each parameter's gradient before stepping it: the hooks run before that call
-    svi = stepper if isinstance(stepper, SVI) else getattr(stepper, "pyro_svi", None)
-    original = svi.optim if svi is not None else None
-    if svi is not None:
-        svi.optim = _HookedOptim(original, once)
-    handle = register_optimizer_step_pre_hook(pre_hook)  # FastSVI's fused optimizer
+    # FastSVI's lean path steps its one fused torch optimizer
+    handle = register_optimizer_step_pre_hook(pre_hook)
     try:
         yield
     finally:
         handle.remove()
-        if svi is not None:
-            svi.optim = original
 
 
 def svi_step(stepper: Any, batch: Batch, before_update: Sequence[GradientHook] = ()) -> float:
