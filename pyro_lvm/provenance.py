@@ -23,7 +23,8 @@ __all__ = ["git_commit", "provenance"]
 def git_commit(folder: str | os.PathLike | None = None) -> str | None:
     """The commit checked out at ``folder`` (default: this package's source tree), with
     ``+dirty`` appended when tracked files have uncommitted changes; ``None`` outside a git
-    checkout (an installed wheel) or without ``git``."""
+    checkout, for an installed copy that its enclosing repository does not track (e.g. a
+    virtual environment inside another project), or without ``git``."""
     folder = Path(folder) if folder is not None else Path(__file__).resolve().parent
     try:
         head = subprocess.run(
@@ -31,6 +32,13 @@ def git_commit(folder: str | os.PathLike | None = None) -> str | None:
         )
         if head.returncode != 0:
             return None
+        if folder == Path(__file__).resolve().parent:  # this package's own source, tracked
+            tracked = subprocess.run(
+                ["git", "ls-files", "--error-unmatch", Path(__file__).name],
+                cwd=folder, capture_output=True, text=True, timeout=10,
+            )  # fmt: skip
+            if tracked.returncode != 0:  # installed into a folder of some other repository
+                return None
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=folder, capture_output=True, text=True, timeout=10,
