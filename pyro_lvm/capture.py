@@ -49,6 +49,8 @@ import torch
 from pyro.poutine.messenger import Messenger
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from pyro_lvm.elbo.traits import traits_of
+
 __all__ = [
     "BACKENDS",
     "CaptureError",
@@ -89,7 +91,8 @@ class RuntimeInputs(Protocol):
     graph as inputs; while capturing, the estimator reads them back inside
     :meth:`using_runtime_inputs`. Example: :class:`~pyro_lvm.handlers.KLWeightedELBO`. An
     estimator whose Python state cannot be expressed so (an adapted HMC step size) sets
-    ``capturable = False``; the engine then never captures it."""
+    ``capturable=False`` in its :class:`~pyro_lvm.elbo.traits.EstimatorTraits`; the engine then
+    never captures it."""
 
     def runtime_inputs(self) -> tuple[torch.Tensor, ...]:
         """The current values, as tensors (``()`` when there are none)."""
@@ -120,11 +123,15 @@ def runtime_inputs(owner: Any) -> tuple[torch.Tensor, ...]:
 
 
 def not_capturable(loss: Any) -> str | None:
-    """Why ``loss`` cannot be captured (no differentiable_loss, capturable = False), or None."""
+    """Why ``loss`` cannot be captured (no differentiable_loss, or its traits say
+    ``capturable=False``, :func:`~pyro_lvm.elbo.traits.traits_of`), or None."""
     if not callable(getattr(loss, "differentiable_loss", None)):
         return f"{type(loss).__name__} has no differentiable_loss"
-    if not getattr(loss, "capturable", True):
-        return f"{type(loss).__name__} keeps Python state across steps (capturable = False)"
+    if not traits_of(loss).capturable:
+        return (
+            f"{type(loss).__name__} keeps Python state across steps (its traits declare "
+            "capturable=False)"
+        )
     return None
 
 

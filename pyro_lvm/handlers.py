@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from pyro.poutine.messenger import Messenger
 
 from pyro_lvm.capture import RuntimeInputs
 from pyro_lvm.elbo.handled import FreeBitsELBO, FreeBitsMessenger, HandledELBO, free_bits
+from pyro_lvm.elbo.traits import EstimatorTraits, traits_of
 
 __all__ = [
     "FreeBitsELBO",
@@ -194,10 +196,12 @@ class KLWeightedELBO(HandledELBO, RuntimeInputs):
         self.messenger = KLWeightMessenger(beta, sites)
 
     @property
-    def capturable(self) -> bool:
-        """Whether the wrapped estimator can be captured. A schedule's β is not frozen by a
-        graph: it enters the captured loss as a tensor input (:meth:`runtime_inputs`)."""
-        return getattr(self.base, "capturable", True)
+    def traits(self) -> EstimatorTraits:
+        """The wrapped estimator's traits; a schedule's step is state kept across steps. A
+        schedule's β is not frozen by a graph: it enters the captured loss as a tensor input
+        (:meth:`runtime_inputs`), so capture is the base's to decide."""
+        base = traits_of(self.base)
+        return replace(base, stateful=base.stateful or isinstance(self.messenger.beta, _Schedule))
 
     def runtime_inputs(self) -> tuple[torch.Tensor, ...]:
         """The current β as a 0-dim tensor when β is a schedule, else ``()``.

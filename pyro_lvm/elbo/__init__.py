@@ -2,8 +2,9 @@
 
 Every estimator derives from one family base (:mod:`pyro_lvm.elbo.base`) and is registered
 once with :func:`register`; ``ESTIMATORS`` maps a name to a factory
-``f(num_particles=1, **pyro_elbo_kwargs) -> ELBO`` and :data:`SPECS` holds its category
-and capabilities.
+``f(num_particles=1, **pyro_elbo_kwargs) -> ELBO`` and :data:`SPECS` holds its traits. What
+an estimator instance is and can do (:class:`EstimatorTraits`) is asked with
+:func:`traits_of`.
 """
 
 from pyro_lvm.elbo.base import (
@@ -34,6 +35,7 @@ from pyro_lvm.elbo.registry import (
 from pyro_lvm.elbo.renyi import RenyiBound
 from pyro_lvm.elbo.score_function import ScoreFunctionELBO
 from pyro_lvm.elbo.stl import STL
+from pyro_lvm.elbo.traits import EstimatorTraits, traits_of
 from pyro_lvm.elbo.vimco import VIMCO
 
 #: the names whose objective is the ELBO itself (their mean gradient is the ELBO's)
@@ -53,6 +55,7 @@ __all__ = [
     "ESTIMATORS",
     "Estimator",
     "EstimatorSpec",
+    "EstimatorTraits",
     "FIVO",
     "HMCRefinedELBO",
     "IWAE",
@@ -77,4 +80,5 @@ __all__ = [
     "names",
     "prepare_for_fit",
     "register",
+    "traits_of",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.util import warn_if_nan
 
 from pyro_lvm.elbo.rescore import RESCORE_FAILURES, rescorable
+from pyro_lvm.elbo.traits import EstimatorTraits
 
 __all__ = [
     "DetachSamples",
@@ -166,26 +168,46 @@ class Estimator(RNGNeutralGuess):
     r"""Mixin of every registered estimator (put it before the ``pyro.infer.ELBO`` class).
 
     Subclass contract: implement ``differentiable_loss`` (the family bases do, from one
-    smaller method each); :meth:`loss` and :meth:`loss_and_grads` derive from it. Estimators
-    that keep state across steps update it only while :attr:`updates_state` is true and
-    override :meth:`state_dict` / :meth:`load_state_dict`; :meth:`loss` freezes the state.
+    smaller method each); :meth:`loss` and :meth:`loss_and_grads` derive from it. Declare
+    what the estimator is and can do in the class attribute :attr:`traits` (an
+    :class:`~pyro_lvm.elbo.traits.EstimatorTraits`; replace the fields that differ from the
+    base's), and, when they depend on constructor arguments, override
+    :meth:`configured_traits` and set ``self.traits = self.configured_traits(...)`` before
+    calling ``super().__init__``. Estimators that keep state across steps declare
+    ``stateful=True``, update it only while :attr:`updates_state` is true and override
+    :meth:`state_dict` / :meth:`load_state_dict`; :meth:`loss` freezes the state.
 
     ``max_plate_nesting`` is guessed on the first call, as Pyro guesses it, unless given;
     the dry run does not consume the caller's random stream.
 
-    :param num_particles: K, at least :attr:`min_particles`; vectorized by default.
+    :param num_particles: K, at least ``traits.min_particles``; vectorized by default.
     :param kwargs: Pyro's ``ELBO`` keyword arguments.
+    :raises ValueError: on K below ``traits.min_particles``.
     """
 
-    #: the smallest number of particles the estimator accepts
-    min_particles = 1
+    #: what this estimator is and can do; read through :func:`~pyro_lvm.elbo.traits_of`
+    traits: EstimatorTraits = EstimatorTraits()
     #: advice appended to the error on too few particles
     _particles_remedy = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass that overrides :meth:`state_dict` without declaring its own
+        :attr:`traits` keeps state: its traits become ``stateful=True, capturable=False``,
+        read once here (the rule the capture engine and checkpoints used to apply)."""
+        super().__init_subclass__(**kwargs)
+        if "traits" not in cls.__dict__ and "state_dict" in cls.__dict__:
+            cls.traits = replace(cls.traits, stateful=True, capturable=False)
+
+    @classmethod
+    def configured_traits(cls, **config: Any) -> EstimatorTraits:
+        """The traits of an instance built with the constructor arguments ``config`` (the
+        registry calls it with a registration's bound arguments); default :attr:`traits`."""
+        return cls.traits
 
     def __init__(self, num_particles: int = 1, **kwargs: Any):
         kwargs.setdefault("vectorize_particles", True)
         num_particles = check_num_particles(
-            num_particles, self.min_particles, self._particles_remedy
+            num_particles, self.traits.min_particles, self._particles_remedy
         )
         super().__init__(num_particles=num_particles, **kwargs)
         self._update_state = True
@@ -218,15 +240,6 @@ class Estimator(RNGNeutralGuess):
         if getattr(loss, "requires_grad", False):
             loss.backward(retain_graph=self.retain_graph)
         return torch_item(loss)
-
-    @property
-    def capturable(self) -> bool:
-        """Whether :mod:`pyro_lvm.capture` may record this estimator's loss as a graph.
-
-        Not when the class keeps state across steps (it overrides :meth:`state_dict`): a
-        graph would replay the state it was captured with.
-        """
-        return type(self).state_dict is Estimator.state_dict
 
     def state_dict(self) -> dict[str, Any]:
         """State kept across steps, as plain tensors, floats and ints (none by default)."""

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.infer import ELBO
-from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
 
+from pyro_lvm.elbo.base import Estimator
 from pyro_lvm.elbo.iwae import IWAE
 from pyro_lvm.elbo.multisample import PARTICLE_PLATE, log_weights
 from pyro_lvm.elbo.registry import register
+from pyro_lvm.elbo.traits import EstimatorTraits
 from pyro_lvm.sequential import SequentialProgram, check_sequences, is_sequential
 
 __all__ = ["FIVO", "RESAMPLING", "SMCResult", "effective_sample_size", "resample"]
@@ -79,16 +82,14 @@ class SMCResult:
 
 @register(
     "fivo",
-    "bound",
     summary="filtering variational objective: SMC over time steps (Maddison et al. 2017)",
 )
 @register(
     "sequence-iwae",
-    "bound",
     resampling="none",
     summary="the IWAE bound over whole sequences: FIVO without resampling",
 )
-class FIVO(ELBO):
+class FIVO(Estimator, ELBO):
     r"""The filtering variational objective: log of an SMC estimate of :math:`p(x_{1:T})`.
 
     For a step-wise model and guide (the :class:`~pyro_lvm.models.SequentialProgram`
@@ -139,8 +140,15 @@ class FIVO(ELBO):
 
     #: whether to resample is decided in Python from the weights at every step, which a
     #: captured graph would freeze (:mod:`pyro_lvm.capture`): FastSVI and ``optimize_local``
-    #: run this loss eagerly.
-    capturable = False
+    #: run this loss eagerly. Guide sites of a whole-program model are handled as IWAE
+    #: handles them; a step-wise one needs reparameterized sites.
+    traits = EstimatorTraits(category="bound", capturable=False, gradient="smc")
+
+    @classmethod
+    def configured_traits(cls, resampling: str = "multinomial", **config: Any) -> EstimatorTraits:
+        """Without resampling the gradient is the unbiased pathwise one of the sequence IWAE
+        bound; with resampling its terms are dropped (``"smc"``, biased)."""
+        return replace(cls.traits, gradient="reparam" if resampling == "none" else "smc")
 
     def __init__(
         self,
@@ -157,14 +165,11 @@ class FIVO(ELBO):
             raise ValueError(f"ess_threshold must lie in (0, 1], got {ess_threshold}")
         if not vectorize_particles:
             raise ValueError("FIVO always vectorizes its particles; drop vectorize_particles")
-        if isinstance(num_particles, bool) or int(num_particles) != num_particles:
-            raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
-        if int(num_particles) < 1:
-            raise ValueError(f"num_particles must be a positive integer, got {num_particles}")
         if not math.isfinite(max_plate_nesting):
             max_plate_nesting = 1
+        self.traits = self.configured_traits(resampling=resampling)
         super().__init__(
-            num_particles=int(num_particles),
+            num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=True,
             **kwargs,
@@ -174,16 +179,7 @@ class FIVO(ELBO):
         self._step_nesting = int(max_plate_nesting)
         # a whole-program model is one step: its SMC bound is the IWAE bound, so it runs on
         # the multi-sample engine (any plate nesting, every site kind, the empty model)
-        self._whole_program = IWAE(num_particles=int(num_particles))
-
-    def state_dict(self) -> dict:
-        """FIVO keeps no state across steps (resampling draws from the global generator)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Accept only the empty state of :meth:`state_dict`."""
-        if state:
-            raise ValueError(f"FIVO keeps no state; got {sorted(state)}")
+        self._whole_program = IWAE(num_particles=self.num_particles)
 
     def __repr__(self) -> str:
         return (
@@ -306,18 +302,6 @@ class FIVO(ELBO):
         loss = -scale * log_z.sum()
         warn_if_nan(loss, "loss")
         return loss
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        """The value of :meth:`differentiable_loss`, without gradients."""
-        with torch.no_grad():
-            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """:meth:`differentiable_loss` and its backward pass."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward(retain_graph=self.retain_graph)
-        return torch_item(loss)
 
 
 def _particles(num_particles: int, max_plate_nesting: float) -> pyro.plate:

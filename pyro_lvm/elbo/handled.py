@@ -19,6 +19,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
 from pyro_lvm.elbo.registry import ESTIMATORS
+from pyro_lvm.elbo.traits import EstimatorTraits, traits_of
 
 __all__ = ["FreeBitsELBO", "FreeBitsMessenger", "HandledELBO", "free_bits"]
 
@@ -51,9 +52,9 @@ class HandledELBO(ELBO):
         raise NotImplementedError
 
     @property
-    def capturable(self) -> bool:
-        """Whether the wrapped estimator can be captured (:mod:`pyro_lvm.capture`)."""
-        return getattr(self.base, "capturable", True)
+    def traits(self) -> EstimatorTraits:
+        """The wrapped estimator's traits (:func:`~pyro_lvm.elbo.traits_of`)."""
+        return traits_of(self.base)
 
     def _get_trace(self, model, guide, args, kwargs):
         return self.base._get_trace(*self._wrap(model, guide), args, kwargs)

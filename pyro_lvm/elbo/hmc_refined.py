@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import pyro.poutine as poutine
@@ -18,7 +19,7 @@ __all__ = ["HMCRefinedELBO"]
 _SUMMARY = "ELBO for the guide, HMC-refined posterior samples for the model (Hoffman 2017)"
 
 
-@register("hmc-refined", "refined", sites="reparam", summary=_SUMMARY)
+@register("hmc-refined", summary=_SUMMARY)
 class HMCRefinedELBO(SurrogateELBO):
     r"""ELBO for the guide, HMC-refined samples for the model (Hoffman 2017).
 
@@ -61,7 +62,14 @@ class HMCRefinedELBO(SurrogateELBO):
 
     #: the step size adapts and the acceptance is recorded in Python between calls, which a
     #: captured graph would freeze (:mod:`pyro_lvm.capture`): the engine runs it eagerly.
-    capturable = False
+    traits = replace(
+        SurrogateELBO.traits,
+        category="refined",
+        sites="reparam",
+        stateful=True,
+        capturable=False,
+        gradient="refined",
+    )
 
     def __init__(
         self,

@@ -10,15 +10,11 @@ __all__ = ["GRADIENTS", "IWAE", "flush_negligible"]
 
 @register(
     "iwae-dreg",
-    "bound",
-    sites="reparam",
     gradient="dreg",
     summary=("IWAE with doubly reparameterized gradients (Tucker et al. 2018)"),
 )
-@register("iwae-stl", "bound", gradient="stl", summary="IWAE with sticking-the-landing gradients")
-@register(
-    "iwae", "bound", gradient="reparam", summary="importance weighted bound (Burda et al. 2015)"
-)
+@register("iwae-stl", gradient="stl", summary="IWAE with sticking-the-landing gradients")
+@register("iwae", gradient="reparam", summary="importance weighted bound (Burda et al. 2015)")
 class IWAE(RenyiBound):
     r"""The ``K``-sample importance weighted bound of Burda et al. (2015), per data point.
 

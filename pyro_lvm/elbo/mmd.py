@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Literal
 
 import pyro.poutine as poutine
@@ -90,6 +91,8 @@ class MMDELBO(SurrogateELBO):
     :param bandwidth: kernel bandwidth h (default √D).
     """
 
+    traits = replace(SurrogateELBO.traits, category="divergence", sites="reparam")
+
     def __init__(
         self,
         kl_weight: float = 1.0,
@@ -176,9 +179,7 @@ class MMDELBO(SurrogateELBO):
         return term.detach(), term
 
 
-@register(
-    "mmd-vae", "divergence", sites="reparam", summary="InfoVAE: ELBO + λ MMD(aggregate q(z), p(z))"
-)
+@register("mmd-vae", summary="InfoVAE: ELBO + λ MMD(aggregate q(z), p(z))")
 class InfoVAE(MMDELBO):
     r"""InfoVAE (Zhao et al. 2017, arXiv:1706.02262, eq. 6) in its MMD form.
 
@@ -205,8 +206,6 @@ class InfoVAE(MMDELBO):
 
 @register(
     "wae-mmd",
-    "divergence",
-    sites="reparam",
     summary="WAE: reconstruction + λ MMD(aggregate q(z), p(z))",
 )
 class WAEMMD(MMDELBO):

@@ -50,13 +50,14 @@ class MultiSampleELBO(Estimator, ELBO):
     with :math:`\perp` the stop-gradient and :math:`N / B` the subsample scale, applied after
     the particles are combined (NumPyro's treatment of local latents, unlike Pyro issue #3104).
 
-    :param num_particles: number of particles ``K`` (at least ``min_particles``).
+    :param num_particles: number of particles ``K`` (at least ``traits.min_particles``).
     :param max_plate_nesting: bound on nested plates (guessed by a dry run when infinite).
     :param vectorize_particles: draw the particles in one vectorized pass (default).
     :param kwargs: other :class:`pyro.infer.ELBO` keyword arguments.
-    :raises ValueError: on ``num_particles`` below ``min_particles``.
+    :raises ValueError: on ``num_particles`` below ``traits.min_particles``.
     """
 
+    traits = replace(Estimator.traits, category="bound")
     #: whether the estimator needs ``log_w_stop``
     _stop_guide = False
     #: whether the estimator rescales the gradient along the sample path

@@ -16,6 +16,7 @@ from pyro.infer import ELBO, RenyiELBO, ReweightedWakeSleep, TraceTailAdaptive_E
 from pyro.infer.util import torch_item
 
 from pyro_lvm.elbo.base import RNGNeutralGuess
+from pyro_lvm.elbo.traits import PYRO_TRAITS
 
 __all__ = [
     "TailAdaptiveWithBound",
@@ -50,6 +51,8 @@ class WakeSleepLoss(ELBO):
 
     :param base: the ``ReweightedWakeSleep`` instance.
     """
+
+    traits = PYRO_TRAITS[ReweightedWakeSleep]
 
     def __init__(self, base: ReweightedWakeSleep):
         super().__init__(

@@ -1,24 +1,29 @@
-"""The estimator registry: one registration per name, carrying its category and capabilities.
+"""The estimator registry: one registration per name; what each can do comes from its traits.
 
 Register a class (or any factory ``f(num_particles=..., **kwargs) -> ELBO``) with the
 :func:`register` decorator; :data:`ESTIMATORS`, :func:`make_estimator`, the CLI's choices,
-:func:`estimator_table` (the README's table) and the contract tests all derive from it::
+:func:`estimator_table` (the README's table) and the contract tests all derive from it. What
+the estimator is and can do (category, guide sites, particles, state, capture, gradient) is
+the class's :class:`~pyro_lvm.elbo.traits.EstimatorTraits`, read with the registration's
+bound arguments::
 
-    @register("my-bound", "bound", sites="reparam")
+    @register("my-bound", summary="my multi-sample bound")
     class MyBound(MultiSampleELBO):
+        traits = replace(MultiSampleELBO.traits, sites="reparam")
         ...
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
 from pyro.infer import ELBO
 
 from pyro_lvm.elbo.pyro_elbos import Trace_ELBO, TraceMeanField_ELBO
+from pyro_lvm.elbo.traits import CATEGORIES, SITES, EstimatorTraits, declared_traits, traits_of
 
 __all__ = [
     "CATEGORIES",
@@ -32,16 +37,6 @@ __all__ = [
     "register",
 ]
 
-#: what an estimator's value is: the ELBO itself; a multi-sample bound (the ELBO at K = 1,
-#: between the ELBO and log p(x) for K > 1); an objective that is not a bound on log p(x)
-#: (a divergence between aggregate posterior and prior); the ELBO with an MCMC-refined model
-#: gradient (neither an ELBO gradient nor a bound's).
-CATEGORIES = ("elbo", "bound", "divergence", "refined")
-
-#: which guide sites an estimator handles: ``"any"`` (reparameterized ones pathwise, the
-#: others by score function) or ``"reparam"`` (every guide site needs ``rsample``).
-SITES = ("any", "reparam")
-
 
 @dataclass(frozen=True)
 class EstimatorSpec:
@@ -49,20 +44,32 @@ class EstimatorSpec:
 
     :ivar name: the registry name (CLI ``--estimator``).
     :ivar factory: ``f(num_particles=1, **kwargs) -> ELBO``.
-    :ivar category: one of :data:`CATEGORIES`.
-    :ivar sites: one of :data:`SITES`.
-    :ivar min_particles: the smallest K it accepts.
+    :ivar traits: what every instance the factory builds is and can do
+        (``traits_of(factory(...)) == traits``, a contract test checks it).
     :ivar summary: one line for the docs table.
     :ivar module: the module that defines the registered class or function.
     """
 
     name: str
     factory: Callable[..., ELBO]
-    category: str
-    sites: str
-    min_particles: int
+    traits: EstimatorTraits
     summary: str
     module: str = ""
+
+    @property
+    def category(self) -> str:
+        """``traits.category``."""
+        return self.traits.category
+
+    @property
+    def sites(self) -> str:
+        """``traits.sites``."""
+        return self.traits.sites
+
+    @property
+    def min_particles(self) -> int:
+        """``traits.min_particles``."""
+        return self.traits.min_particles
 
 
 #: name -> :class:`EstimatorSpec`, in registration order
@@ -74,43 +81,65 @@ SPECS: dict[str, EstimatorSpec] = {}
 ESTIMATORS: dict[str, Callable[..., ELBO]] = {}
 
 
+def _stamped(factory: Callable[..., ELBO], traits: EstimatorTraits) -> Callable[..., ELBO]:
+    """A factory whose instances carry ``traits`` (a registration that narrows its class's)."""
+
+    def build(*args: Any, **kwargs: Any) -> ELBO:
+        estimator = factory(*args, **kwargs)
+        estimator.traits = traits
+        return estimator
+
+    return build
+
+
 def register(
     name: str,
-    category: str,
+    category: str | None = None,
     *,
-    sites: str = "any",
+    sites: str | None = None,
     min_particles: int | None = None,
     summary: str | None = None,
     **defaults: Any,
 ) -> Callable[[Callable[..., ELBO]], Callable[..., ELBO]]:
     """Class/factory decorator registering ``name``; returns the decorated object unchanged.
 
+    The name's traits are the class's (:func:`~pyro_lvm.elbo.traits.declared_traits` with
+    ``defaults`` as its constructor arguments); a factory that is not such a class is built
+    once, with ``min_particles`` particles, and asked (:func:`~pyro_lvm.elbo.traits_of`).
+    ``category``, ``sites`` and ``min_particles``, where given, replace the corresponding
+    traits for this name only (its instances carry the result); leave them out when the
+    class declares them.
+
     :param name: the registry name, unique.
-    :param category: one of :data:`CATEGORIES`.
-    :param sites: one of :data:`SITES`.
-    :param min_particles: the smallest K (default: the class's ``min_particles``, else 1).
+    :param category: one of :data:`CATEGORIES` (default: the class's).
+    :param sites: one of :data:`SITES` (default: the class's).
+    :param min_particles: the smallest K (default: the class's).
     :param summary: a line for the docs table (default: the first line of the docstring).
     :param defaults: keyword arguments bound into the factory (one class, several names).
     :raises ValueError: on a taken name, an unknown category or site kind.
     """
     if name in SPECS:
         raise ValueError(f"estimator {name!r} is registered already; choose another name")
-    if category not in CATEGORIES:
+    if category is not None and category not in CATEGORIES:
         raise ValueError(f"category must be one of {CATEGORIES}, got {category!r}")
-    if sites not in SITES:
+    if sites is not None and sites not in SITES:
         raise ValueError(f"sites must be one of {SITES}, got {sites!r}")
+    given = {"category": category, "sites": sites, "min_particles": min_particles}
+    overrides = {k: v for k, v in given.items() if v is not None}
 
     def decorate(target: Callable[..., ELBO]) -> Callable[..., ELBO]:
         factory = partial(target, **defaults) if defaults else target
+        declared = declared_traits(target, **defaults) if isinstance(target, type) else None
+        if declared is None:
+            declared = traits_of(factory(num_particles=int(min_particles or 1)))
+        traits = replace(declared, **overrides)
+        if traits != declared:
+            factory = _stamped(factory, traits)
         doc = (getattr(target, "__doc__", None) or name).strip().splitlines()[0]
         SPECS[name] = EstimatorSpec(
             name=name,
             factory=factory,
-            category=category,
-            sites=sites,
-            min_particles=int(
-                min_particles if min_particles is not None else getattr(target, "min_particles", 1)
-            ),
+            traits=traits,
             summary=summary or doc,
             module=getattr(getattr(target, "func", target), "__module__", "") or "",
         )
@@ -188,15 +217,9 @@ def estimator_table(only: Iterable[str] | None = None) -> str:
     return "\n".join(rows)
 
 
-def _pyro_elbo(cls: type[ELBO], num_particles: int = 1, **kwargs: Any) -> ELBO:
-    kwargs.setdefault("vectorize_particles", True)
-    return cls(num_particles=num_particles, **kwargs)
-
-
-register("elbo", "elbo", summary="Pyro's `Trace_ELBO`")(partial(_pyro_elbo, Trace_ELBO))
+register("elbo", summary="Pyro's `Trace_ELBO`", vectorize_particles=True)(Trace_ELBO)
 register(
     "elbo-analytic-kl",
-    "elbo",
-    sites="reparam",
     summary="Pyro's `TraceMeanField_ELBO` (analytic KL where registered)",
-)(partial(_pyro_elbo, TraceMeanField_ELBO))
+    vectorize_particles=True,
+)(TraceMeanField_ELBO)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from typing import Any
 
 import torch
 
 from pyro_lvm.elbo.multisample import LogWeights, MultiSampleELBO
 from pyro_lvm.elbo.registry import register
+from pyro_lvm.elbo.traits import EstimatorTraits
 
 __all__ = ["GRADIENTS", "RenyiBound", "SCORE_BASELINES", "flush_negligible"]
 
@@ -20,7 +23,7 @@ GRADIENTS = ("reparam", "stl", "dreg")
 SCORE_BASELINES = ("loo", "none")
 
 
-@register("renyi", "bound", alpha=0.5, summary=_SUMMARY)
+@register("renyi", alpha=0.5, summary=_SUMMARY)
 class RenyiBound(MultiSampleELBO):
     r"""The variational Rényi bound, Monte Carlo estimated with ``K`` particles per data point.
 
@@ -132,6 +135,7 @@ class RenyiBound(MultiSampleELBO):
             raise ValueError(
                 f"unknown score_baseline {score_baseline!r}; choose one of {SCORE_BASELINES}"
             )
+        self.traits = self.configured_traits(gradient=gradient)
         self._alpha = alpha
         self.gradient = gradient
         self.score_baseline = score_baseline
@@ -142,6 +146,12 @@ class RenyiBound(MultiSampleELBO):
             vectorize_particles=vectorize_particles,
             **kwargs,
         )
+
+    @classmethod
+    def configured_traits(cls, gradient: str = "reparam", **config: Any) -> EstimatorTraits:
+        """The class's traits with the gradient kind; DReG needs reparameterized guide sites."""
+        sites = "reparam" if gradient == "dreg" else cls.traits.sites
+        return replace(cls.traits, gradient=gradient, sites=sites)
 
     @property
     def alpha(self) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pyro
@@ -18,7 +19,6 @@ from torch import nn
 from pyro_lvm.elbo.base import (
     DetachSamples,
     SurrogateELBO,
-    check_num_particles,
     particle_dim,
     rescored_log_prob,
 )
@@ -30,6 +30,7 @@ from pyro_lvm.elbo.baselines import (
     leave_one_out_baseline,
 )
 from pyro_lvm.elbo.registry import register
+from pyro_lvm.elbo.traits import EstimatorTraits
 
 __all__ = ["ScoreFunctionELBO"]
 
@@ -39,10 +40,10 @@ _LOO = "score function at every guide site, leave-one-out baseline over the K pa
 _NVIL = "score function at every guide site, learned input-dependent baseline (NVIL)"
 
 
-@register("score-function-nvil", "elbo", baseline="nvil", summary=_NVIL)
-@register("score-function-loo-baseline", "elbo", baseline="loo", min_particles=2, summary=_LOO)
-@register("score-function-avg-baseline", "elbo", baseline="avg", summary=_AVG)
-@register("score-function", "elbo", baseline="none", summary=_NONE)
+@register("score-function-nvil", baseline="nvil", summary=_NVIL)
+@register("score-function-loo-baseline", baseline="loo", summary=_LOO)
+@register("score-function-avg-baseline", baseline="avg", summary=_AVG)
+@register("score-function", baseline="none", summary=_NONE)
 class ScoreFunctionELBO(SurrogateELBO):
     r"""The ELBO with score-function gradients at every guide site, reparameterizable or not.
 
@@ -104,6 +105,26 @@ class ScoreFunctionELBO(SurrogateELBO):
        arXiv:1506.05254.
     """
 
+    #: keeps decaying averages (``baseline="avg"`` or a site's own ``infer={"baseline": ...}``)
+    #: and NVIL's network across steps: every configuration is checkpointed
+    traits = replace(SurrogateELBO.traits, stateful=True, gradient="score")
+    _particles_remedy = (
+        "The leave-one-out baseline averages the other particles: use num_particles=K >= 2, "
+        "or baseline='avg'."
+    )
+
+    @classmethod
+    def configured_traits(cls, baseline: str = "none", **config: Any) -> EstimatorTraits:
+        """The class's traits for ``baseline``: the leave-one-out baseline needs K >= 2; the
+        average and NVIL baselines learn in Python between steps, so they are not captured
+        (without a baseline or with the leave-one-out one nothing changes between steps but
+        a site's own decaying average, restored after each dry run)."""
+        return replace(
+            cls.traits,
+            min_particles=2 if baseline == "loo" else 1,
+            capturable=baseline in ("none", "loo"),
+        )
+
     def __init__(
         self,
         num_particles: int = 1,
@@ -119,13 +140,8 @@ class ScoreFunctionELBO(SurrogateELBO):
         if not 0.0 <= baseline_beta < 1.0:
             raise ValueError(f"baseline_beta must lie in [0, 1), got {baseline_beta}")
         kwargs.setdefault("vectorize_particles", True)
+        self.traits = self.configured_traits(baseline=baseline)
         if baseline == "loo":
-            check_num_particles(
-                num_particles,
-                2,
-                "The leave-one-out baseline averages the other particles: use num_particles=K "
-                ">= 2, or baseline='avg'.",
-            )
             if not kwargs["vectorize_particles"]:
                 raise ValueError(
                     "baseline='loo' needs vectorize_particles=True (the particles must share "
@@ -144,12 +160,6 @@ class ScoreFunctionELBO(SurrogateELBO):
         return (
             f"{type(self).__name__}(num_particles={self.num_particles}, baseline={self.baseline!r})"
         )
-
-    @property
-    def capturable(self) -> bool:
-        """Without a baseline or with the leave-one-out one, nothing is kept across steps, so
-        :mod:`pyro_lvm.capture` may record the loss; the other baselines learn in Python."""
-        return self.baseline in ("none", "loo")
 
     def state_dict(self) -> dict[str, Any]:
         """The decaying averages and the NVIL network's weights (plain tensors).

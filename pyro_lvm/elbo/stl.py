@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pyro.distributions.util import is_identically_zero
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import torch_item
@@ -12,7 +14,7 @@ from pyro_lvm.elbo.registry import register
 __all__ = ["STL"]
 
 
-@register("stl", "elbo", summary="ELBO with the sticking-the-landing gradient (Roeder et al. 2017)")
+@register("stl", summary="ELBO with the sticking-the-landing gradient (Roeder et al. 2017)")
 class STL(SurrogateELBO):
     r"""The ELBO with the "sticking the landing" gradient of Roeder, Wu & Duvenaud (2017).
 
@@ -56,6 +58,8 @@ class STL(SurrogateELBO):
     2. Tucker, Lawson, Gu & Maddison (2018), *Doubly Reparameterized Gradient Estimators for
        Monte Carlo Objectives*, arXiv:1810.04152.
     """
+
+    traits = replace(SurrogateELBO.traits, gradient="stl")
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         elbo = 0.0

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pyro_lvm.elbo.iwae import IWAE
 from pyro_lvm.elbo.registry import register
 
 __all__ = ["VIMCO"]
 
 
-@register(
-    "vimco", "bound", summary="IWAE with leave-one-out control variates (Mnih & Rezende 2016)"
-)
+@register("vimco", summary="IWAE with leave-one-out control variates (Mnih & Rezende 2016)")
 class VIMCO(IWAE):
     r"""Variational inference for Monte Carlo objectives (Mnih & Rezende 2016).
 
@@ -43,7 +43,7 @@ class VIMCO(IWAE):
        arXiv:1602.06725.
     """
 
-    min_particles = 2
+    traits = replace(IWAE.traits, min_particles=2)
     _particles_remedy = "The leave-one-out baseline needs another particle."
 
     def __init__(self, num_particles: int = 2, gradient: str = "reparam", **kwargs):

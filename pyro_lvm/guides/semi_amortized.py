@@ -46,8 +46,10 @@ def _inner_estimator(name: str, num_particles: int):
 
 def _plate_free_bound(name: str) -> bool:
     """Whether a registered bound is a Rényi/IWAE/VIMCO bound without DReG's path rescaling."""
-    est = make_estimator(name, max(SPECS[name].min_particles, 2))
-    return isinstance(est, MultiSampleELBO) and not getattr(est, "gradient", "") == "dreg"
+    spec = SPECS[name]
+    if spec.traits.gradient == "dreg":
+        return False
+    return isinstance(make_estimator(name, max(spec.min_particles, 2)), MultiSampleELBO)
 
 
 class SemiAmortizedGuide(PyroModule):

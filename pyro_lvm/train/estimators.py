@@ -6,7 +6,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pyro.infer import ELBO
 
-from pyro_lvm.elbo import make_estimator
+from pyro_lvm.elbo import make_estimator, traits_of
 
 __all__ = [
     "StatefulEstimator",
@@ -29,7 +29,9 @@ class StatefulEstimator(Protocol):
     - ``load_state_dict(state)`` restores it on resume, so the resumed steps equal those of an
       uninterrupted run. It raises (any exception) on a state it cannot take.
 
-    An estimator without these methods is taken to be stateless.
+    Whether an estimator keeps state is its traits' ``stateful``
+    (:func:`~pyro_lvm.elbo.traits_of`): declared by the library's estimators, read from these
+    two methods for a user's own ELBO.
     """
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -65,11 +67,11 @@ def resolve_estimator(loss: str | ELBO, num_particles: int = 1) -> tuple[ELBO, s
 
 
 def get_estimator_state(estimator: Any) -> dict[str, Any] | None:
-    """``estimator.state_dict()`` for a :class:`StatefulEstimator`, else ``None``.
+    """``estimator.state_dict()`` for an estimator whose traits say ``stateful``, else ``None``.
 
     :raises ValueError: when ``state_dict()`` does not return a dict.
     """
-    if not isinstance(estimator, StatefulEstimator):
+    if not traits_of(estimator).stateful:
         return None
     state = estimator.state_dict()
     if not isinstance(state, dict):
@@ -85,16 +87,20 @@ def set_estimator_state(
 ) -> None:
     """Restore an estimator state saved by :func:`get_estimator_state`.
 
-    ``None`` (a stateless estimator wrote the checkpoint) restores nothing.
+    ``None`` (a stateless estimator wrote the checkpoint), or a state that holds nothing but
+    empty containers (what stateless estimators wrote before their traits were declared),
+    restores nothing into a stateless estimator.
 
     :param source: how to name the origin in error messages (the checkpoint path).
     :raises ValueError: when ``state`` holds state but ``estimator`` cannot take it: it is
-        not a :class:`StatefulEstimator`, or its ``load_state_dict`` refused the state.
+        stateful, or its ``load_state_dict`` refused the state.
     """
     if state is None:
         return
     name = type(estimator).__name__
-    if not isinstance(estimator, StatefulEstimator):
+    if not traits_of(estimator).stateful:
+        if not _holds_state(state):
+            return
         raise ValueError(
             f"{source} holds estimator state (keys {sorted(state)}) but the estimator {name} "
             "keeps none, so the resumed run would not continue the saved one; resume with the "
@@ -107,3 +113,12 @@ def set_estimator_state(
             f"the estimator state in {source} (keys {sorted(state)}) does not fit {name} "
             f"({type(e).__name__}: {e}); resume with the estimator that wrote the checkpoint"
         ) from e
+
+
+def _holds_state(state: Any) -> bool:
+    """Whether a saved state holds anything but (nested) empty dicts and lists."""
+    if isinstance(state, dict):
+        return any(_holds_state(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return any(_holds_state(v) for v in state)
+    return True

@@ -50,6 +50,7 @@ from pyro_lvm.capture import (
     verify,
 )
 from pyro_lvm.capture_inductor import compile_inductor, inductor_pays
+from pyro_lvm.elbo.traits import traits_of
 
 if TYPE_CHECKING:
     from pyro_lvm.train.fast import FastSVI
@@ -246,9 +247,7 @@ class SignatureGraphs:
         rng = get_rng_state()
         grads = [(p, p.grad) for p in self.svi._params.values()]
         loss = self.svi.loss
-        stateful = callable(getattr(loss, "state_dict", None)) and callable(
-            getattr(loss, "load_state_dict", None)
-        )
+        stateful = traits_of(loss).stateful
         saved = copy.deepcopy(loss.state_dict()) if stateful else None
         try:
             yield

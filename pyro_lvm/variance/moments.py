@@ -24,6 +24,7 @@ from pyro_lvm.capture import (
     set_rng_state,
     verify,
 )
+from pyro_lvm.elbo.traits import traits_of
 
 __all__ = ["GradientMoments", "GroupMoments", "gradient_moments", "parameter_groups"]
 
@@ -164,10 +165,7 @@ def _compile(estimator: ELBO, model, guide, params, args, kwargs, rtol: float | 
         return None, reason
     if kwargs:
         return None, NEEDS_TENSORS
-    has_state = all(
-        callable(getattr(estimator, m, None)) for m in ("state_dict", "load_state_dict")
-    )
-    state = estimator.state_dict() if has_state else None
+    state = estimator.state_dict() if traits_of(estimator).stateful else None
     rng = get_rng_state()
     ours = {id(p) for p in params}
     extra = [

@@ -15,7 +15,7 @@ from pyro.distributions.testing.rejection_gamma import ShapeAugmentedGamma
 from pyro.infer import Trace_ELBO
 
 from pyro_lvm import elbo as E
-from pyro_lvm.elbo import ESTIMATORS, SPECS, Estimator, make_estimator, register
+from pyro_lvm.elbo import ESTIMATORS, SPECS, Estimator, make_estimator, register, traits_of
 from pyro_lvm.elbo.registry import CATEGORIES
 from pyro_lvm.guides import AmortizedGaussianGuide
 from pyro_lvm.handlers import FreeBitsELBO, KLWeightedELBO, linear_schedule
@@ -144,6 +144,7 @@ def test_checkpoint_protocol_covers_every_estimator():
         est = make_estimator(name, _k(name))
         state = get_estimator_state(est)
         assert isinstance(est, StatefulEstimator) == (name not in PYRO_NAMES)
+        assert (state is None) == (not traits_of(est).stateful)
         assert state is None or _plain(state)
         set_estimator_state(est, state)
     with pytest.raises(ValueError, match="keeps none"):

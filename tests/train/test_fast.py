@@ -12,7 +12,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_lvm.capture import RuntimeInputs
-from pyro_lvm.elbo import ESTIMATORS, make_estimator
+from pyro_lvm.elbo import ESTIMATORS, make_estimator, traits_of
 from pyro_lvm.handlers import KLWeightedELBO, kl_weight
 from pyro_lvm.models import VAE
 from pyro_lvm.train.fast import FastSVI
@@ -356,8 +356,8 @@ def test_a_kl_schedule_estimator_is_traced_with_beta_as_an_input():
     assert KLWeightedELBO(Trace_ELBO(), 0.5).runtime_inputs() == ()
     (beta,) = KLWeightedELBO(Trace_ELBO(), lambda: 0.25).runtime_inputs()
     assert beta.shape == () and float(beta) == 0.25
-    assert KLWeightedELBO(Trace_ELBO(), lambda: 0.5).capturable
-    assert not KLWeightedELBO(make_estimator("hmc-refined"), 0.5).capturable
+    assert traits_of(KLWeightedELBO(Trace_ELBO(), lambda: 0.5)).capturable
+    assert not traits_of(KLWeightedELBO(make_estimator("hmc-refined"), 0.5)).capturable
     # steps: 1 record, 2 trace, 3 verify, 4-7 traced; β drops to 0.5 before step 5
     expected, _ = _kl_schedule_run(SVI, by_hand=False, change_before=5)
     got, svi = _kl_schedule_run(FastSVI, by_hand=False, change_before=5)
