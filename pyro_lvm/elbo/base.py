@@ -32,6 +32,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.util import warn_if_nan
 
 from pyro_lvm.elbo.rescore import RESCORE_FAILURES, rescorable
+from pyro_lvm.elbo.traces import importance_traces
 from pyro_lvm.elbo.traits import EstimatorTraits
 
 __all__ = [
@@ -277,6 +278,11 @@ class SurrogateELBO(Estimator, Trace_ELBO):
 
     def _prepare(self, model, guide, args: tuple, kwargs: dict) -> None:
         """Hook run once per call before the particles are drawn (default: nothing)."""
+
+    def _get_trace(self, model, guide, args, kwargs):
+        """One particle's (model, guide) trace pair: Pyro's own, through the library's one
+        builder (:func:`~pyro_lvm.elbo.traces.importance_traces`), as ``Trace_ELBO`` builds it."""
+        return importance_traces(model, guide, args, kwargs, self.max_plate_nesting)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """The negative bound estimate as a tensor whose gradient is the estimator's."""

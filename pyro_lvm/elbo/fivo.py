@@ -11,14 +11,13 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import ELBO
-from pyro.infer.util import is_validation_enabled
-from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
+from pyro.util import warn_if_nan
 
 from pyro_lvm.elbo.base import Estimator
 from pyro_lvm.elbo.iwae import IWAE
 from pyro_lvm.elbo.multisample import PARTICLE_PLATE, log_weights
 from pyro_lvm.elbo.registry import register
+from pyro_lvm.elbo.traces import importance_traces
 from pyro_lvm.elbo.traits import EstimatorTraits
 from pyro_lvm.sequential import SequentialProgram, check_sequences, is_sequential
 
@@ -203,30 +202,22 @@ class FIVO(Estimator, ELBO):
 
             return run
 
-        guide_trace = poutine.trace(vectorized(guide)).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(vectorized(model), trace=guide_trace)).get_trace(
-            *args, **kwargs
+        model_trace, guide_trace = importance_traces(
+            vectorized(model),
+            vectorized(guide),
+            args,
+            kwargs,
+            nesting + 1,
+            strict=True,
+            enumerated="refuse",
         )
-        if is_validation_enabled():
-            check_model_guide_match(model_trace, guide_trace)
-        guide_trace, model_trace = (
-            prune_subsample_sites(guide_trace),
-            prune_subsample_sites(model_trace),
-        )
-        model_trace.compute_log_prob()
-        guide_trace.compute_score_parts()
-        for trace in (model_trace, guide_trace):
-            for name, site in trace.nodes.items():
-                if site["type"] != "sample":
-                    continue
-                if is_validation_enabled():
-                    check_site_shape(site, self._step_nesting + 1)
-                if trace is guide_trace and not site["fn"].has_rsample:
-                    raise ValueError(
-                        f"FIVO needs a reparameterized guide, but site {name!r} is not "
-                        "(its distribution has no rsample); use a continuous guide or an "
-                        "estimator with score-function gradients (vimco)"
-                    )
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample" and not site["fn"].has_rsample:
+                raise ValueError(
+                    f"FIVO needs a reparameterized guide, but site {name!r} is not "
+                    "(its distribution has no rsample); use a continuous guide or an "
+                    "estimator with score-function gradients (vimco)"
+                )
         weights = log_weights(model_trace, guide_trace)
         return weights.log_w.reshape(self.num_particles, -1), weights.scale
 

@@ -186,22 +186,6 @@ def _sample_sites(trace: Trace) -> list[tuple[str, dict]]:
     ]
 
 
-def refuse_enumerated(guide_trace: Trace) -> None:
-    """Raise on a guide site marked for enumeration: a multi-sample bound samples every latent
-    (evaluation by importance sampling simply samples it).
-
-    :raises ValueError: naming the site, ``TraceEnum_ELBO`` and how to sample it instead.
-    """
-    for name, site in _sample_sites(guide_trace):
-        if site["infer"].get("enumerate"):
-            raise ValueError(
-                f"multi-sample estimators sample every latent, but guide site {name!r} is marked "
-                f"for enumeration (infer={{'enumerate': {site['infer']['enumerate']!r}}}); train "
-                "it with pyro.infer.TraceEnum_ELBO, or drop the mark to sample it with a "
-                "score-function gradient"
-            )
-
-
 def _plate_frames(site: dict) -> set:
     return {f for f in site["cond_indep_stack"] if f.name != PARTICLE_PLATE}
 

@@ -6,11 +6,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import torch
-from pyro import poutine
 from pyro.infer.elbo import ELBO
-from pyro.infer.util import is_validation_enabled
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
-from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
+from pyro.poutine.util import site_is_subsample
+from pyro.util import warn_if_nan
 
 from pyro_lvm.elbo.base import PARTICLE_PLATE, Estimator
 from pyro_lvm.elbo.log_weights import (
@@ -19,9 +17,9 @@ from pyro_lvm.elbo.log_weights import (
     SamplePathScale,
     _StoreScale,
     log_weights,
-    refuse_enumerated,
 )
-from pyro_lvm.validation import check_positive, check_rows, check_site_match
+from pyro_lvm.elbo.traces import importance_traces
+from pyro_lvm.validation import check_positive, check_rows
 
 __all__ = [
     "LogWeights",
@@ -83,45 +81,37 @@ class MultiSampleELBO(Estimator, ELBO):
     _refuses_enumerated = True
 
     def _get_trace(self, model, guide, args, kwargs):
-        """Guide trace and the model replayed on it (sample values aliased when rescaling).
-
-        Mirrors :func:`pyro.infer.enum.get_importance_trace`.
-        """
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        if self._refuses_enumerated:
-            refuse_enumerated(guide_trace)
-        handle, replayed = self._sample_path, guide_trace
-        if handle is not None:
-            # the model (and the stopped guide density) see an alias of each sample; the guide
-            # trace keeps the sample itself, which distributions may cache by identity
-            handle.new_trace()
-            replayed = guide_trace.copy()
-            for name, site in guide_trace.nodes.items():
-                if (
-                    site["type"] == "sample"
-                    and not site["is_observed"]
-                    and not site_is_subsample(site)
-                    and getattr(site["fn"], "has_rsample", False)
-                ):
-                    site[ALIAS] = handle.attach(site["value"], site["fn"].event_dim)
-                    replayed.nodes[name] = dict(site, value=site[ALIAS])
-        model_trace = poutine.trace(poutine.replay(model, trace=replayed)).get_trace(
-            *args, **kwargs
+        """Guide trace and the model replayed on it (sample values aliased when rescaling),
+        built and checked by :func:`~pyro_lvm.elbo.traces.importance_traces` (strict: the
+        weights need every latent drawn by the guide)."""
+        return importance_traces(
+            model,
+            guide,
+            args,
+            kwargs,
+            self.max_plate_nesting,
+            replay=None if self._sample_path is None else self._aliased,
+            strict=True,
+            enumerated="refuse" if self._refuses_enumerated else "allow",
         )
-        guide_trace = prune_subsample_sites(guide_trace)
-        model_trace = prune_subsample_sites(model_trace)
-        check_site_match(model_trace, guide_trace, enumerated=False)
-        if is_validation_enabled():
-            # enumerated guide sites: refused above by a bound, sampled on purpose by evaluation
-            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
-        model_trace.compute_log_prob()
-        guide_trace.compute_score_parts()
-        if is_validation_enabled():
-            for trace in (model_trace, guide_trace):
-                for site in trace.nodes.values():
-                    if site["type"] == "sample":
-                        check_site_shape(site, self.max_plate_nesting)
-        return model_trace, guide_trace
+
+    def _aliased(self, guide_trace):
+        """A copy of the guide trace whose reparameterized samples are aliases (DReG): the
+        model (and the stopped guide density) see the alias; the guide trace keeps the sample
+        itself, which distributions may cache by identity."""
+        handle = self._sample_path
+        handle.new_trace()
+        replayed = guide_trace.copy()
+        for name, site in guide_trace.nodes.items():
+            if (
+                site["type"] == "sample"
+                and not site["is_observed"]
+                and not site_is_subsample(site)
+                and getattr(site["fn"], "has_rsample", False)
+            ):
+                site[ALIAS] = handle.attach(site["value"], site["fn"].event_dim)
+                replayed.nodes[name] = dict(site, value=site[ALIAS])
+        return replayed
 
     def importance_weights(self, model, guide, *args, **kwargs) -> LogWeights:
         """The :class:`LogWeights` of ``num_particles`` guide draws (the engine's public entry,

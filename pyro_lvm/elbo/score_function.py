@@ -8,12 +8,9 @@ from typing import Any
 
 import pyro
 import torch
-from pyro import poutine
 from pyro.distributions.util import detach, scale_and_mask
 from pyro.infer.trace_elbo import _compute_log_r
-from pyro.infer.util import is_validation_enabled, torch_item
-from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
+from pyro.infer.util import torch_item
 from torch import nn
 
 from pyro_lvm.elbo.base import (
@@ -30,6 +27,7 @@ from pyro_lvm.elbo.baselines import (
     leave_one_out_baseline,
 )
 from pyro_lvm.elbo.registry import register
+from pyro_lvm.elbo.traces import importance_traces
 from pyro_lvm.elbo.traits import EstimatorTraits
 
 __all__ = ["ScoreFunctionELBO"]
@@ -211,18 +209,20 @@ class ScoreFunctionELBO(SurrogateELBO):
         As :func:`pyro.infer.enum.get_importance_trace`, but without ``score_parts``: the
         estimator scores every site itself, and distributions that compute their score
         parts from a cached sample (rejection samplers) would refuse the detached one. Guide
-        log-densities come from :func:`~pyro_lvm.elbo.base.rescored_log_prob`.
+        log-densities come from :func:`~pyro_lvm.elbo.base.rescored_log_prob`; built and
+        checked by :func:`~pyro_lvm.elbo.traces.importance_traces`.
         """
-        guide_trace = poutine.trace(DetachSamples()(guide)).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
+        return importance_traces(
+            model,
+            DetachSamples()(guide),
+            args,
+            kwargs,
+            self.max_plate_nesting,
+            score_guide=self._score_guide,
         )
-        if is_validation_enabled():
-            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
-            check_if_enumerated(guide_trace)
-        guide_trace = prune_subsample_sites(guide_trace)
-        model_trace = prune_subsample_sites(model_trace)
-        model_trace.compute_log_prob()
+
+    def _score_guide(self, guide_trace) -> None:
+        """Score every guide site at its detached sample with live parameters."""
         for site in guide_trace.nodes.values():
             if site["type"] == "sample" and not site["is_observed"]:
                 # log q_phi at the detached sample, parameters live: flows without an inverse
@@ -232,12 +232,6 @@ class ScoreFunctionELBO(SurrogateELBO):
                 site["log_prob"] = scale_and_mask(log_q, site["scale"], site["mask"])
                 site["log_prob_sum"] = site["log_prob"].sum()
         guide_trace.compute_log_prob()
-        if is_validation_enabled():
-            for trace in (model_trace, guide_trace):
-                for site in trace.nodes.values():
-                    if site["type"] == "sample":
-                        check_site_shape(site, self.max_plate_nesting)
-        return model_trace, guide_trace
 
     def _site_baseline(
         self, name: str, site: dict, signal: torch.Tensor

@@ -15,8 +15,9 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro_lvm.elbo.base import PARTICLE_PLATE
 from pyro_lvm.elbo.log_weights import log_weights
 from pyro_lvm.elbo.multisample import _chunks, guess_max_plate_nesting
+from pyro_lvm.elbo.traces import importance_traces
 from pyro_lvm.hmc import hmc_transition
-from pyro_lvm.validation import check_positive, check_rows, check_site_match
+from pyro_lvm.validation import check_positive, check_rows
 
 __all__ = [
     "AISResult",
@@ -91,7 +92,6 @@ class _Annealer:
         self.model, self.guide, self.x, self.idx = model, guide, x, idx
         self.num_chains, self.nesting = num_chains, nesting
         self.latents: list[str] = []
-        self._checked = False
 
     def _chains(self, fn):
         def run(*args, **kwargs):
@@ -107,9 +107,22 @@ class _Annealer:
         return prune_subsample_sites(trace)
 
     def initial(self) -> dict[str, torch.Tensor]:
-        """z₀ ~ p₀: the prior (the model's latent sites) or the guide."""
+        """z₀ ~ p₀: the prior (the model's latent sites) or the guide. A guide's draw is the
+        pair that the estimators build and check (:func:`~pyro_lvm.elbo.traces.importance_traces`,
+        strict): the structure is static, so later conditioned pairs are not checked again."""
         with poutine.block(), torch.no_grad():
-            trace = self._trace(self.model if self.guide is None else self.guide)
+            if self.guide is None:
+                trace = self._trace(self.model)
+            else:
+                _, trace = importance_traces(
+                    self._chains(self.model),
+                    self._chains(self.guide),
+                    (self.x, self.idx),
+                    {},
+                    self.nesting + 1,
+                    strict=True,
+                    enumerated="allow",
+                )
         z = {
             name: site["value"].detach()
             for name, site in trace.nodes.items()
@@ -130,9 +143,6 @@ class _Annealer:
                         proposal.remove_node(name)
             else:
                 proposal = self._trace(self.guide, leaves)
-            if not self._checked:  # the structure is static: check the first pair only
-                check_site_match(model_trace, proposal, enumerated=False)
-                self._checked = True
             model_trace.compute_log_prob()
             proposal.compute_score_parts()
             weights = log_weights(model_trace, proposal, estimator="AIS")

@@ -11,13 +11,12 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.nn import PyroModule
-from pyro.poutine.util import prune_subsample_sites
 
 from pyro_lvm.elbo import SPECS, make_estimator, names
 from pyro_lvm.elbo.log_weights import log_weights
 from pyro_lvm.elbo.multisample import MultiSampleELBO
+from pyro_lvm.elbo.traces import importance_traces
 from pyro_lvm.plates import data_plate
-from pyro_lvm.validation import check_site_match
 
 __all__ = ["SemiAmortizedGuide"]
 
@@ -168,12 +167,9 @@ class SemiAmortizedGuide(PyroModule):
         if not isinstance(self.inner, MultiSampleELBO):
             return self.inner.differentiable_loss(self.model, guide, x) / k
         # a bound: the engine's weights of the K copies, regrouped as (K, B) particles
-        guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(x))
-        replayed = poutine.replay(self.model, trace=guide_trace)
-        model_trace = prune_subsample_sites(poutine.trace(replayed).get_trace(x))
-        check_site_match(model_trace, guide_trace, enumerated=False)
-        model_trace.compute_log_prob()
-        guide_trace.compute_score_parts()
+        model_trace, guide_trace = importance_traces(
+            self.model, guide, (x,), {}, self.inner.max_plate_nesting, strict=True
+        )
         w = log_weights(model_trace, guide_trace, self.inner._stop_guide, repr(self.inner))
 
         def particles(t):
