@@ -4,7 +4,9 @@ them through ``traits_of`` and agrees with what the estimator does."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -207,6 +209,27 @@ def test_fivo_stands_on_the_estimator_base():
     assert traits_of(FIVO(2, resampling="none")).gradient == "reparam"
     with pytest.raises(ValueError, match="keeps no state"):
         FIVO(2).load_state_dict({"x": 1})
+
+
+GUIDE = Path(__file__).parents[2] / "docs" / "guides" / "writing_an_estimator.md"
+
+
+def test_the_guides_example_runs_and_registers_once():
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
+    assert blocks
+    before = set(SPECS)
+    try:
+        for index, code in enumerate(blocks):
+            exec(compile(code, f"writing_an_estimator.md example {index}", "exec"), {})
+        (name,) = set(SPECS) - before
+        est = make_estimator(name, 2)
+        model, guide, x = _setup()
+        assert torch.isfinite(torch.as_tensor(est.loss(model, guide, x)))
+        with pytest.raises(ValueError, match="num_particles >= 2"):
+            make_estimator(name, 1)
+    finally:
+        for name in set(SPECS) - before:
+            SPECS.pop(name), ESTIMATORS.pop(name)
 
 
 def test_a_new_estimator_is_one_class_and_one_registration():
