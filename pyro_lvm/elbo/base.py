@@ -7,6 +7,10 @@ Every registered estimator derives from :class:`Estimator` through one of two fa
 - :class:`~pyro_lvm.elbo.multisample.MultiSampleELBO` (multi-sample bounds: Rényi/IWAE,
   VIMCO) implements ``_bound_and_surrogate(weights)``.
 
+What each estimator is and can do (category, guide sites, particles, state, capture,
+gradient) is its class attribute ``traits`` (:mod:`pyro_lvm.elbo.traits`); its trace pairs
+come from the one builder :func:`~pyro_lvm.elbo.traces.importance_traces`.
+
 In both, ``differentiable_loss`` is the single source of truth; :meth:`Estimator.loss` and
 :meth:`Estimator.loss_and_grads` derive from it, so the three agree under one seed.
 State kept across steps (baselines, an adapted step size) is updated only on the

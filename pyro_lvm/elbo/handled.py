@@ -70,17 +70,15 @@ class HandledELBO(ELBO):
 
     def state_dict(self) -> dict[str, Any]:
         """``{"base": base.state_dict()}`` (empty for a base without state)."""
-        get = getattr(self.base, "state_dict", None)
-        return {"base": get() if get is not None else {}}
+        return {"base": self.base.state_dict() if traits_of(self.base).stateful else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` exactly."""
         unknown = set(state) - set(self.state_dict())
         if unknown:
             raise ValueError(f"{type(self).__name__} keeps no state named {sorted(unknown)}")
-        load = getattr(self.base, "load_state_dict", None)
-        if load is not None and "base" in state:
-            load(state["base"])
+        if traits_of(self.base).stateful and "base" in state:
+            self.base.load_state_dict(state["base"])
 
 
 def _kl_groups(p, q, z: torch.Tensor) -> torch.Tensor:

@@ -102,14 +102,12 @@ def importance_traces(
     """
     if enumerated not in ENUMERATED:
         raise ValueError(f"enumerated must be one of {ENUMERATED}, got {enumerated!r}")
-    if replay is None and score_guide is None:
+    if replay is None and score_guide is None and not strict:
         # nothing to customize: Pyro's own helper, which checks as it goes
         model_trace, guide_trace = get_importance_trace(
             "flat", max_plate_nesting, model, guide, args, kwargs
         )
-        if strict:
-            check_site_match(model_trace, guide_trace, enumerated=False)
-    else:
+    else:  # its steps, with the strict site check before Pyro's warnings
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         replayed = guide_trace if replay is None else replay(guide_trace)
         model_trace = poutine.trace(poutine.replay(model, trace=replayed)).get_trace(
