@@ -16,6 +16,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro_lvm.elbo import SPECS, make_estimator, names
 from pyro_lvm.elbo.log_weights import log_weights
 from pyro_lvm.elbo.multisample import MultiSampleELBO
+from pyro_lvm.contract import SharesNumData
 from pyro_lvm.plates import data_plate
 from pyro_lvm.validation import check_site_match
 
@@ -50,7 +51,7 @@ def _plate_free_bound(name: str) -> bool:
     return isinstance(est, MultiSampleELBO) and not getattr(est, "gradient", "") == "dreg"
 
 
-class SemiAmortizedGuide(PyroModule):
+class SemiAmortizedGuide(SharesNumData, PyroModule):
     r"""q(z | x) = N(μ_T, diag σ_T²): the encoder's output refined by T steps of SVI.
 
     Starting from the amortized parameters :math:`\varphi_0 = f_\lambda(x)` (unconstrained:
@@ -101,6 +102,9 @@ class SemiAmortizedGuide(PyroModule):
         z = sa(x)  # sampled from the refined q
     """
 
+    #: num_data lives in the encoder guide (the contract of :mod:`pyro_lvm.contract`)
+    _num_data_shared, _num_data_owner = ("encoder_guide",), "encoder_guide"
+
     def __init__(
         self,
         model: Callable,
@@ -137,14 +141,6 @@ class SemiAmortizedGuide(PyroModule):
     @property
     def model(self) -> Callable:
         return self._model[0]
-
-    @property
-    def num_data(self) -> int | None:
-        return getattr(self.encoder_guide, "num_data", None)
-
-    @num_data.setter
-    def num_data(self, value: int | None) -> None:
-        self.encoder_guide.num_data = value
 
     @property
     def num_steps(self) -> int:
