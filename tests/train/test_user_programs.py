@@ -111,15 +111,15 @@ def test_global_latents_are_not_scaled():
     def model(x):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+            pyro.sample("x", dist.Normal(mu, 1.0).expand([x.shape[0], 1]).to_event(1), obs=x)
 
     def guide(x):
         pyro.sample("mu", dist.Normal(pyro.param("m", torch.tensor(0.0)), 1.0))
 
-    x = torch.randn(10)
+    x = torch.randn(10, 1)
     scaled, _ = scaled_programs(as_program(model), as_program(guide), x, torch.arange(10), 50)
     trace = poutine.trace(scaled).get_trace(x, torch.arange(10))
     assert float(trace.nodes["x"]["scale"]) == 5.0 and float(trace.nodes["mu"]["scale"]) == 1.0
-    history = fit(model, guide, torch.randn(50, 1)[:, 0], num_epochs=1, batch_size=10,
+    history = fit(model, guide, torch.randn(50, 1), num_epochs=1, batch_size=10,
                   progress=False)  # fmt: skip
     assert len(history.step_losses) == 5
