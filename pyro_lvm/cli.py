@@ -88,19 +88,19 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "pyro_lvm.cli_vae:cmd_quickstart",
     ),
     "train": (
-        "train a VAE with any registered estimator",
+        "train a VAE, or your model (--model package.module:factory), with any estimator",
         "pyro_lvm.cli_vae:add_train_arguments",
         "pyro_lvm.cli_vae:cmd_train",
     ),
     "evaluate": (
-        "test ELBO and IS log-likelihood of a checkpoint",
-        "pyro_lvm.cli_vae:add_evaluate_arguments",
-        "pyro_lvm.cli_vae:cmd_evaluate",
+        "test ELBO and log-likelihood (IS, AIS or BDMC) of a run folder",
+        "pyro_lvm.cli_runs:add_evaluate_arguments",
+        "pyro_lvm.cli_runs:cmd_evaluate",
     ),
     "sample": (
-        "a PNG grid of ancestral samples from a checkpoint",
-        "pyro_lvm.cli_vae:add_sample_arguments",
-        "pyro_lvm.cli_vae:cmd_sample",
+        "a PNG grid of ancestral samples from a run folder",
+        "pyro_lvm.cli_runs:add_sample_arguments",
+        "pyro_lvm.cli_runs:cmd_sample",
     ),
     "variance": (
         "variance, SNR and cost of gradient estimators side by side",

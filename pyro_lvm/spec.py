@@ -169,13 +169,13 @@ def is_recorded(obj: Any) -> bool:
     return _stamp_of(obj) is not None
 
 
-def encode(obj: Any, memo: dict[int, int] | None = None) -> Any:
+def encode(obj: Any, memo: dict[Any, Any] | None = None) -> Any:
     """``obj`` as JSON values (see the module's docstring); ``memo`` shares references across
     several calls (a model, then its guide).
 
     :raises RecordError: naming the value that has no JSON form and what to do.
     """
-    memo = {} if memo is None else memo
+    memo = {} if memo is None else memo  # id(call) -> n, and "objects": [(n, object)]
     if obj is None or isinstance(obj, bool | int | str):
         return obj
     if isinstance(obj, float):
@@ -197,13 +197,17 @@ def encode(obj: Any, memo: dict[int, int] | None = None) -> Any:
         call, part = stamp
         if id(call) in memo:
             return {"__object__": {"__ref__": memo[id(call)]}, "part": part}
-        memo[id(call)] = len(memo)
-        encoded = {
-            "__id__": memo[id(call)],
-            "factory": factory_name(call.factory),
-            "args": encode(call, memo),
-        }
+        n = memo[id(call)] = len(memo)
+        encoded = {"__id__": n, "factory": factory_name(call.factory), "args": encode(call, memo)}
+        if part is None:  # the call's result itself: its submodules are reachable from it
+            memo.setdefault("objects", []).append((n, obj))
         return {"__object__": encoded, "part": part}
+    if isinstance(obj, torch.nn.Module):  # built inside a recorded object (a VAE's own guide)
+        for n, owner in memo.get("objects", []):
+            if isinstance(owner, torch.nn.Module):
+                for name, module in owner.named_modules():
+                    if module is obj and name:
+                        return {"__submodule__": name, "of": {"__ref__": n}}
     if inspect.ismethod(obj) and _stamp_of(obj.__self__) is not None:
         return {"__method__": obj.__func__.__name__, "of": encode(obj.__self__, memo)}
     if inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj):
@@ -233,6 +237,8 @@ def decode(value: Any, memo: dict[int, Any] | None = None) -> Any:
         return torch.tensor(value["__tensor__"], dtype=getattr(torch, value["dtype"]))
     if "__callable__" in value:
         return resolve(value["__callable__"])
+    if "__submodule__" in value:
+        return memo[value["of"]["__ref__"]].get_submodule(value["__submodule__"])
     if "__method__" in value:
         return getattr(decode(value["of"], memo), value["__method__"])
     if "__object__" in value:

@@ -400,7 +400,7 @@ def _raising(exc):
             raise exc
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr("pyro_lvm.cli_vae.cmd_sample", boom)
+            mp.setattr("pyro_lvm.cli_runs.cmd_sample", boom)
             return _cli("sample", "{run}/checkpoint.pt")(tmp_path, run_dir, capsys)
 
     return case

@@ -122,12 +122,14 @@ def test_a_gated_network_round_trips_through_its_checkpoint(tmp_path):
     import torch
 
     from pyro_lvm.nn import GatedDense
-    from pyro_lvm.train import read_checkpoint, save_checkpoint, vae_from_checkpoint
+    from pyro_lvm import load_run
+    from pyro_lvm.train import read_checkpoint, save_checkpoint
 
     args = ["quickstart", "--out", str(tmp_path), "--epochs", "1", "--eval-samples", "5"]
     assert main([*args, "--network", "gated", "--quiet"]) == 0
     ckpt = tmp_path / "checkpoint.pt"
-    vae, config = vae_from_checkpoint(ckpt)
+    run = load_run(tmp_path)
+    vae, config = run.model, run.extra["config"]
     assert config["network"] == "gated"
     assert sum(isinstance(m, GatedDense) for m in vae.modules()) == 2 * len(config["hidden"])
     saved = read_checkpoint(ckpt)["model"]
@@ -145,7 +147,7 @@ def test_a_gated_network_round_trips_through_its_checkpoint(tmp_path):
         extra={"extra": {"config": {**config, "network": "transformer"}}},
     )
     with pytest.raises(ValueError, match="transformer.*gated, mlp"):
-        vae_from_checkpoint(bad)
+        load_run(bad)
 
 
 def test_train_announces_its_sized_evaluation_and_logs_metrics(tmp_path, capsys):

@@ -13,10 +13,10 @@ from pyro import poutine
 from pyro.nn import PyroModule
 from pyro.poutine.util import prune_subsample_sites
 
+from pyro_lvm.contract import SharesNumData
 from pyro_lvm.elbo import SPECS, make_estimator, names
 from pyro_lvm.elbo.log_weights import log_weights
 from pyro_lvm.elbo.multisample import MultiSampleELBO
-from pyro_lvm.contract import SharesNumData
 from pyro_lvm.plates import data_plate
 from pyro_lvm.validation import check_site_match
 

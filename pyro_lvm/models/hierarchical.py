@@ -10,6 +10,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
+from pyro_lvm.contract import SharesNumData
 from pyro_lvm.distributions import PathwiseNormal
 from pyro_lvm.models.priors import StandardNormalPrior
 from pyro_lvm.models.vae import observation_distribution
@@ -21,7 +22,6 @@ from pyro_lvm.nn import (
     gaussian_scale,
     mlp,
 )
-from pyro_lvm.contract import SharesNumData
 from pyro_lvm.plates import data_plate
 
 __all__ = ["HierarchicalGuide", "HierarchicalVAE"]

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
+from pyro_lvm.contract import SharesNumData
 from pyro_lvm.guides.amortized import AmortizedGaussianGuide
 from pyro_lvm.models.priors import StandardNormalPrior
 from pyro_lvm.nn import NetworkFactory, mlp
-from pyro_lvm.contract import SharesNumData
 from pyro_lvm.plates import data_plate
 
 __all__ = ["VAE", "observation_distribution"]

@@ -64,13 +64,12 @@ class Run:
         return self.checkpoint.parent
 
     def fit_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of ``fit`` that continue this run: the recorded loss,
+        """The keyword arguments of ``fit`` that continue this run: the recorded loss (by name:
+        a run trained with an unregistered estimator instance passes that instance instead),
         particles, batch size and seed, the checkpoint and ``resume=True``."""
         c = self.config
         out = dict(checkpoint=self.checkpoint, resume=True, batch_size=c["batch_size"])
-        out.update(seed=c["seed"], fast=c["fast"])
-        if self.estimator is not None:
-            out["loss"] = self.estimator
+        out.update(seed=c["seed"], fast=c["fast"], loss=c["loss"], num_particles=c["num_particles"])
         return out
 
 
@@ -78,7 +77,7 @@ def program_record(model: Any, guide: Any) -> dict[str, Any]:
     """What rebuilds ``model`` and ``guide`` (JSON): their recorded factories and arguments
     (:mod:`pyro_lvm.spec`), the guide as an attribute of the model when it is a submodule;
     ``{"error": reason}`` when either was not built by a recorded factory."""
-    memo: dict[int, int] = {}
+    memo: dict[Any, Any] = {}
     try:
         record = {"model": encode(model, memo)}
         prefix = _guide_prefix(model, guide)
