@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyro_lvm.cli import CLIError, positive_int
+from pyro_lvm.cli import CLIError, positive_int, seed_int
 from pyro_lvm.provenance import provenance
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "add_sample_arguments",
     "cmd_evaluate",
     "cmd_sample",
+    "data_file",
     "restore",
     "run_data",
     "train_model",
@@ -40,7 +41,7 @@ def restore(path: str, flag: str = "RUN") -> Any:
 def run_data(run: Any, split: str, data: str | None, data_root: str | None):
     """The data a command evaluates a run on: ``--data FILE.npz`` when given, else the split
     of the built-in data set the run was trained on. Returns ``(data, labels, image_shape)``;
-    ``data`` is a tensor or named tensors.
+    ``data`` is a tensor or named tensors; :func:`data_file` says which were used.
 
     :raises CLIError: when neither is known (naming ``--data``).
     """
@@ -49,17 +50,40 @@ def run_data(run: Any, split: str, data: str | None, data_root: str | None):
 
     config = run.extra.get("config") or {}
     shape = config.get("image_shape")
+    data = data_file(run, data)
     if data is not None:
         named = read_named_npz(data)  # the file's points, whatever --split says
+        _check_width(run, named["x"], f"--data {data}")
         return (named["x"] if len(named) == 1 else named), named.get("y"), shape
     if config.get("dataset"):
         x, labels, image_shape = _load_split(config["dataset"], split, data_root)
+        _check_width(run, x, f"the {config['dataset']} data set")
         return x, labels, shape or image_shape
     raise CLIError(
         f"{run.checkpoint} records no built-in data set (trained on a file or from Python); "
         "pass --data FILE.npz with the points to use (an array 'x', more arrays as the "
         "model's keyword arguments)"
     )
+
+
+def data_file(run: Any, data: str | None) -> str | None:
+    """``--data``, or else the file the run was trained on (``train --data``) when it exists."""
+    recorded = (run.extra.get("config") or {}).get("data")
+    if data is None and recorded and Path(recorded).is_file():
+        return recorded
+    return data
+
+
+def _check_width(run: Any, x: Any, what: str) -> None:
+    """Refuse data whose points differ in shape from those the run was trained on."""
+    recorded = ((run.record or {}).get("input") or {}).get("x", {}).get("shape")
+    if recorded is None and "x_dim" in (run.extra.get("config") or {}):
+        recorded = [run.extra["config"]["x_dim"]]  # a run of the previous format
+    if recorded is not None and list(x.shape[1:]) != list(recorded):
+        raise CLIError(
+            f"{what} has points of shape {tuple(x.shape[1:])} but the run in {run.folder} was "
+            f"trained on points of shape {tuple(recorded)}; give data of that shape"
+        )
 
 
 def _model_and_guide(built: Any, target: str) -> tuple[Any, Any]:
@@ -81,7 +105,7 @@ def train_model(args: argparse.Namespace, out: Path) -> dict:
     import pyro
     import torch
 
-    from pyro_lvm.cli_vae import _load_split, _print_table, _write_json
+    from pyro_lvm.cli_vae import _load_split, _print_table, _write_json, check_tensorboard
     from pyro_lvm.data.named import read_named_npz
     from pyro_lvm.runfolder import prepare_run_folder, resume_mismatch
     from pyro_lvm.spec import RecordError, build
@@ -103,9 +127,18 @@ def train_model(args: argparse.Namespace, out: Path) -> dict:
         raise CLIError(
             f"--model-args must be a JSON object of keyword arguments, got {model_args!r}"
         )
+    check_tensorboard(args)
     out = prepare_run_folder(out, resume=args.resume, force=args.force)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
+    try:
+        model, guide = _model_and_guide(build(args.model, **model_args), args.model)
+    except RecordError as e:
+        raise CLIError(f"--model {args.model}: {e}") from None
+    except TypeError as e:  # the factory's own signature
+        raise CLIError(
+            f"--model {args.model} refused --model-args {args.model_args}: {e}"
+        ) from None
     if args.data is not None:
         train = read_named_npz(args.data)
         valid, test = None, train
@@ -115,14 +148,6 @@ def train_model(args: argparse.Namespace, out: Path) -> dict:
         valid, _, _ = _load_split(args.dataset, "valid", args.data_root)
         test, _, _ = _load_split(args.dataset, "test", args.data_root)
         source = {"dataset": args.dataset, "image_shape": list(shape)}
-    try:
-        model, guide = _model_and_guide(build(args.model, **model_args), args.model)
-    except RecordError as e:
-        raise CLIError(f"--model {args.model}: {e}") from None
-    except TypeError as e:  # the factory's own signature
-        raise CLIError(
-            f"--model {args.model} refused --model-args {args.model_args}: {e}"
-        ) from None
     config = dict(
         **source, model=args.model, model_args=model_args, estimator=args.estimator,
         num_particles=args.particles, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
@@ -223,8 +248,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )  # fmt: skip
     else:
         metrics = evaluate_program(model, guide, data, args.num_samples, args.n)
-    name = f"evaluation_{args.split if args.data is None else Path(args.data).stem}.json"
-    metrics.update(split=args.split, checkpoint=str(run.checkpoint), data=args.data)
+    source = data_file(run, args.data)
+    name = f"evaluation_{args.split if source is None else Path(source).stem}.json"
+    metrics.update(split=args.split, checkpoint=str(run.checkpoint), data=source)
     _write_json(out / name, metrics)
     _print_table(metrics, out, [name])
     return 0
@@ -299,4 +325,4 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=positive_int, default=64, help="number of samples")
     p.add_argument("--out", default="samples.png", help="PNG path")
     p.add_argument("--binary", action="store_true", help="draw x ~ p(x|z), not its mean")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed")

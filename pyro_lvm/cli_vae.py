@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyro_lvm.cli import CLIError, int_list, positive_float, positive_int
+from pyro_lvm.cli import CLIError, int_list, positive_float, positive_int, seed_int
 from pyro_lvm.provenance import provenance
 
 __all__ = ["add_quickstart_arguments", "add_train_arguments", "cmd_quickstart", "cmd_train"]
@@ -34,6 +34,17 @@ def _load_split(dataset: str, split: str, root: str | None):
     if dataset == "mnist":
         return data.load_binarized_mnist(split, root=root), None, (28, 28)
     raise CLIError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def check_tensorboard(args: argparse.Namespace) -> None:
+    """Refuse ``--tensorboard`` without the ``tensorboard`` package before any work."""
+    import importlib.util
+
+    if getattr(args, "tensorboard", False) and importlib.util.find_spec("tensorboard") is None:
+        raise CLIError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard (or "
+            "pyro-lvm[tensorboard]), or drop --tensorboard"
+        )
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -95,6 +106,7 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
     from pyro_lvm.runfolder import prepare_run_folder, resume_mismatch
     from pyro_lvm.train import fit, read_checkpoint, resolve_device
 
+    check_tensorboard(args)
     out = prepare_run_folder(out, resume=args.resume, force=args.force)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
@@ -259,7 +271,7 @@ def _add_training_arguments(
     p.add_argument("--epochs", type=positive_int, default=epochs, help="total training epochs")
     p.add_argument("--batch-size", type=positive_int, default=100, help="minibatch size")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0, help="random seed (also the batch order)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (also the batch order)")
     p.add_argument(
         "--eval-samples",
         type=positive_int,

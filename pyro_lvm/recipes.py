@@ -169,12 +169,14 @@ def train_cvae(
 
 def add_conditional_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``pyro-lvm conditional``."""
+    from pyro_lvm.cli import seed_int
+
     p.add_argument("--model", choices=("m2", "cvae"), required=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--labels", type=int, default=100, help="M2: labelled training digits")
     p.add_argument("--dataset", choices=("digits", "mnist"), default="digits", help="CVAE data")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--data-root", default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

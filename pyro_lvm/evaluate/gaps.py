@@ -181,6 +181,8 @@ def inference_gaps(
 
 def add_gaps_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pyro-lvm gaps RUN``."""
+    from pyro_lvm.cli import seed_int
+
     parser.add_argument("run", help="a run folder written by `pyro-lvm train` (or its checkpoint)")
     parser.add_argument("--data", default=None, help=".npz file of the points (array 'x')")
     parser.add_argument("--n", type=int, default=1000, help="number of test points")
@@ -193,7 +195,7 @@ def add_gaps_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.01, help="inner learning rate")
     parser.add_argument("--particles", type=int, default=8, help="inner particles")
     parser.add_argument("--data-root", default=None, help="folder with the data (or PYRO_LVM_DATA)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
     parser.add_argument("--out", default=None, help="output folder (default: the run folder)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

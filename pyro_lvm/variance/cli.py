@@ -72,6 +72,8 @@ def _floats(text: str) -> list[float]:
 
 def add_variance_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``pyro-lvm variance`` to ``parser``."""
+    from pyro_lvm.cli import seed_int
+
     parser.add_argument(
         "--scenario", choices=SCENARIOS, default="gaussian-testbed", help="what to measure"
     )
@@ -86,7 +88,7 @@ def add_variance_arguments(parser: argparse.ArgumentParser) -> None:
         "--draws", type=int, default=None, help="draws R (default 100000 testbed, else 100)"
     )
     parser.add_argument("--out", default="runs/variance", help="output folder")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
     parser.add_argument(
         "--distances",
         type=_floats,
