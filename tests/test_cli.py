@@ -29,6 +29,7 @@ def test_quickstart_writes_metrics_checkpoint_and_figures(quickstart_dir):
     assert metrics["elbo"] == pytest.approx(metrics["reconstruction"] - metrics["kl"], abs=1e-4)
     assert (quickstart_dir / "checkpoint.pt").stat().st_size > 0
     assert metrics["provenance"]["torch"] == torch.__version__  # where the figure came from
+    assert metrics["nproc"] == 1  # the processes of a --nproc run
     for name in ("training_curves.png", "samples.png", "reconstructions.png", "latents.png"):
         assert (quickstart_dir / name).read_bytes()[:4] == b"\x89PNG", name
 
@@ -41,6 +42,17 @@ def test_evaluate_and_sample_a_checkpoint(quickstart_dir, tmp_path, capsys):
     png = tmp_path / "s.png"
     assert main(["sample", ckpt, "--n", "16", "--out", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_a_run_folder_by_bdmc(quickstart_dir, tmp_path, capsys):
+    """``evaluate RUN_FOLDER`` looks inside the folder; BDMC sandwiches log p(x) on simulated
+    data; the table names the file written."""
+    args = ["evaluate", str(quickstart_dir), "--method", "bdmc", "--ais-steps", "5"]
+    assert main([*args, "--ais-chains", "2", "--n", "4", "--out", str(tmp_path), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "evaluation_test.json").read_text())
+    assert metrics["method"] == "bdmc" and metrics["num_points"] == 4
+    assert metrics["bdmc_gap"] == pytest.approx(metrics["bdmc_upper"] - metrics["bdmc_lower"])
+    assert f"outputs in {tmp_path}: evaluation_test.json" in capsys.readouterr().out
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):

@@ -140,8 +140,9 @@ def fit(
         guide whose latent sites differ from the model's, or a non-positive learning rate;
         checked once before the first step (:func:`~pyro_lvm.validation.validate_inputs`).
     :raises ValueError: on bad arguments, a ``num_data`` attribute that disagrees with the
-        training set, a model that does not subsample by ``idx``, or a checkpoint written with
-        another ``batch_size``, ``seed``, loss or training-set size.
+        training set, a model whose data plate cannot be found (the message names what was
+        looked for), or a checkpoint written with another ``batch_size``, ``seed``, loss or
+        training-set size.
     :raises FileNotFoundError: with ``resume=True`` when the checkpoint does not exist (pass
         ``resume=os.path.exists(path)`` to start fresh in that case).
 

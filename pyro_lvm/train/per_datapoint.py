@@ -89,7 +89,10 @@ def fit_local(
     uninterrupted one exactly. The history's ``step_metrics`` and ``epoch_metrics`` hold
     ``"inner_steps"`` (mean inner steps per data point) and ``"fraction_converged"``.
 
-    :param model: model ``model(x, idx=None)`` whose data plate has ``num_data = len(data)``.
+    :param model: a Pyro program ``model(x)``, ``model(x, idx=None)`` or
+        ``model(x, idx=None, **named)``: a self-scaling data plate with
+        ``num_data = len(data)``, or a plain ``pyro.plate("data", x.shape[0])`` that the loop
+        scales by N/B (:mod:`pyro_lvm.contract`).
     :param guide: a :class:`~pyro_lvm.guides.LocalGuide` with ``num_data = len(data)``.
     :param data: the dataset, data points along dim 0.
     :param loss: estimator name (see :data:`pyro_lvm.elbo.ESTIMATORS`) or an ELBO instance.
@@ -102,7 +105,7 @@ def fit_local(
         of its own points), and the checkpoint gathers them into one file that resumes with
         any number of processes.
     :param optimizer: Pyro optimizer for θ (default ``pyro.optim.Adam({"lr": lr})``).
-    :param lr: θ learning rate when ``optimizer`` is not given.
+    :param lr: θ learning rate when ``optimizer`` is not given (as in :func:`fit`).
     :param inner_lr: Adam learning rate of the inner loop.
     :param inner_max_steps: inner step cap.
     :param inner_tol: inner relative-change tolerance.
