@@ -276,8 +276,6 @@ def prepare_run(
     for role, fn in (("model", model), ("guide", guide)):
         check_accepts(fn, named, role)
     check_counts(num_epochs, batch_size)
-    if resume and checkpoint is None:
-        raise ValueError("resume=True needs the checkpoint path to resume from")
     check_extra(extra)
     device = resolve_device(device)
     num_data, batch_size = len(data), int(batch_size)
