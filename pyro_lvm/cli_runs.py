@@ -250,7 +250,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = evaluate_program(model, guide, data, args.num_samples, args.n)
     source = data_file(run, args.data)
     name = f"evaluation_{args.split if source is None else Path(source).stem}.json"
-    metrics.update(split=args.split, checkpoint=str(run.checkpoint), data=source)
+    metrics.update(
+        split=args.split, checkpoint=str(run.checkpoint), data=source, provenance=provenance()
+    )
     _write_json(out / name, metrics)
     _print_table(metrics, out, [name])
     return 0
