@@ -530,6 +530,9 @@ CLI += [
          check=_status(2, "has no sample(n) method")),
     Case("cli-user-inspect-unsupported", _user_cli("inspect", "{user}"),
          check=_status(2, "has no encode or decode method")),
+    Case("cli-variance-nothing-to-measure", _cli("variance", "--scenario", "vae-mnist",
+                                                 "--out", "{tmp}/v", "--data-root", "{tmp}"),
+         check=_status(2, "--scenario vae-mnist measured nothing: binarized_mnist.npz not found")),
     Case("cli-python-run-no-data", _cli("evaluate", "{tmp}/py", setup=_python_run),
          check=_status(2, "records no built-in data set (trained on a file or from Python); "
                           "pass --data FILE.npz")),
