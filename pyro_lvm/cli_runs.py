@@ -133,12 +133,8 @@ def train_model(args: argparse.Namespace, out: Path) -> dict:
     pyro.clear_param_store()
     try:
         model, guide = _model_and_guide(build(args.model, **model_args), args.model)
-    except RecordError as e:
+    except RecordError as e:  # not importable, or --model-args it does not take
         raise CLIError(f"--model {args.model}: {e}") from None
-    except TypeError as e:  # the factory's own signature
-        raise CLIError(
-            f"--model {args.model} refused --model-args {args.model_args}: {e}"
-        ) from None
     if args.data is not None:
         train = read_named_npz(args.data)
         valid, test = None, train

@@ -146,11 +146,17 @@ def build(factory: str | Callable, **args: Any) -> Any:
     :param factory: ``"package.module:function"`` or the function itself (importable by name).
     :param args: keyword arguments of the factory.
     :returns: what the factory returned.
-    :raises RecordError: when the factory is not importable by name, or an argument cannot be
-        encoded.
+    :raises RecordError: when the factory is not importable by name, does not take ``args``,
+        or an argument cannot be encoded.
     """
     fn = resolve(factory) if isinstance(factory, str) else factory
-    factory_name(fn)  # importable back: fail now, not at the first checkpoint
+    name = factory_name(fn)  # importable back: fail now, not at the first checkpoint
+    try:
+        inspect.signature(fn).bind(**args)
+    except TypeError as e:
+        raise RecordError(f"{name} does not take the arguments {sorted(args)}: {e}") from None
+    except ValueError:
+        pass  # a signature that cannot be inspected: the call itself will tell
     call = _Call(fn, dict(args))
     encode(call.args)  # JSON-able: fail now as well
     out = fn(**args)
