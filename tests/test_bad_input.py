@@ -413,8 +413,8 @@ def _user_run() -> Path:
         folder = Path(tempfile.mkdtemp(prefix="user_run_"))
         data = _npz(folder / "train.npz", x=(np.random.default_rng(0).random((40, 784)) < 0.3))
         argv = ["train", *[a.format() for a in USER_MODEL], "--data", str(data), "--out",
-                str(folder / "run"), "--epochs", "1", "--batch-size", "20", "--eval-samples", "3", "--eval-points",
-                "5", "--quiet"]  # fmt: skip
+                str(folder / "run"), "--epochs", "1", "--batch-size", "20", "--eval-samples",
+                "3", "--eval-points", "5", "--quiet"]  # fmt: skip
         assert main(argv) == 0
         _USER_RUN["run"], _USER_RUN["npz"] = folder / "run", data
     return _USER_RUN["run"]

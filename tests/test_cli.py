@@ -133,8 +133,8 @@ def test_gaps_subcommand_on_a_checkpoint(quickstart_dir, tmp_path):
 def test_a_gated_network_round_trips_through_its_checkpoint(tmp_path):
     import torch
 
-    from pyro_lvm.nn import GatedDense
     from pyro_lvm import load_run
+    from pyro_lvm.nn import GatedDense
     from pyro_lvm.train import read_checkpoint, save_checkpoint
 
     args = ["quickstart", "--out", str(tmp_path), "--epochs", "1", "--eval-samples", "5"]

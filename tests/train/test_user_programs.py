@@ -36,9 +36,7 @@ def test_tutorial_vae_epoch_loss_is_the_full_data_elbo_per_point(monkeypatch):
     monkeypatch.setattr(
         build, "make_stepper", lambda *a, **k: steppers.append(original(*a, **k)) or steppers[-1]
     )
-    history = fit(
-        model, guide, x, num_epochs=1, batch_size=100, lr=1e-12, progress=False, seed=1
-    )
+    history = fit(model, guide, x, num_epochs=1, batch_size=100, lr=1e-12, progress=False, seed=1)
     svi = steppers[0][0]
     assert svi.fallback_reason is None and svi.traced_steps > 0  # the capture engine serves it
     with torch.no_grad():
