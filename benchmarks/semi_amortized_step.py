@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pyro
-import torch
 
 from pyro_lvm.data import load_digits
 from pyro_lvm.evaluate.loglik import elbo_estimate
