@@ -397,8 +397,9 @@ CLI = [
 
 
 # ----- the boundaries of issue 25: a user's model on the command line, run folders ----------
+# braces doubled: the arguments go through str.format
 USER_MODEL = ["--model", "tests.user_models.tutorial_vae:make", "--model-args",
-              '{{"z_dim": 2, "hidden_dim": 8}}']  # fmt: skip (braces doubled for str.format)
+              '{{"z_dim": 2, "hidden_dim": 8}}']  # fmt: skip
 _USER_RUN: dict[str, Path] = {}
 
 
