@@ -176,3 +176,25 @@ def test_train_announces_its_sized_evaluation_and_logs_metrics(tmp_path, capsys)
     if not torch.cuda.is_available():  # a one-line error naming the fix
         assert main(["evaluate", str(tmp_path / "checkpoint.pt"), "--device", "cuda"]) == 2
         assert "does not have" in capsys.readouterr().err
+
+
+def test_train_a_pyromodule_factory_then_resume_and_evaluate_its_folder(tmp_path, capsys):
+    """``--model`` takes a factory returning a PyroModule with a ``.guide`` (here the VAE class
+    itself); the run resumes only with the same factory arguments; ``evaluate`` reads the
+    folder."""
+    from pyro_lvm import load_run
+
+    out = str(tmp_path / "run")
+    model = ["--model", "pyro_lvm.models.vae:VAE", "--model-args", '{"x_dim": 64, "z_dim": 2}']
+    quick = ["--dataset", "digits", "--eval-samples", "3", "--eval-points", "10", "--quiet"]
+    assert main(["train", *model, *quick, "--epochs", "1", "--out", out]) == 0
+    run = load_run(out)
+    assert type(run.model).__name__ == "VAE" and run.guide is run.model.guide
+    assert run.extra["config"]["model_args"] == {"x_dim": 64, "z_dim": 2}
+    other = [*model[:3], '{"x_dim": 64, "z_dim": 3}']
+    assert main(["train", *other, *quick, "--epochs", "2", "--out", out, "--resume"]) == 2
+    assert "--model-args" in capsys.readouterr().err
+    assert main(["train", *model, *quick, "--epochs", "2", "--out", out, "--resume"]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
+    assert main(["evaluate", out, "--n", "5", "--num-samples", "3", "--quiet"]) == 0
+    assert "evaluation_test.json" in capsys.readouterr().out
