@@ -219,3 +219,18 @@ def test_a_checkpoint_of_the_previous_format_loads_or_says_why(tmp_path):
         pyro_lvm.load_run(tmp_path / "older.pt")
     with pytest.raises(FileNotFoundError, match="folder without checkpoint.pt"):
         pyro_lvm.load_run(tmp_path)
+
+
+def test_the_estimator_comes_back_with_its_state(tmp_path):
+    """A stateful estimator (a running baseline) is rebuilt by name and gets its saved state."""
+    from pyro_lvm.train import read_checkpoint
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    vae = models.DiscreteVAE(16, 3, hidden=(8,))
+    fit(vae, vae.guide, _bits(20, 16), loss="score-function-avg-baseline", num_epochs=1,
+        batch_size=10, progress=False, checkpoint=tmp_path / "checkpoint.pt")  # fmt: skip
+    saved = read_checkpoint(tmp_path / "checkpoint.pt")["estimator"]
+    assert saved  # the baseline moved
+    run = pyro_lvm.load_run(tmp_path)
+    torch.testing.assert_close(run.estimator.state_dict(), saved, rtol=0, atol=0)
