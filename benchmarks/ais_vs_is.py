@@ -64,9 +64,9 @@ def main(argv=None) -> dict:
         a.is_samples, a.ais_steps, a.ais_chains, a.leapfrog = 50, 10, 2, 2
         a.bdmc_n = min(a.bdmc_n, 5) or 5
     else:
-        from pyro_lvm.train import vae_from_checkpoint
+        from pyro_lvm import load_run
 
-        vae, _ = vae_from_checkpoint(a.checkpoint)
+        vae = load_run(a.checkpoint).model
         x = load_binarized_mnist("test")[: a.n]
     is_est, is_s, is_mem = _timed(
         lambda: log_likelihood(vae, vae.guide, x, num_samples=a.is_samples, data_chunk=100)

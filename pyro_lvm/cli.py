@@ -67,14 +67,33 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+#: the largest count a flag takes (a signed 64-bit integer, what torch indexes with)
+MAX_COUNT = 2**63 - 1
+#: the largest seed (NumPy's generator takes seeds below 2**32)
+MAX_SEED = 2**32 - 1
+
+
 def positive_int(text: str) -> int:
-    """argparse type: an integer ≥ 1."""
+    """argparse type: an integer ≥ 1 that fits a signed 64-bit integer."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if not 1 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer up to 2**63 - 1, got {text!r}"
+        )
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a random seed, an integer in [0, 2**32 - 1]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed in 0..{MAX_SEED}, got {text!r}")
     return value
 
 
@@ -88,19 +107,19 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "pyro_lvm.cli_vae:cmd_quickstart",
     ),
     "train": (
-        "train a VAE with any registered estimator",
+        "train a VAE, or your model (--model package.module:factory), with any estimator",
         "pyro_lvm.cli_vae:add_train_arguments",
         "pyro_lvm.cli_vae:cmd_train",
     ),
     "evaluate": (
-        "test ELBO and IS log-likelihood of a checkpoint",
-        "pyro_lvm.cli_vae:add_evaluate_arguments",
-        "pyro_lvm.cli_vae:cmd_evaluate",
+        "test ELBO and log-likelihood (IS, AIS or BDMC) of a run folder",
+        "pyro_lvm.cli_runs:add_evaluate_arguments",
+        "pyro_lvm.cli_runs:cmd_evaluate",
     ),
     "sample": (
-        "a PNG grid of ancestral samples from a checkpoint",
-        "pyro_lvm.cli_vae:add_sample_arguments",
-        "pyro_lvm.cli_vae:cmd_sample",
+        "a PNG grid of ancestral samples from a run folder",
+        "pyro_lvm.cli_runs:add_sample_arguments",
+        "pyro_lvm.cli_runs:cmd_sample",
     ),
     "variance": (
         "variance, SNR and cost of gradient estimators side by side",

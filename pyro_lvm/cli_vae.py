@@ -1,4 +1,5 @@
-"""The VAE subcommands of ``pyro-lvm``: quickstart, train, evaluate and sample.
+"""The VAE subcommands of ``pyro-lvm``: quickstart and train (``train --model`` and the
+commands on a run folder are in :mod:`pyro_lvm.cli_runs`).
 
 Imported only when one of them runs (see :data:`pyro_lvm.cli.COMMANDS`); heavy imports
 (torch, Pyro, matplotlib) happen inside the functions.
@@ -13,19 +14,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyro_lvm.cli import CLIError, int_list, positive_float, positive_int
+from pyro_lvm.cli import CLIError, int_list, positive_float, positive_int, seed_int
 from pyro_lvm.provenance import provenance
 
-__all__ = [
-    "add_evaluate_arguments",
-    "add_quickstart_arguments",
-    "add_sample_arguments",
-    "add_train_arguments",
-    "cmd_evaluate",
-    "cmd_quickstart",
-    "cmd_sample",
-    "cmd_train",
-]
+__all__ = ["add_quickstart_arguments", "add_train_arguments", "cmd_quickstart", "cmd_train"]
 
 DATASETS = ("digits", "mnist")
 #: ``pyro-lvm train``'s default test evaluation, sized so that ``--epochs 1`` on MNIST takes
@@ -42,6 +34,17 @@ def _load_split(dataset: str, split: str, root: str | None):
     if dataset == "mnist":
         return data.load_binarized_mnist(split, root=root), None, (28, 28)
     raise CLIError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def check_tensorboard(args: argparse.Namespace) -> None:
+    """Refuse ``--tensorboard`` without the ``tensorboard`` package before any work."""
+    import importlib.util
+
+    if getattr(args, "tensorboard", False) and importlib.util.find_spec("tensorboard") is None:
+        raise CLIError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard (or "
+            "pyro-lvm[tensorboard]), or drop --tensorboard"
+        )
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -103,6 +106,7 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
     from pyro_lvm.runfolder import prepare_run_folder, resume_mismatch
     from pyro_lvm.train import fit, read_checkpoint, resolve_device
 
+    check_tensorboard(args)
     out = prepare_run_folder(out, resume=args.resume, force=args.force)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
@@ -168,6 +172,7 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
         epochs=history.epochs,
         config=config,
         resumed_from_epoch=resumed_from,
+        nproc=getattr(args, "nproc", 1),
         provenance=provenance(),
     )
     _write_json(out / "metrics.json", metrics)
@@ -175,11 +180,12 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
     vae.cpu()
     figures = _save_figures(vae, history, x_test, test_labels, image_shape, out)
     torch.set_grad_enabled(True)
-    _print_table(metrics, out, figures)
+    _print_table(metrics, out, ["checkpoint.pt", "metrics.json", "history.json", *figures])
     return metrics
 
 
-def _print_table(metrics: dict, out: Path, figures: Sequence[str] = ()) -> None:
+def _print_table(metrics: dict, out: Path, files: Sequence[str] = ()) -> None:
+    """The metrics that are present, then the files written (as written)."""
     rows = [
         ("test ELBO (nats)", metrics.get("elbo")),
         (f"test log p(x), IS K={metrics.get('num_samples')}", metrics.get("log_likelihood")),
@@ -191,7 +197,7 @@ def _print_table(metrics: dict, out: Path, figures: Sequence[str] = ()) -> None:
     for name, value in rows:
         if value is not None:
             print(f"{name:<34} {value:10.3f}")
-    print(f"outputs in {out}: metrics.json {' '.join(figures)}")
+    print(f"outputs in {out}: {' '.join(files)}")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -205,36 +211,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         from pyro_lvm.train.launch import launch
 
         return launch(args.nproc, args.argv)
+    if args.model is not None:  # a user's factory (pyro_lvm.cli_runs)
+        from pyro_lvm.cli_runs import train_model
+
+        train_model(args, Path(args.out))
+        return 0
+    if args.model_args != "{}" or args.data is not None:
+        flag = "--model-args" if args.model_args != "{}" else "--data"
+        raise CLIError(f"{flag} goes with --model package.module:factory; add --model")
     _train(args, dataset=args.dataset, out=Path(args.out))
-    return 0
-
-
-def _restore(checkpoint_path: str):
-    from pyro_lvm.train import vae_from_checkpoint
-
-    return vae_from_checkpoint(checkpoint_path)
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pyro_lvm.evaluate.report import evaluate_vae
-    from pyro_lvm.train import resolve_device
-
-    out = _output_folder(args.out, Path(args.checkpoint).parent)  # before the long work
-    vae, config = _restore(args.checkpoint)
-    x, _, _ = _load_split(config["dataset"], args.split, args.data_root)
-    device, total, x = resolve_device(args.device), len(x), x[: args.n]
-    if args.method == "ais":  # annealed importance sampling from the prior (issue 20)
-        from pyro_lvm.evaluate.ais import ais_summary
-
-        metrics = ais_summary(vae.to(device), x.to(device), args.ais_steps, args.ais_chains)
-    else:
-        metrics = evaluate_vae(
-            vae, x, args.num_samples, device=device, split=args.split, of=total,
-            progress=not args.quiet,
-        )  # fmt: skip
-    metrics.update(split=args.split, checkpoint=str(args.checkpoint))
-    _write_json(out / f"evaluation_{args.split}.json", metrics)
-    _print_table(metrics, out, [f"evaluation_{args.split}.json"])
     return 0
 
 
@@ -244,29 +229,6 @@ def _output_folder(given: str | None, default: Path) -> Path:
         raise CLIError(f"--out {out} is a file; give a folder (it is created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    import matplotlib
-    import pyro
-
-    matplotlib.use("Agg")
-
-    from pyro_lvm import plot
-
-    vae, config = _restore(args.checkpoint)
-    pyro.set_rng_seed(args.seed)
-    images = vae.sample(args.n, mean=not args.binary)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot.plot_image_grid(
-        images,
-        image_shape=tuple(config["image_shape"]),
-        path=out,
-        title=f"{args.n} ancestral samples",
-    )
-    print(f"wrote {out}")
-    return 0
 
 
 def _add_device_argument(p: argparse.ArgumentParser) -> None:
@@ -309,7 +271,7 @@ def _add_training_arguments(
     p.add_argument("--epochs", type=positive_int, default=epochs, help="total training epochs")
     p.add_argument("--batch-size", type=positive_int, default=100, help="minibatch size")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0, help="random seed (also the batch order)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (also the batch order)")
     p.add_argument(
         "--eval-samples",
         type=positive_int,
@@ -359,34 +321,24 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="training data")
     _add_training_arguments(p, epochs=10, z_dim=50, hidden="400", evaluation=TRAIN_EVALUATION)
     p.add_argument(
+        "--model",
+        default=None,
+        help="train what package.module:factory(**MODEL_ARGS) returns, a (model, guide) pair or "
+        "a PyroModule with a .guide, instead of the built-in VAE",
+    )
+    p.add_argument(
+        "--model-args", default="{}", help="the factory's keyword arguments as a JSON object"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="with --model: an .npz file of training points (array 'x'; further arrays go to "
+        "the model as keyword arguments) instead of --dataset",
+    )
+    p.add_argument(
         "--nproc",
         type=positive_int,
         default=1,
         help="data-parallel processes on this machine (through torch.distributed.run); "
         "--batch-size stays the global minibatch",
     )
-
-
-def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a checkpoint written by `pyro-lvm train`")
-    p.add_argument("--split", choices=("train", "valid", "test"), default="test", help="data")
-    p.add_argument("--num-samples", type=positive_int, default=1000, help="importance samples K")
-    p.add_argument(
-        "--method", choices=("is", "ais"), default="is",
-        help="log-likelihood by importance sampling (K = --num-samples) or AIS from the prior",
-    )  # fmt: skip
-    p.add_argument("--ais-steps", type=positive_int, default=500, help="AIS temperatures M")
-    p.add_argument("--ais-chains", type=positive_int, default=16, help="AIS chains per point")
-    p.add_argument("--n", type=positive_int, default=None, help="evaluate the first n points")
-    p.add_argument("--data-root", default=None, help="folder with the data (or PYRO_LVM_DATA)")
-    p.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_device_argument(p)
-
-
-def add_sample_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a checkpoint written by `pyro-lvm train`")
-    p.add_argument("--n", type=positive_int, default=64, help="number of samples")
-    p.add_argument("--out", default="samples.png", help="PNG path")
-    p.add_argument("--binary", action="store_true", help="draw x ~ p(x|z), not its mean")
-    p.add_argument("--seed", type=int, default=0, help="random seed")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pyro
 import torch
+from pyro.poutine.messenger import Messenger
 
-__all__ = ["data_plate"]
+__all__ = ["ScaleDataPlate", "data_plate"]
 
 
 def data_plate(x: torch.Tensor, idx: torch.Tensor | None = None, num_data: int | None = None):
@@ -40,3 +41,31 @@ def data_plate(x: torch.Tensor, idx: torch.Tensor | None = None, num_data: int |
             "num_data=len(dataset) (or set .num_data) so the plate can scale the minibatch"
         )
     return pyro.plate("data", num_data, subsample=idx, subsample_size=int(idx.shape[0]), dim=-1)
+
+
+class ScaleDataPlate(Messenger):
+    r"""Scale the sample sites inside the plain plate ``name`` by ``num_data / size``.
+
+    A plate ``pyro.plate(name, B)`` over a minibatch of B of N data points (not subsampled:
+    its frame's ``size`` equals its ``full_size``) gets the factor :math:`N / B` on every
+    sample site it encloses, latent or observed, as a subsampled plate would have; sites
+    outside it (global latents) and parameters are untouched, and a plate that subsamples
+    (``subsample=`` or :func:`data_plate` with ``idx``) already scales itself and is left
+    alone. The scale is a Python number from the plate's size, so a captured graph keeps it
+    per input shape.
+
+    :param name: the data plate's name.
+    :param num_data: the data set size N.
+    """
+
+    def __init__(self, name: str, num_data: int):
+        super().__init__()
+        self.name, self.num_data = name, int(num_data)
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] != "sample":
+            return
+        for frame in msg["cond_indep_stack"]:
+            if frame.name == self.name and frame.full_size in (None, frame.size):
+                msg["scale"] = msg["scale"] * (self.num_data / int(frame.size))
+                return

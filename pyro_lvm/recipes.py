@@ -169,12 +169,14 @@ def train_cvae(
 
 def add_conditional_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``pyro-lvm conditional``."""
+    from pyro_lvm.cli import seed_int
+
     p.add_argument("--model", choices=("m2", "cvae"), required=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--labels", type=int, default=100, help="M2: labelled training digits")
     p.add_argument("--dataset", choices=("digits", "mnist"), default="digits", help="CVAE data")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--data-root", default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -199,7 +201,8 @@ def conditional_main(args: argparse.Namespace) -> int:
 
 def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``pyro-lvm inspect``."""
-    p.add_argument("checkpoint", help="a checkpoint written by pyro-lvm train")
+    p.add_argument("run", help="a run folder written by pyro-lvm train (or its checkpoint)")
+    p.add_argument("--data", default=None, help=".npz file of the points (array 'x')")
     p.add_argument("--split", choices=("train", "valid", "test"), default="test")
     p.add_argument("--reconstruct", default="0,1,2,3,4,5,6,7", help="indices, comma separated")
     p.add_argument(
@@ -219,17 +222,26 @@ def _indices(text: str) -> list[int]:
 
 def inspect_main(args: argparse.Namespace) -> int:
     """``pyro-lvm inspect``: reconstructions of chosen indices and latent interpolations."""
-    from pyro_lvm import data, plot
+    from pyro_lvm import plot
+    from pyro_lvm.cli import CLIError
+    from pyro_lvm.cli_runs import restore, run_data
     from pyro_lvm.evaluate import interpolate, reconstructions
-    from pyro_lvm.train import vae_from_checkpoint
 
-    vae, config = vae_from_checkpoint(args.checkpoint)
-    if config.get("dataset") == "digits":
-        x = data.load_digits(args.split)
-    else:
-        x = data.load_binarized_mnist(args.split, root=args.data_root)
-    shape = tuple(config.get("image_shape", (28, 28)))
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    run = restore(args.run)
+    vae = run.model
+    missing = [m for m in ("encode", "decode") if not callable(getattr(vae, m, None))]
+    if missing:
+        raise CLIError(
+            f"the model of {run.folder} ({type(vae).__name__}) has no {' or '.join(missing)} "
+            "method; `pyro-lvm inspect` needs encode(x) -> q(z|x) and decode(z) -> p(x|z)"
+        )
+    x, _, shape = run_data(run, args.split, args.data, args.data_root)
+    if isinstance(x, dict) or not shape:
+        raise CLIError(f"{run.folder}: inspect draws images; the run records no image shape")
+    shape = tuple(shape)
+    out = Path(args.out) if args.out else run.folder
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; give a folder (it is created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     chosen, rec = reconstructions(vae, x, _indices(args.reconstruct))
     plot.plot_reconstructions(chosen, rec, shape, path=out / "reconstructions_chosen.png")

@@ -28,6 +28,9 @@ RUN_FILES = (
 
 #: the checkpoint's configuration keys a resume must match, with the flag that sets each
 RESUME_FLAGS = {
+    "model": "--model",
+    "model_args": "--model-args",
+    "data": "--data",
     "dataset": "--dataset",
     "z_dim": "--z-dim",
     "hidden": "--hidden",
@@ -45,6 +48,10 @@ class RunFolderError(ValueError):
 
 
 def _flag_value(value: Any) -> str:
+    if isinstance(value, dict):
+        import json
+
+        return "'" + json.dumps(value, sort_keys=True) + "'"
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)

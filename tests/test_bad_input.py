@@ -12,12 +12,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -394,13 +396,157 @@ CLI = [
 ]  # fmt: skip
 
 
+# ----- the boundaries of issue 25: a user's model on the command line, run folders ----------
+# braces doubled: the arguments go through str.format
+USER_MODEL = ["--model", "tests.user_models.tutorial_vae:make", "--model-args",
+              '{{"z_dim": 2, "hidden_dim": 8}}']  # fmt: skip
+_USER_RUN: dict[str, Path] = {}
+
+
+def _npz(path: Path, **arrays) -> Path:
+    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
+    return path
+
+
+def _user_run() -> Path:
+    """One tiny run of the tutorial VAE trained by `train --model --data` (made once)."""
+    if "run" not in _USER_RUN:
+        folder = Path(tempfile.mkdtemp(prefix="user_run_"))
+        data = _npz(folder / "train.npz", x=(np.random.default_rng(0).random((40, 784)) < 0.3))
+        argv = ["train", *[a.format() for a in USER_MODEL], "--data", str(data), "--out",
+                str(folder / "run"), "--epochs", "1", "--batch-size", "20", "--eval-samples",
+                "3", "--eval-points", "5", "--quiet"]  # fmt: skip
+        assert main(argv) == 0
+        _USER_RUN["run"], _USER_RUN["npz"] = folder / "run", data
+    return _USER_RUN["run"]
+
+
+def _user_cli(*args, setup=None):
+    """:func:`_cli` with ``{user}`` (the user's run folder) and ``{npz}`` (its data)."""
+
+    def case(tmp_path, run_dir, capsys):
+        user = _user_run()
+        capsys.readouterr()
+        if setup is not None:
+            setup(tmp_path)
+        argv = [a.format(user=user, npz=_USER_RUN["npz"], run=run_dir, tmp=tmp_path) for a in args]
+        status = main(argv)
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err and captured.err.count("\n") <= 1, captured.err
+        return status, captured.err.strip() or captured.out.strip().splitlines()[-1], tmp_path
+
+    return case
+
+
+def _python_run(tmp_path):
+    """A run trained from Python (no data set recorded)."""
+    lg, guide = LinearGaussian(3, 1), AmortizedGaussianGuide(3, 1, hidden=(2,))
+    fit(lg, guide, torch.randn(8, 3), num_epochs=1, batch_size=4, progress=False, fast=False,
+        checkpoint=tmp_path / "py" / "checkpoint.pt")  # fmt: skip
+
+
+def _bad_npz(tmp_path):
+    _npz(tmp_path / "no_x.npz", y=np.arange(3))
+    _npz(tmp_path / "wide.npz", x=np.zeros((4, 5)))
+    (tmp_path / "empty").mkdir()
+
+
+def _no_tensorboard(tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    importlib.util.find_spec = lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    _RESTORE.append(lambda: setattr(importlib.util, "find_spec", real))
+
+
+_RESTORE: list = []
+
+
+def _without_tensorboard(*args):
+    inner = _cli(*args, setup=_no_tensorboard)
+
+    def case(tmp_path, run_dir, capsys):
+        try:
+            return inner(tmp_path, run_dir, capsys)
+        finally:
+            while _RESTORE:
+                _RESTORE.pop()()
+
+    return case
+
+
+TRAIN = ["train", "--out", "{tmp}/o", "--epochs", "1", "--quiet"]
+CLI += [
+    Case("cli-model-no-colon", _cli(*TRAIN, "--model", "tutorial_vae"),
+         check=_status(2, "expected 'package.module:function', got 'tutorial_vae'")),
+    Case("cli-model-no-module", _cli(*TRAIN, "--model", "no_such_pkg.m:make"),
+         check=_status(2, "cannot import module 'no_such_pkg.m'")),
+    Case("cli-model-no-name", _cli(*TRAIN, "--model", "tests.user_models.tutorial_vae:nope"),
+         check=_status(2, "has no 'nope'")),
+    Case("cli-model-args-not-json", _cli(*TRAIN, *USER_MODEL[:2], "--model-args", "{{z_dim: 2}}"),
+         check=_status(2, "--model-args is not JSON")),
+    Case("cli-model-args-a-list", _cli(*TRAIN, *USER_MODEL[:2], "--model-args", "[2]"),
+         check=_status(2, "--model-args must be a JSON object")),
+    Case("cli-model-args-unknown", _cli(*TRAIN, *USER_MODEL[:2], "--model-args", '{{"nope": 1}}'),
+         check=_status(2, "does not take the arguments ['nope']")),
+    Case("cli-model-with-vae-flag", _cli(*TRAIN, *USER_MODEL, "--z-dim", "3"),
+         check=_status(2, "--z-dim configures the built-in VAE")),
+    Case("cli-data-without-model", _cli(*TRAIN, "--data", "{tmp}/x.npz"),
+         check=_status(2, "--data goes with --model")),
+    Case("cli-data-is-folder", _cli(*TRAIN, *USER_MODEL, "--data", "{tmp}", setup=_bad_npz),
+         check=_status(2, "is a folder; give an .npz file")),
+    Case("cli-data-missing", _cli(*TRAIN, *USER_MODEL, "--data", "{tmp}/nope.npz"),
+         check=_status(2, "nope.npz does not exist")),
+    Case("cli-data-without-x", _cli(*TRAIN, *USER_MODEL, "--data", "{tmp}/no_x.npz",
+                                    setup=_bad_npz),
+         check=_status(2, "has no array 'x' (it has ['y'])")),
+    Case("cli-seed-overflows", _argparse_error("quickstart", "--out", "{out}", "--seed",
+                                               str(2**64)),
+         check=_status(2, "expected a seed in 0..4294967295")),
+    Case("cli-epochs-overflow", _argparse_error("quickstart", "--out", "{out}", "--epochs",
+                                                str(2**63)),
+         check=_status(2, "expected a positive integer up to 2**63 - 1")),
+    Case("cli-tensorboard-missing", _without_tensorboard("quickstart", "--out", "{tmp}/o",
+                                                         "--tensorboard", *QUICK),
+         check=_status(2, "--tensorboard needs the tensorboard package")),
+    Case("cli-evaluate-folder-without-run", _cli("evaluate", "{tmp}"),
+         check=_status(2, "is a folder without checkpoint.pt")),
+    Case("cli-evaluate-run-folder", _cli("evaluate", "{run}", "--n", "5", "--num-samples", "2",
+                                         "--out", "{tmp}", "--quiet"),
+         check=lambda r: r[0] == 0 and (r[2].parent / "evaluation_test.json").is_file()),
+    Case("cli-evaluate-other-width", _cli("evaluate", "{run}", "--data", "{tmp}/wide.npz",
+                                          setup=_bad_npz),
+         check=_status(2, "has points of shape (5,) but the run in")),
+    Case("cli-gaps-folder-without-run", _cli("gaps", "{tmp}"),
+         check=_status(2, "is a folder without checkpoint.pt")),
+    Case("cli-inspect-missing-run", _cli("inspect", "{tmp}/nope"),
+         check=_status(2, "does not exist; give a run folder")),
+    Case("cli-sample-out-is-folder", _cli("sample", "{run}", "--out", "{tmp}"),
+         check=_status(2, "is a folder; give the PNG file")),
+    Case("cli-user-evaluate", _user_cli("evaluate", "{user}", "--n", "5", "--num-samples", "3",
+                                        "--out", "{tmp}", "--quiet"),
+         check=lambda r: r[0] == 0 and "evaluation_train.json" in r[1]
+         and (r[2] / "evaluation_train.json").is_file()),
+    Case("cli-user-sample-unsupported", _user_cli("sample", "{user}", "--out", "{tmp}/s.png"),
+         check=_status(2, "has no sample(n) method")),
+    Case("cli-user-inspect-unsupported", _user_cli("inspect", "{user}"),
+         check=_status(2, "has no encode or decode method")),
+    Case("cli-variance-nothing-to-measure", _cli("variance", "--scenario", "vae-mnist",
+                                                 "--out", "{tmp}/v", "--data-root", "{tmp}"),
+         check=_status(2, "--scenario vae-mnist measured nothing: binarized_mnist.npz not found")),
+    Case("cli-python-run-no-data", _cli("evaluate", "{tmp}/py", setup=_python_run),
+         check=_status(2, "records no built-in data set (trained on a file or from Python); "
+                          "pass --data FILE.npz")),
+]  # fmt: skip
+
+
 def _raising(exc):
     def case(tmp_path, run_dir, capsys):
         def boom(args):
             raise exc
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr("pyro_lvm.cli_vae.cmd_sample", boom)
+            mp.setattr("pyro_lvm.cli_runs.cmd_sample", boom)
             return _cli("sample", "{run}/checkpoint.pt")(tmp_path, run_dir, capsys)
 
     return case

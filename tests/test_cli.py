@@ -29,6 +29,7 @@ def test_quickstart_writes_metrics_checkpoint_and_figures(quickstart_dir):
     assert metrics["elbo"] == pytest.approx(metrics["reconstruction"] - metrics["kl"], abs=1e-4)
     assert (quickstart_dir / "checkpoint.pt").stat().st_size > 0
     assert metrics["provenance"]["torch"] == torch.__version__  # where the figure came from
+    assert metrics["nproc"] == 1  # the processes of a --nproc run
     for name in ("training_curves.png", "samples.png", "reconstructions.png", "latents.png"):
         assert (quickstart_dir / name).read_bytes()[:4] == b"\x89PNG", name
 
@@ -41,6 +42,17 @@ def test_evaluate_and_sample_a_checkpoint(quickstart_dir, tmp_path, capsys):
     png = tmp_path / "s.png"
     assert main(["sample", ckpt, "--n", "16", "--out", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_a_run_folder_by_bdmc(quickstart_dir, tmp_path, capsys):
+    """``evaluate RUN_FOLDER`` looks inside the folder; BDMC sandwiches log p(x) on simulated
+    data; the table names the file written."""
+    args = ["evaluate", str(quickstart_dir), "--method", "bdmc", "--ais-steps", "5"]
+    assert main([*args, "--ais-chains", "2", "--n", "4", "--out", str(tmp_path), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "evaluation_test.json").read_text())
+    assert metrics["method"] == "bdmc" and metrics["num_points"] == 4
+    assert metrics["bdmc_gap"] == pytest.approx(metrics["bdmc_upper"] - metrics["bdmc_lower"])
+    assert f"outputs in {tmp_path}: evaluation_test.json" in capsys.readouterr().out
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
@@ -121,13 +133,15 @@ def test_gaps_subcommand_on_a_checkpoint(quickstart_dir, tmp_path):
 def test_a_gated_network_round_trips_through_its_checkpoint(tmp_path):
     import torch
 
+    from pyro_lvm import load_run
     from pyro_lvm.nn import GatedDense
-    from pyro_lvm.train import read_checkpoint, save_checkpoint, vae_from_checkpoint
+    from pyro_lvm.train import read_checkpoint, save_checkpoint
 
     args = ["quickstart", "--out", str(tmp_path), "--epochs", "1", "--eval-samples", "5"]
     assert main([*args, "--network", "gated", "--quiet"]) == 0
     ckpt = tmp_path / "checkpoint.pt"
-    vae, config = vae_from_checkpoint(ckpt)
+    run = load_run(tmp_path)
+    vae, config = run.model, run.extra["config"]
     assert config["network"] == "gated"
     assert sum(isinstance(m, GatedDense) for m in vae.modules()) == 2 * len(config["hidden"])
     saved = read_checkpoint(ckpt)["model"]
@@ -145,7 +159,7 @@ def test_a_gated_network_round_trips_through_its_checkpoint(tmp_path):
         extra={"extra": {"config": {**config, "network": "transformer"}}},
     )
     with pytest.raises(ValueError, match="transformer.*gated, mlp"):
-        vae_from_checkpoint(bad)
+        load_run(bad)
 
 
 def test_train_announces_its_sized_evaluation_and_logs_metrics(tmp_path, capsys):
@@ -162,3 +176,25 @@ def test_train_announces_its_sized_evaluation_and_logs_metrics(tmp_path, capsys)
     if not torch.cuda.is_available():  # a one-line error naming the fix
         assert main(["evaluate", str(tmp_path / "checkpoint.pt"), "--device", "cuda"]) == 2
         assert "does not have" in capsys.readouterr().err
+
+
+def test_train_a_pyromodule_factory_then_resume_and_evaluate_its_folder(tmp_path, capsys):
+    """``--model`` takes a factory returning a PyroModule with a ``.guide`` (here the VAE class
+    itself); the run resumes only with the same factory arguments; ``evaluate`` reads the
+    folder."""
+    from pyro_lvm import load_run
+
+    out = str(tmp_path / "run")
+    model = ["--model", "pyro_lvm.models.vae:VAE", "--model-args", '{"x_dim": 64, "z_dim": 2}']
+    quick = ["--dataset", "digits", "--eval-samples", "3", "--eval-points", "10", "--quiet"]
+    assert main(["train", *model, *quick, "--epochs", "1", "--out", out]) == 0
+    run = load_run(out)
+    assert type(run.model).__name__ == "VAE" and run.guide is run.model.guide
+    assert run.extra["config"]["model_args"] == {"x_dim": 64, "z_dim": 2}
+    other = [*model[:3], '{"x_dim": 64, "z_dim": 3}']
+    assert main(["train", *other, *quick, "--epochs", "2", "--out", out, "--resume"]) == 2
+    assert "--model-args" in capsys.readouterr().err
+    assert main(["train", *model, *quick, "--epochs", "2", "--out", out, "--resume"]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 2
+    assert main(["evaluate", out, "--n", "5", "--num-samples", "3", "--quiet"]) == 0
+    assert "evaluation_test.json" in capsys.readouterr().out

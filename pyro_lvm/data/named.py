@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["NamedData", "as_named", "check_accepts", "named_chunks", "split_named"]
+__all__ = [
+    "NamedData",
+    "as_named",
+    "check_accepts",
+    "named_chunks",
+    "read_named_npz",
+    "split_named",
+]
 
 #: a dataset: a bare tensor (the observations ``x``) or a mapping of named tensors with ``"x"``
 NamedData = torch.Tensor | Mapping[str, torch.Tensor]
@@ -115,3 +123,43 @@ def named_chunks(
     for start in range(0, x.shape[0], int(size)):
         stop = start + int(size)
         yield x[start:stop], {k: v[start:stop] for k, v in named.items()}
+
+
+def read_named_npz(path: str | Path, flag: str = "--data") -> dict[str, torch.Tensor]:
+    """Named per-datapoint tensors from an ``.npz`` archive: ``x`` (the data, as the default
+    floating dtype) and any further arrays (integers as ``long``, booleans kept), each with
+    one row per data point.
+
+    :raises ValueError: naming ``flag`` and the fix: a folder, a missing or unreadable file,
+        no ``x`` array, arrays that are not numeric or whose lengths differ.
+    """
+    import numpy as np
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give an .npz file with an array 'x'")
+    if not path.is_file():
+        raise ValueError(f"{flag} {path} does not exist; give an .npz file with an array 'x'")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except Exception as e:  # noqa: BLE001 (zip, pickle and format errors alike)
+        raise ValueError(
+            f"{flag} {path} is not a readable .npz archive of numeric arrays ({e}); write it "
+            "with numpy.savez(path, x=..., y=...)"
+        ) from None
+    if "x" not in arrays:
+        raise ValueError(
+            f"{flag} {path} has no array 'x' (it has {sorted(arrays)}); save the data as x=..."
+        )
+    out = {}
+    for key, value in arrays.items():
+        if value.dtype.kind == "b":
+            out[key] = torch.from_numpy(value)
+        elif value.dtype.kind in "iu" and key != "x":
+            out[key] = torch.from_numpy(value.astype(np.int64))
+        elif value.dtype.kind in "fiu":
+            out[key] = torch.from_numpy(value).to(torch.get_default_dtype())
+        else:
+            raise ValueError(f"{flag} {path}: array {key!r} has dtype {value.dtype}, not numeric")
+    return as_named(out, str(path))

@@ -24,6 +24,7 @@ __all__ = [
     "BDMCResult",
     "ais_log_likelihood",
     "ais_summary",
+    "bdmc_summary",
     "annealing_schedule",
     "bdmc",
 ]
@@ -365,4 +366,34 @@ def ais_summary(
         "ais_seconds": time.perf_counter() - start,
         "method": "ais",
         "num_points": len(x),
+    }
+
+
+def bdmc_summary(
+    model: Callable, x: torch.Tensor, num_steps: int, num_chains: int, **kwargs
+) -> dict:
+    """The BDMC sandwich on data simulated from ``model`` (shaped like ``x``), as plain
+    numbers: what ``pyro-lvm evaluate --method bdmc`` reports; ``kwargs`` go to :func:`bdmc`.
+
+    The mean gap ``upper - lower`` bounds the error of the AIS estimate on data of this model
+    (Grosse et al. 2015); the data points are simulated, so ``x`` gives their shape only.
+    """
+    start = time.perf_counter()
+    result = bdmc(model, x, num_steps=num_steps, num_chains=num_chains, **kwargs)
+    n = len(result.lower)
+
+    def se(values: torch.Tensor) -> float:
+        return float(values.std() / n**0.5) if n > 1 else 0.0
+
+    return {
+        "bdmc_lower": float(result.lower.mean()),
+        "bdmc_lower_stderr": se(result.lower),
+        "bdmc_upper": float(result.upper.mean()),
+        "bdmc_upper_stderr": se(result.upper),
+        "bdmc_gap": float(result.gap.mean()),
+        "ais_steps": int(num_steps),
+        "ais_chains": int(num_chains),
+        "bdmc_seconds": time.perf_counter() - start,
+        "method": "bdmc",
+        "num_points": n,
     }

@@ -180,8 +180,11 @@ def inference_gaps(
 
 
 def add_gaps_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``pyro-lvm gaps CHECKPOINT``."""
-    parser.add_argument("checkpoint", help="a VAE checkpoint written by `pyro-lvm train`")
+    """Arguments of ``pyro-lvm gaps RUN``."""
+    from pyro_lvm.cli import seed_int
+
+    parser.add_argument("run", help="a run folder written by `pyro-lvm train` (or its checkpoint)")
+    parser.add_argument("--data", default=None, help=".npz file of the points (array 'x')")
     parser.add_argument("--n", type=int, default=1000, help="number of test points")
     parser.add_argument(
         "--split", choices=("train", "valid", "test"), default="test", help="data split"
@@ -192,36 +195,34 @@ def add_gaps_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.01, help="inner learning rate")
     parser.add_argument("--particles", type=int, default=8, help="inner particles")
     parser.add_argument("--data-root", default=None, help="folder with the data (or PYRO_LVM_DATA)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--out", default=None, help="output folder (default: the checkpoint's)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
+    parser.add_argument("--out", default=None, help="output folder (default: the run folder)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def gaps_main(args: argparse.Namespace) -> int:
     """Run ``pyro-lvm gaps``: restore a VAE, compute the gaps, write ``gaps.json`` and ``gaps.txt``.
 
-    The VAE is rebuilt by :func:`pyro_lvm.train.restore.vae_from_checkpoint` (the configuration
-    that ``pyro-lvm train`` stores); its ``dataset`` entry picks MNIST or the digits.
+    The run (a folder or checkpoint) comes back by :func:`pyro_lvm.load_run`, whatever its
+    model; the points are ``--data FILE.npz`` or the split of the built-in data set it was
+    trained on (:func:`pyro_lvm.cli_runs.run_data`).
     """
-    from pyro_lvm import data
-    from pyro_lvm.train.restore import vae_from_checkpoint
+    from pyro_lvm.cli_runs import restore, run_data
 
     for name in ("n", "num_samples", "elbo_samples", "steps", "particles"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
-    path = Path(args.checkpoint)
-    pyro.clear_param_store()
-    vae, config = vae_from_checkpoint(path)
-    dataset = config.get("dataset", "mnist")
-    if dataset == "digits":
-        x = data.load_digits(args.split)
-    else:
-        x = data.load_binarized_mnist(args.split, root=args.data_root)
+    run = restore(args.run)
+    path, model, guide = run.checkpoint, run.model, run.guide
+    dataset = (run.extra.get("config") or {}).get("dataset", args.data)
+    x = run_data(run, args.split, args.data, args.data_root)[0]
+    if isinstance(x, dict):
+        raise ValueError("pyro-lvm gaps takes unlabelled data: give --data with an array 'x' only")
     x = x[: args.n].to(torch.get_default_dtype())
     pyro.set_rng_seed(args.seed)
     start = time.perf_counter()
     result = inference_gaps(
-        vae, vae.guide, x, num_samples=args.num_samples, elbo_samples=args.elbo_samples,
+        model, guide, x, num_samples=args.num_samples, elbo_samples=args.elbo_samples,
         max_steps=args.steps, lr=args.lr, num_particles=args.particles,
         progress=not getattr(args, "quiet", False),
     )  # fmt: skip

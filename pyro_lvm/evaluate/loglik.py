@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from pyro_lvm.contract import as_program
 from pyro_lvm.data.named import split_named
 from pyro_lvm.device import device_scope, resolve_device, to_device
 from pyro_lvm.elbo.multisample import iter_importance_weights
@@ -28,6 +29,7 @@ def _iter_log_weights(
     """Yield ``(rows, log_w)`` with ``log_w`` of shape ``(S, len(rows))`` chunk by chunk;
     ``x`` a tensor or named per-datapoint tensors (:mod:`pyro_lvm.data.named`)."""
     x, named = split_named(x, "x")
+    model, guide = as_program(model), as_program(guide)  # (x) programs as well
     for rows, weights in iter_importance_weights(
         model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting, named
     ):
@@ -141,7 +143,7 @@ def log_likelihood(
                 model, guide, x, num_samples, sample_chunk, data_chunk, idx, max_plate_nesting
             )
     x, named = split_named(x, "x")
-    x, _ = validate_inputs(model, guide, x, idx=idx, name="x", **named)
+    x, _ = validate_inputs(as_program(model), as_program(guide), x, idx=idx, name="x", **named)
     num_rows = x.shape[0]
     x = {"x": x, **named} if named else x
     acc = None
@@ -177,7 +179,7 @@ def elbo_estimate(
     :func:`log_likelihood`.
     """
     x, named = split_named(x, "x")
-    x, _ = validate_inputs(model, guide, x, idx=idx, name="x", **named)
+    x, _ = validate_inputs(as_program(model), as_program(guide), x, idx=idx, name="x", **named)
     num_rows = x.shape[0]
     x = {"x": x, **named} if named else x
     acc = None

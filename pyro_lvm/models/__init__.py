@@ -23,3 +23,13 @@ from pyro_lvm.models.ssm import LinearGaussianSSM, SSMPosterior  # noqa: E402
 from pyro_lvm.sequential import SequentialProgram  # noqa: E402
 
 __all__ += ["DeepMarkovModel", "LinearGaussianSSM", "SSMPosterior", "SequentialProgram"]
+
+# every model and guide class records the call that built it, so a run comes back with
+# pyro_lvm.load_run (pyro_lvm.spec)
+import torch as _torch  # noqa: E402
+
+from pyro_lvm.spec import recorded as _recorded  # noqa: E402
+
+for _cls in [globals()[_name] for _name in __all__]:
+    if isinstance(_cls, type) and issubclass(_cls, _torch.nn.Module):
+        _recorded(_cls)

@@ -10,6 +10,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
+from pyro_lvm.contract import SharesNumData
 from pyro_lvm.distributions import PathwiseNormal
 from pyro_lvm.models.priors import StandardNormalPrior
 from pyro_lvm.models.vae import observation_distribution
@@ -131,7 +132,7 @@ class HierarchicalGuide(PyroModule):
             return pyro.sample("z1", self.posterior1(x, z2))
 
 
-class HierarchicalVAE(PyroModule):
+class HierarchicalVAE(SharesNumData, PyroModule):
     r"""Two-layer VAE p(z2) p(z1 | z2) p(x | z1, z2) (HVAE of Tomczak & Welling 2018).
 
     .. math::
@@ -204,16 +205,6 @@ class HierarchicalVAE(PyroModule):
             )
         self.guide = guide
         self.num_data = num_data
-
-    @property
-    def num_data(self) -> int | None:
-        return self._num_data
-
-    @num_data.setter
-    def num_data(self, value: int | None) -> None:
-        self._num_data = value
-        if hasattr(self.guide, "num_data"):
-            self.guide.num_data = value
 
     def conditional_prior(self, z2: torch.Tensor) -> dist.Distribution:
         """p_θ(z1 | z2), a diagonal Gaussian with event shape ``(z1_dim,)``."""

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import nn
 
+from pyro_lvm.contract import SharesNumData
 from pyro_lvm.guides.amortized import AmortizedGaussianGuide
 from pyro_lvm.models.priors import StandardNormalPrior
 from pyro_lvm.nn import NetworkFactory, mlp
@@ -35,7 +36,7 @@ def observation_distribution(
     return dist.Normal(loc, F.softplus(raw_scale) + min_scale).to_event(1)
 
 
-class VAE(PyroModule):
+class VAE(SharesNumData, PyroModule):
     r"""A VAE model p_θ(x, z) = p(z) p_θ(x | z) with a matching amortized guide.
 
     .. math::
@@ -88,16 +89,6 @@ class VAE(PyroModule):
             guide = AmortizedGaussianGuide(x_dim, z_dim, self.hidden, network=network)
         self.guide = guide
         self.num_data = num_data
-
-    @property
-    def num_data(self) -> int | None:
-        return self._num_data
-
-    @num_data.setter
-    def num_data(self, value: int | None) -> None:
-        self._num_data = value
-        if hasattr(self.guide, "num_data"):
-            self.guide.num_data = value
 
     def decode(self, z: torch.Tensor) -> dist.Distribution:
         """p_θ(x | z) for ``z`` of any batch shape, with event shape ``(x_dim,)``."""

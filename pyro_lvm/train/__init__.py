@@ -19,7 +19,7 @@ from pyro_lvm.train.fit_local import LocalOptResult, optimize_local
 from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.optim import NormalizedGradientAdam, normalized_gradient_adam
 from pyro_lvm.train.per_datapoint import fit_local
-from pyro_lvm.train.restore import vae_config, vae_from_checkpoint
+from pyro_lvm.train.runs import Run, load_run
 
 __all__ = [
     "Callback",
@@ -34,18 +34,18 @@ __all__ = [
     "LocalOptResult",
     "NonFiniteLossError",
     "NormalizedGradientAdam",
+    "Run",
     "StatefulEstimator",
     "TensorBoardLogger",
     "atomic_save",
     "fit",
     "fit_local",
     "load_checkpoint",
+    "load_run",
     "normalized_gradient_adam",
     "optimize_local",
     "read_checkpoint",
     "resolve_device",
     "resolve_estimator",
     "save_checkpoint",
-    "vae_config",
-    "vae_from_checkpoint",
 ]

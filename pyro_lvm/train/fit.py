@@ -10,27 +10,15 @@ import torch
 from pyro.infer import ELBO
 from pyro.optim import PyroOptim
 
-from pyro_lvm.data import Minibatches, check_accepts, split_named
 from pyro_lvm.elbo import prepare_for_fit
-from pyro_lvm.train.build import (
-    check_counts,
-    check_extra,
-    check_optimizer,
-    make_callbacks,
-    make_checkpointer,
-    make_stepper,
-    start_history,
-)
+from pyro_lvm.train.build import prepare_run
 from pyro_lvm.train.callbacks import Callback
-from pyro_lvm.train.checks import check_subsampling, set_num_data
-from pyro_lvm.train.device import DeviceLike, device_scope, resolve_device, to_device
-from pyro_lvm.train.distributed_loop import DataParallel
+from pyro_lvm.train.device import DeviceLike, device_scope
 from pyro_lvm.train.divergence import DEFAULT_DIVERGENCE, DivergenceMonitor, DivergenceRule
 from pyro_lvm.train.estimators import resolve_estimator
 from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.loop import Loop, NonFiniteLossError, StepResult, run, svi_step
 from pyro_lvm.train.loop import validate as validation_bound
-from pyro_lvm.validation import check_rows, validate_inputs
 
 __all__ = ["NonFiniteLossError", "fit"]
 
@@ -51,6 +39,7 @@ def fit(
     loss: str | ELBO = "elbo",
     num_particles: int = 1,
     optimizer: PyroOptim | None = None,
+    lr: float = 1e-3,
     num_epochs: int = 10,
     batch_size: int = 100,
     valid_data: torch.Tensor | None = None,
@@ -86,17 +75,22 @@ def fit(
     the ``callbacks``, then the checkpoint. The loop itself (shared with :func:`fit_local`) is
     :func:`pyro_lvm.train.loop.run`.
 
-    :param model: ``model(x, idx=None)`` with its observations in
-        :func:`~pyro_lvm.plates.data_plate` (checked once on the first minibatch).
-    :param guide: ``guide(x, idx=None)``.
+    :param model: a Pyro program ``model(x)``, ``model(x, idx=None)`` or
+        ``model(x, idx=None, **named)`` (the contract of :mod:`pyro_lvm.contract`): its
+        observations in a data plate that scales itself
+        (:func:`~pyro_lvm.plates.data_plate`), or in a plain ``pyro.plate("data",
+        x.shape[0])`` that the loop scales by N/B (the sites inside it only); checked once on
+        the first minibatch.
+    :param guide: the guide, with the same signature rules.
     :param train_data: training set, data points along dim 0: a tensor, or a mapping of named
         per-datapoint tensors ``{"x": x, "y": y, ...}`` sliced by the same indices, whose
         entries other than ``"x"`` reach model and guide as keyword arguments.
     :param loss: an estimator name from :data:`pyro_lvm.elbo.ESTIMATORS` or a
         ``pyro.infer.ELBO`` instance.
     :param num_particles: particles of a named estimator.
-    :param optimizer: any ``pyro.optim.PyroOptim``; ``pyro.optim.Adam({"lr": 1e-3})`` by
+    :param optimizer: any ``pyro.optim.PyroOptim``; ``pyro.optim.Adam({"lr": lr})`` by
         default.
+    :param lr: the learning rate of the default optimizer (as in :func:`fit_local`).
     :param num_epochs: total number of epochs (a resumed run continues up to this number).
     :param batch_size: minibatch size (the last minibatch of an epoch may be smaller). Under
         ``torchrun`` (or any initialized process group) this is the **global** minibatch: each
@@ -146,8 +140,9 @@ def fit(
         guide whose latent sites differ from the model's, or a non-positive learning rate;
         checked once before the first step (:func:`~pyro_lvm.validation.validate_inputs`).
     :raises ValueError: on bad arguments, a ``num_data`` attribute that disagrees with the
-        training set, a model that does not subsample by ``idx``, or a checkpoint written with
-        another ``batch_size``, ``seed``, loss or training-set size.
+        training set, a model whose data plate cannot be found (the message names what was
+        looked for), or a checkpoint written with another ``batch_size``, ``seed``, loss or
+        training-set size.
     :raises FileNotFoundError: with ``resume=True`` when the checkpoint does not exist (pass
         ``resume=os.path.exists(path)`` to start fresh in that case).
 
@@ -158,57 +153,22 @@ def fit(
                       checkpoint="vae.pt")
         history = fit(vae, vae.guide, x_train, num_epochs=10, checkpoint="vae.pt", resume=True)
     """
-    # a tensor, or named per-datapoint tensors {"x": x, "y": y, ...} (pyro_lvm.data.named)
-    train_data, named = split_named(train_data, "train_data")
-    valid_named: dict[str, torch.Tensor] = {}
-    if valid_data is not None:
-        valid_data, valid_named = split_named(valid_data, "valid_data")
-    check_rows(train_data, "train_data")
-    if valid_data is not None:
-        check_rows(valid_data, "valid_data")
-    for what, fn in (("model", model), ("guide", guide)):
-        check_accepts(fn, named, what)
-    check_counts(num_epochs, batch_size)
-    if resume and checkpoint is None:
-        raise ValueError("resume=True needs the checkpoint path to resume from")
-    check_extra(extra)
-    device = resolve_device(device)
-    estimator, loss_name = resolve_estimator(loss, num_particles)
-    # Pyro ELBOs whose loss is not a bound are adapted, those that cannot train refused
-    estimator = prepare_for_fit(estimator, len(train_data), int(batch_size))
-    valid_estimator = _valid_estimator(valid_loss, estimator, num_particles)
-    optimizer = check_optimizer(optimizer)
-    set_num_data(model, guide, len(train_data))  # the plate scales the traced minibatch
-    train_data, valid_data = validate_inputs(
-        model, guide, train_data, idx=torch.arange(min(int(batch_size), len(train_data))),
-        valid_data=valid_data, optimizer=optimizer, **named,
+    setup = prepare_run(
+        model, guide, train_data, what="fit", loss=loss, num_particles=num_particles,
+        optimizer=optimizer, lr=lr, num_epochs=num_epochs, batch_size=batch_size, seed=seed,
+        checkpoint=checkpoint, resume=resume, callbacks=callbacks, extra=extra, fast=fast,
+        device=device, log_dir=log_dir, tensorboard=tensorboard, backend=backend,
+        valid_data=valid_data,
     )  # fmt: skip
-    callbacks = make_callbacks(callbacks, log_dir, tensorboard)
-    batches = Minibatches({"x": train_data, **named}, int(batch_size), shuffle=True, seed=seed)
-    num_data = batches.num_data
-    par = DataParallel(num_data, int(batch_size), device=device)  # identity in one process
-    device = par.cuda_device(device)  # local rank k drives GPU k
-    to_device(device, model, guide)
-    planned = int(num_epochs) * len(batches)  # for FastSVI(backend="auto")
-    stepper, optimizer_state = make_stepper(
-        model, guide, optimizer, estimator, fast, backend, planned
-    )
-    checkpointer = make_checkpointer(
-        checkpoint, model=model, guide=guide, optimizer_state=optimizer_state,
-        estimator=estimator, loss_name=loss_name, num_particles=num_particles,
-        batch_size=batch_size, seed=seed, num_data=num_data, fast=fast, extra=extra,
-        device=device,
-    )  # fmt: skip
-    history = start_history(checkpointer, resume, seed, num_data, batch_size)
-    first = min(int(batch_size), num_data)
-    target = train_data.device if device is None else device
+    model, guide, device, par = setup.model, setup.guide, setup.device, setup.par
+    valid_estimator = _valid_estimator(valid_loss, setup.estimator, num_particles)
     with device_scope(device):
-        head = torch.arange(first)
-        args = (train_data[:first].to(target), head.to(target))
-        head_kwargs = {k: v.to(target) for k, v in batches.named(head).items()}
-        check_subsampling(model, *args, num_data, head_kwargs)
-        par.start(model, guide, args, head_kwargs, seed, history.epochs)  # rank 0's parameters
+        head = torch.arange(min(int(batch_size), setup.batches.num_data))
+        args = (setup.data[head].to(setup.target()), head.to(setup.target()))
+        head_kwargs = {k: v.to(setup.target()) for k, v in setup.batches.named(head).items()}
+        par.start(model, guide, args, head_kwargs, seed, setup.history.epochs)  # rank 0's θ
     validate = None
+    valid_data, valid_named = setup.valid_data, setup.valid_named
     if valid_data is not None:
         chunk = int(batch_size)
 
@@ -222,17 +182,17 @@ def fit(
             return par.mean(bound, len(valid_data))
 
     loop = Loop(
-        step=lambda batch: StepResult(svi_step(stepper, batch, par.hooks)),
-        data=train_data,
-        batches=batches,
+        step=lambda batch: StepResult(svi_step(setup.stepper, batch, par.hooks)),
+        data=setup.data,
+        batches=setup.batches,
         num_epochs=int(num_epochs),
         device=device,
         validate=validate,
-        checkpointer=checkpointer,
-        callbacks=callbacks,
+        checkpointer=setup.checkpointer,
+        callbacks=setup.callbacks,
         progress=progress,
         desc="fit",
-        divergence=DivergenceMonitor(divergence, history.step_losses, what="fit"),
+        divergence=DivergenceMonitor(divergence, setup.history.step_losses, what="fit"),
         parallel=par if par.active else None,
     )
-    return run(loop, history)
+    return run(loop, setup.history)

@@ -49,6 +49,7 @@ from pyro_lvm.train.checkpoint import load_checkpoint, read_checkpoint, save_che
 from pyro_lvm.train.device import device_scope
 from pyro_lvm.train.divergence import DivergenceMonitor, RunFailedError
 from pyro_lvm.train.history import FitHistory
+from pyro_lvm.train.runs import program_record
 from pyro_lvm.train.step import svi_step
 
 __all__ = [
@@ -171,6 +172,8 @@ class Checkpointer:
         self.extra, self.map_location = extra, map_location
         #: the last checkpoint known to hold a good state (``None`` before one exists)
         self.last_good: Path | None = None
+        #: what rebuilds the model and guide (:func:`pyro_lvm.train.runs.program_record`)
+        self.program = program_record(model, guide)
 
     def save(self, history: FitHistory) -> None:
         """Write the state after ``history.epochs`` epochs (atomically, finite values only)."""
@@ -181,7 +184,7 @@ class Checkpointer:
             optimizer=self.optimizer,
             epoch=history.epochs,
             history=history,
-            extra={"fit": self.config, "extra": self.extra},
+            extra={"fit": self.config, "extra": self.extra, "program": self.program},
             estimator=self.estimator,
         )
         self.last_good = self.path

@@ -10,27 +10,15 @@ import pyro
 import torch
 from pyro.infer import ELBO
 
-from pyro_lvm.data import Minibatches, check_accepts, split_named
 from pyro_lvm.guides.local import LocalGuide
-from pyro_lvm.train.build import (
-    check_counts,
-    check_extra,
-    check_optimizer,
-    make_callbacks,
-    make_checkpointer,
-    make_stepper,
-    start_history,
-)
-from pyro_lvm.train.checks import set_num_data
-from pyro_lvm.train.device import DeviceLike, device_scope, resolve_device, to_device
+from pyro_lvm.train.build import prepare_run
+from pyro_lvm.train.device import DeviceLike, device_scope
 from pyro_lvm.train.distributed_loop import DataParallel
 from pyro_lvm.train.divergence import DEFAULT_DIVERGENCE, DivergenceMonitor, DivergenceRule
-from pyro_lvm.train.estimators import resolve_estimator
 from pyro_lvm.train.fit_local import optimize_local
 from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.loop import Batch, Checkpointer, Loop, StepResult, run, svi_step
 from pyro_lvm.train.sharded import ShardedCheckpointer, ShardedLocalGuide
-from pyro_lvm.validation import check_rows, validate_inputs
 
 __all__ = ["fit_local"]
 
@@ -101,7 +89,10 @@ def fit_local(
     uninterrupted one exactly. The history's ``step_metrics`` and ``epoch_metrics`` hold
     ``"inner_steps"`` (mean inner steps per data point) and ``"fraction_converged"``.
 
-    :param model: model ``model(x, idx=None)`` whose data plate has ``num_data = len(data)``.
+    :param model: a Pyro program ``model(x)``, ``model(x, idx=None)`` or
+        ``model(x, idx=None, **named)``: a self-scaling data plate with
+        ``num_data = len(data)``, or a plain ``pyro.plate("data", x.shape[0])`` that the loop
+        scales by N/B (:mod:`pyro_lvm.contract`).
     :param guide: a :class:`~pyro_lvm.guides.LocalGuide` with ``num_data = len(data)``.
     :param data: the dataset, data points along dim 0.
     :param loss: estimator name (see :data:`pyro_lvm.elbo.ESTIMATORS`) or an ELBO instance.
@@ -114,7 +105,7 @@ def fit_local(
         of its own points), and the checkpoint gathers them into one file that resumes with
         any number of processes.
     :param optimizer: Pyro optimizer for θ (default ``pyro.optim.Adam({"lr": lr})``).
-    :param lr: θ learning rate when ``optimizer`` is not given.
+    :param lr: θ learning rate when ``optimizer`` is not given (as in :func:`fit`).
     :param inner_lr: Adam learning rate of the inner loop.
     :param inner_max_steps: inner step cap.
     :param inner_tol: inner relative-change tolerance.
@@ -132,59 +123,41 @@ def fit_local(
         learning rate (:func:`~pyro_lvm.validation.validate_inputs`).
     :raises DivergenceError: when the loss diverges.
     """
-    data, named = split_named(data, "data")  # a tensor, or named tensors (pyro_lvm.data.named)
-    check_rows(data, "data")
-    for what, fn in (("model", model), ("guide", guide)):
-        check_accepts(fn, named, what)
     if not isinstance(guide, LocalGuide):
         raise ValueError(f"fit_local needs a LocalGuide, got {type(guide).__name__}")
-    if guide.num_data != len(data):
+    if not isinstance(data, dict) and guide.num_data != len(data):
         raise ValueError(
             f"the guide holds {guide.num_data} rows but the data has {len(data)} points; build "
             f"the guide with num_data=len(data)"
         )
-    check_counts(num_epochs, batch_size)
-    if resume and checkpoint is None:
-        raise ValueError("resume=True needs the checkpoint path to resume from")
-    check_extra(extra)
-    device = resolve_device(device)
-    par = DataParallel(len(data), int(batch_size), owned=True, device=device)
-    if par.active and not isinstance(guide, ShardedLocalGuide):
-        raise ValueError(
-            f"fit_local with {par.size} processes needs a sharded guide: "
-            "ShardedLocalGuide(YourLocalGuide(shard_size(len(data)), ...), len(data)), so each "
-            "process holds the local parameters of its own points only"
-        )
-    device = par.cuda_device(device)  # local rank k drives GPU k
-    estimator, loss_name = resolve_estimator(loss, num_particles)
-    optim = check_optimizer(optimizer, lr)
-    set_num_data(model, guide, len(data))  # the plate scales the traced minibatch
-    head = torch.arange(min(int(batch_size), len(data)))
-    head = head[par.rows(head)] if par.active else head  # points this process owns
-    data, _ = validate_inputs(
-        model, guide, data, idx=head, optimizer=optim, rates={"inner_lr": inner_lr},
-        name="data", **named,
-    )  # fmt: skip
-    callbacks = make_callbacks(callbacks, log_dir, tensorboard)
-    batches = Minibatches({"x": data, **named}, int(batch_size), shuffle=True, seed=seed)
-    to_device(device, model, guide)
-    planned = int(num_epochs) * len(batches)  # for FastSVI(backend="auto"); same on every rank
-    theta_model, theta_guide = _theta_pair(model, guide)
-    stepper, optimizer_state = make_stepper(
-        theta_model, theta_guide, optim, estimator, fast, backend, planned
-    )
+
+    def check_sharded(par: DataParallel) -> None:
+        if par.active and not isinstance(guide, ShardedLocalGuide):
+            raise ValueError(
+                f"fit_local with {par.size} processes needs a sharded guide: "
+                "ShardedLocalGuide(YourLocalGuide(shard_size(len(data)), ...), len(data)), so "
+                "each process holds the local parameters of its own points only"
+            )
+
     inner = dict(lr=inner_lr, max_steps=inner_max_steps, tol=inner_tol, lr_decay=inner_lr_decay)
-    checkpointer = make_checkpointer(
-        checkpoint, model=model, guide=guide, optimizer_state=optimizer_state,
-        estimator=estimator, loss_name=loss_name, num_particles=num_particles,
-        batch_size=batch_size, seed=seed, num_data=batches.num_data, fast=fast, extra=extra,
-        device=device, config={"algorithm": "fit_local",
-                               "inner": {k: float(v) for k, v in inner.items()}},
+    setup = prepare_run(
+        model, guide, data, what="fit_local", loss=loss, num_particles=num_particles,
+        optimizer=optimizer, lr=lr, num_epochs=num_epochs, batch_size=batch_size, seed=seed,
+        checkpoint=checkpoint, resume=resume, callbacks=callbacks, extra=extra, fast=fast,
+        device=device, log_dir=log_dir, tensorboard=tensorboard, backend=backend,
+        rates={"inner_lr": inner_lr}, owned=True, check=check_sharded,
+        step_programs=lambda m, g: _theta_pair(m, guide),
+        config={"algorithm": "fit_local", "inner": {k: float(v) for k, v in inner.items()}},
         # a sharded guide's rows are gathered into one file
-        cls=ShardedCheckpointer if isinstance(guide, ShardedLocalGuide) else Checkpointer,
+        checkpointer_cls=ShardedCheckpointer if isinstance(guide, ShardedLocalGuide)
+        else Checkpointer,
     )  # fmt: skip
-    history = start_history(checkpointer, resume, seed, batches.num_data, batch_size)
-    target = data.device if device is None else device
+    # the local guide scales itself (data_plate); the model may have a plain data plate
+    model, data, named, par = setup.model, setup.data, setup.named, setup.par
+    device, estimator, stepper = setup.device, setup.estimator, setup.stepper
+    history = setup.history
+    theta_model, theta_guide = _theta_pair(model, guide)
+    target = setup.target()
 
     def own_point() -> Batch:
         """Point ``rank`` (this process owns it): what a step whose shard is empty steps on,
@@ -219,11 +192,11 @@ def fit_local(
     loop = Loop(
         step=step,
         data=data,
-        batches=batches,
+        batches=setup.batches,
         num_epochs=int(num_epochs),
         device=device,
-        checkpointer=checkpointer,
-        callbacks=callbacks,
+        checkpointer=setup.checkpointer,
+        callbacks=setup.callbacks,
         progress=progress,
         desc="fit_local",
         divergence=DivergenceMonitor(divergence, history.step_losses, what="fit_local"),

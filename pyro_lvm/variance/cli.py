@@ -72,6 +72,8 @@ def _floats(text: str) -> list[float]:
 
 def add_variance_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``pyro-lvm variance`` to ``parser``."""
+    from pyro_lvm.cli import seed_int
+
     parser.add_argument(
         "--scenario", choices=SCENARIOS, default="gaussian-testbed", help="what to measure"
     )
@@ -86,7 +88,7 @@ def add_variance_arguments(parser: argparse.ArgumentParser) -> None:
         "--draws", type=int, default=None, help="draws R (default 100000 testbed, else 100)"
     )
     parser.add_argument("--out", default="runs/variance", help="output folder")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed")
     parser.add_argument(
         "--distances",
         type=_floats,
@@ -176,7 +178,11 @@ def run_variance(
 
 
 def variance_main(args: argparse.Namespace) -> int:
-    """Run ``pyro-lvm variance`` from parsed arguments; print the table; return 0."""
+    """Run ``pyro-lvm variance`` from parsed arguments; print the table; return 0.
+
+    :raises ValueError: when the scenario can measure nothing (e.g. ``vae-mnist`` without the
+        data or checkpoints), so the command exits non-zero rather than 0 with a "skipped".
+    """
     estimators = [e.strip() for e in args.estimators.split(",")] if args.estimators else None
     result = run_variance(
         args.scenario,
@@ -190,9 +196,11 @@ def variance_main(args: argparse.Namespace) -> int:
         args.data_root,
         progress=not args.no_progress,
     )
-    if result["skipped"]:
-        print(f"skipped {args.scenario}: {result['skipped']}")
-        return 0
+    if result["skipped"]:  # nothing of what was asked could be measured: a usage error
+        raise ValueError(
+            f"--scenario {args.scenario} measured nothing: {result['skipped']} (the reason is "
+            f"also in {args.out}/results.json)"
+        )
     columns = TESTBED_COLUMNS if args.scenario == "gaussian-testbed" else None
     print(markdown_table(result["rows"], columns), end="")
     print(f"wrote {', '.join(result['files'])} to {args.out}")

@@ -162,7 +162,7 @@ def vae_mnist_scenarios(
         ``vae_mnist_scenarios([path])``), as :func:`~pyro_lvm.variance.cli.run_variance` does.
     """
     from pyro_lvm.data import load_binarized_mnist
-    from pyro_lvm.train.restore import vae_from_checkpoint
+    from pyro_lvm.train.runs import load_run
 
     root = data_root or os.environ.get("PYRO_LVM_DATA")
     if not root or not (Path(root) / "binarized_mnist.npz").exists():
@@ -175,7 +175,8 @@ def vae_mnist_scenarios(
     out = []
     for stage, path in enumerate(checkpoints):
         pyro.clear_param_store()
-        vae, config = vae_from_checkpoint(path)
+        run = load_run(path)
+        vae, config = run.model, run.extra.get("config", {})
         vae.to(torch.get_default_dtype())
         info = {"checkpoint": str(path), "stage": stage, **config}
         out.append(Scenario(f"vae-mnist[{Path(path).stem}]", vae, vae.guide, (x,), info))

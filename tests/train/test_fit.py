@@ -193,12 +193,21 @@ def test_num_data_is_set_checked_and_subsampling_is_enforced():
 
     lg = LinearGaussian(8, 2)
 
-    def unscaled_model(x, idx=None):  # ignores idx: minibatch terms are not scaled by N / |b|
+    def unscaled_model(x, idx=None):  # ignores idx: its plain data plate is scaled by the loop
         return lg(x)
 
     guide = AmortizedGaussianGuide(8, 2, hidden=(4,))
-    with pytest.raises(ValueError, match="not scaled by num_data / batch = 3"):
-        fit(unscaled_model, guide, x, num_epochs=1, batch_size=10, progress=False)
+    fit(unscaled_model, guide, x, num_epochs=1, batch_size=10, progress=False)
+
+    def no_plate(x, idx=None):  # the observations in no plate over the minibatch
+        pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(2))
+        pyro.sample("x", dist.Bernoulli(probs=0.5 * torch.ones_like(x)).to_event(2), obs=x)
+
+    def no_plate_guide(x, idx=None):
+        pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(2))
+
+    with pytest.raises(ValueError, match="cannot find the data plate: looked for one pyro.plate"):
+        fit(no_plate, no_plate_guide, x, num_epochs=1, batch_size=10, progress=False)
 
 
 def test_bad_arguments_are_named():
