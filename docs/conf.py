@@ -57,6 +57,32 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 
 _write_if_changed(_generated / "estimator_table.md", estimator_table() + "\n")
+# the guides in reading order, then any other guides/*.md in name order
+_GUIDE_ORDER = [
+    "model_contract",
+    "your_model",
+    "choosing_an_estimator",
+    "discrete_estimators",
+    "adding_an_estimator",
+    "writing_an_estimator",
+    "training",
+    "capture_engine",
+    "speed",
+    "distributed",
+    "sequential",
+    "labels",
+    "data",
+    "bad_input",
+    "testing",
+]
+_guides = sorted(p.stem for p in (DOCS / "guides").glob("*.md"))
+_guides = [g for g in _GUIDE_ORDER if g in _guides] + [g for g in _guides if g not in _GUIDE_ORDER]
+_write_if_changed(
+    _generated / "guides_toctree.md",
+    "```{toctree}\n:maxdepth: 1\n:caption: Guides\n\n"
+    + "\n".join(f"guides/{g}" for g in _guides)
+    + "\n```\n",
+)
 _notebooks = DOCS / "notebooks"
 _notebooks.mkdir(exist_ok=True)
 for _nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
@@ -71,7 +97,7 @@ myst_enable_extensions = ["colon_fence", "deflist"]
 myst_heading_anchors = 3
 nb_execution_mode = "off"  # show the committed outputs; tests/test_notebooks.py runs them
 nb_merge_streams = True
-# the benchmark log and the notebooks skip heading levels; that is not an error in a page
+# the benchmark log and the notebooks skip heading levels: no error in a page
 suppress_warnings = ["myst.header"]
 
 # --- API ------------------------------------------------------------------------------------------
