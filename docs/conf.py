@@ -40,7 +40,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.intersphinx",
     "sphinx.ext.mathjax",
-    "sphinx.ext.viewcode",
+    "sphinx-mathjax-offline",  # MathJax served with the site: math renders offline too
     "sphinx_autodoc_typehints",
     "myst_nb",
 ]

@@ -94,7 +94,7 @@ def _directive(qualname: str, obj: object) -> str:
     if len(value) > 120 or "\n" in value:
         value = ""
     doc = _doc_comment(module_name, name)
-    lines = [f".. py:data:: {qualname}"]
+    lines = [f".. py:data:: {name}", f"   :module: {module_name}"]
     if value:
         lines.append(f"   :value: {value}")
     if not doc:
