@@ -227,7 +227,12 @@ async def _browse(base: str, pages: list[str], port: int, shots: Path | None) ->
 def check_site(root: Path, screenshots: Path | None = None, chromium: str = "chromium") -> dict:
     """Check the site built in ``root``; see the module docstring. Returns the report."""
     root = Path(root).resolve()
-    report: dict = {"broken_links": check_links(root)}
+    version = subprocess.run([chromium, "--version"], capture_output=True, text=True).stdout
+    report: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "chromium": version.strip(),
+        "broken_links": check_links(root),
+    }
     pages = sorted(str(p.relative_to(root)) for p in root.rglob("*.html"))
     pages = [p for p in pages if not p.startswith(("_modules/", "_static/"))]
     handler = functools.partial(_Quiet, directory=str(root))
