@@ -93,7 +93,11 @@ for _nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
 # --- sources -------------------------------------------------------------------------------------
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "screenshots", "_generated", "Thumbs.db", ".DS_Store"]
-myst_enable_extensions = ["colon_fence", "deflist"]
+# $...$ math as the notebooks write it; no space inside the dollars and no digit next to them,
+# so that shell variables ($PWD) and prices in prose stay text
+myst_enable_extensions = ["colon_fence", "deflist", "dollarmath"]
+myst_dmath_allow_space = False
+myst_dmath_allow_digits = False
 myst_heading_anchors = 3
 nb_execution_mode = "off"  # show the committed outputs; tests/test_notebooks.py runs them
 nb_merge_streams = True
