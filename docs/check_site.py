@@ -224,8 +224,17 @@ async def _browse(base: str, pages: list[str], port: int, shots: Path | None) ->
     return report
 
 
-def check_site(root: Path, screenshots: Path | None = None, chromium: str = "chromium") -> dict:
-    """Check the site built in ``root``; see the module docstring. Returns the report."""
+def check_site(
+    root: Path,
+    screenshots: Path | None = None,
+    chromium: str = "chromium",
+    only: list[str] | None = None,
+) -> dict:
+    """Check the site built in ``root``; see the module docstring. Returns the report.
+
+    :param screenshots: a folder for ``home.png`` and ``api_train.png`` (none if not given).
+    :param only: the pages to open (paths relative to ``root``; default: every page).
+    """
     root = Path(root).resolve()
     version = subprocess.run([chromium, "--version"], capture_output=True, text=True).stdout
     report: dict = {
@@ -235,6 +244,8 @@ def check_site(root: Path, screenshots: Path | None = None, chromium: str = "chr
     }
     pages = sorted(str(p.relative_to(root)) for p in root.rglob("*.html"))
     pages = [p for p in pages if not p.startswith(("_modules/", "_static/"))]
+    if only is not None:
+        pages = [p for p in pages if p in only]
     handler = functools.partial(_Quiet, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

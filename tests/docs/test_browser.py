@@ -39,3 +39,17 @@ def test_site_in_headless_chromium(built_site, tmp_path):
     assert any(h.startswith("api/train.html#pyro_lvm.train.fit") for h in report["search"]["first"])
     assert report["ok"]
     assert {p.name for p in (tmp_path / "shots").glob("*.png")} == {"home.png", "api_train.png"}
+
+
+def test_a_console_error_is_found(built_site, tmp_path):
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    pytest.importorskip("tornado", reason="the DevTools client is tornado's websocket")
+    site = tmp_path / "site"
+    shutil.copytree(built_site, site)
+    page = site / "getting_started.html"
+    page.write_text(page.read_text().replace("</body>", "<script>no_such_name()</script></body>"))
+    report = _check_site().check_site(site, only=["getting_started.html"])
+    assert list(report["pages"]) == ["getting_started.html"]
+    errors = report["pages_with_errors"]["getting_started.html"]
+    assert any("no_such_name" in e for e in errors) and not report["ok"]
