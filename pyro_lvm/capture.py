@@ -27,7 +27,7 @@ stay operations: every call draws fresh noise from the global generator, in eage
    (:func:`perturbed`) and at the current one. Python numbers computed from tensors are
    constants in a graph; the perturbed point and the fresh random state expose them.
 3. *Re-check* on the caller's schedule (:func:`drifted`): an eager value is compared with
-   the captured one, to ``rtol`` times the larger of |loss| now and at verification.
+   the captured one, to ``rtol`` times the larger of ``|loss|`` now and at verification.
 4. *Fall back* to eager code on any failure, with the reason logged.
 
 References: Ansel et al. (2024), *PyTorch 2: Faster Machine Learning Through Dynamic Python
@@ -177,7 +177,8 @@ def capture_patches(owner: Any = None) -> Iterator[None]:
 class Captured:
     """A captured loss: ``captured(wrt, others, data) -> (value, grads)`` with no autograd.
     ``fx``: the aten graph (``graph`` is it, or Inductor's compilation of it); ``rtol``: its
-    verification's tolerance; ``scale``: |loss| when :func:`verify` accepted it (``verified``)."""
+    verification's tolerance; ``scale``: ``|loss|`` when :func:`verify` accepted it
+    (``verified``)."""
 
     def __init__(self, graph: Callable, num_wrt: int, owner: Any, backend: str, fx: Any = None):
         self.graph, self.num_wrt, self.owner, self.backend = graph, num_wrt, owner, backend
@@ -273,7 +274,7 @@ def verify(
     At each point the random state is saved, the captured value and gradients computed, the
     state restored and the eager ones computed (so both draw the same noise), and compared
     with :func:`tensors_agree`. The perturbation moves ``wrt`` (:func:`perturbed`, a private
-    generator, restored after). On success ``captured.scale`` is |loss| at the current point.
+    generator, restored after). On success ``captured.scale`` is ``|loss|`` at the current point.
 
     :returns: the eager value (a float) and gradients at the current point, whose random
         draws are those of an eager step.
@@ -315,7 +316,7 @@ def _agree(captured, fn, wrt, others, data, rtol) -> tuple[bool, float, list]:
 def drifted(captured: Captured, value: float, eager_value: float, rtol: float = 0.0) -> bool:
     """Whether a captured ``value`` no longer matches the eager one (same random state). Graph
     and eager rounding differ by ~ε times the loss's *terms*, which can cancel to a much smaller
-    total, so the tolerance is ``rtol`` times the larger of |loss| now and at verification."""
+    total, so the tolerance is ``rtol`` times the larger of ``|loss|`` now and at verification."""
     rtol = rtol or captured.rtol or default_rtol(torch.get_default_dtype())
     return abs(value - eager_value) > rtol * max(abs(eager_value), captured.scale)
 

@@ -36,8 +36,8 @@ def mmd(
         + \frac{1}{m(m-1)} \sum_{i \ne j} k(y_i, y_j) - \frac{2}{nm} \sum_{i,j} k(x_i, y_j)
 
     (Gretton et al. 2012, JMLR 13, eq. 3), with the Gaussian kernel
-    k(a, b) = exp(−|a − b|² / 2h²) or the inverse multiquadratic kernel
-    k(a, b) = C / (C + |a − b|²), C = 2 D h² (Tolstikhin et al. 2018, arXiv:1711.01558).
+    ``k(a, b) = exp(−|a − b|² / 2h²)`` or the inverse multiquadratic kernel
+    ``k(a, b) = C / (C + |a − b|²)``, C = 2 D h² (Tolstikhin et al. 2018, arXiv:1711.01558).
 
     :param x: ``(n, D)`` samples, n ≥ 2; leading batch dims give a batch of estimates.
     :param y: ``(m, D)`` samples, m ≥ 2 (batch dims broadcast with ``x``'s).

@@ -34,8 +34,9 @@ def compare_estimators(
     (against the *ELBO* gradient: multi-sample bounds such as IWAE or VIMCO target another
     objective, so their "bias" measures that difference, not an error).
 
-    :param scenario: a :class:`Scenario`, or a zero-argument builder (called once).
     Estimators that reject a K (leave-one-out baselines at K = 1) are skipped with a warning.
+
+    :param scenario: a :class:`Scenario`, or a zero-argument builder (called once).
     :returns: plain-dict rows (see :meth:`GradientMoments.rows`) with ``scenario`` and the
         scenario's ``info`` fields added.
     """
