@@ -16,13 +16,13 @@ from pathlib import Path
 
 #: one page per subpackage (title, package, top-level modules that the page also holds)
 PAGES = [
-    ("Models", "pyro_lvm.models", ["pyro_lvm.distributions", "pyro_lvm.sequential"]),
+    ("Models", "pyro_lvm.models", ["pyro_lvm.contract", "pyro_lvm.distributions", "pyro_lvm.sequential"]),
     ("Guides", "pyro_lvm.guides", []),
     ("Estimators", "pyro_lvm.elbo", ["pyro_lvm.handlers", "pyro_lvm.hmc"]),
     (
         "Training",
         "pyro_lvm.train",
-        ["pyro_lvm.device", "pyro_lvm.plates", "pyro_lvm.validation", "pyro_lvm.runfolder"],
+        ["pyro_lvm.device", "pyro_lvm.plates", "pyro_lvm.validation", "pyro_lvm.runfolder", "pyro_lvm.spec"],
     ),
     ("Evaluation", "pyro_lvm.evaluate", ["pyro_lvm.completion"]),
     ("Estimator variance", "pyro_lvm.variance", []),
@@ -33,7 +33,7 @@ PAGES = [
     (
         "Command line and provenance",
         "pyro_lvm.cli",
-        ["pyro_lvm.cli_vae", "pyro_lvm.recipes", "pyro_lvm.provenance"],
+        ["pyro_lvm.cli_vae", "pyro_lvm.cli_runs", "pyro_lvm.recipes", "pyro_lvm.provenance"],
     ),
 ]
 
