@@ -20,7 +20,11 @@ Adam 1e-3, K particles vectorized, the same plain ``model``/``guide`` pair for e
   (the ``iwae`` bound: ``RenyiELBO(alpha=0)``, no Jit variant);
 - ``fast-short``: ``FastSVI`` as a short run gets it (no plan: the aten graph);
 - ``fast-long``: ``FastSVI`` as ``fit`` runs it for ``--planned-steps`` steps
-  (``backend="auto"``, which compiles with Inductor where it pays).
+  (``backend="auto"``, which compiles with Inductor where it pays);
+- ``fast-inductor``: ``FastSVI(backend="inductor")``, the whole step compiled whatever the
+  plan (``--no-inductor`` skips it).
+
+``--profile N`` adds torch.profiler's table of each path's top operators over N steps.
 
     taskset -c 1 python benchmarks/peers.py --json peers.json   # full run
     python benchmarks/peers.py --smoke                           # seconds, for the tests
@@ -57,6 +61,9 @@ LR, BATCH, X_DIM = 1e-3, 100, 784
 WARMUP = 30  # FastSVI: record, capture, verify, the Inductor decision (20) and its verify
 
 
+DEVICE = torch.device("cpu")
+
+
 def networks(hidden: int, z_dim: int, seed: int = 0):
     torch.manual_seed(seed)
     enc = torch.nn.Sequential(
@@ -65,7 +72,7 @@ def networks(hidden: int, z_dim: int, seed: int = 0):
     dec = torch.nn.Sequential(
         torch.nn.Linear(z_dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, X_DIM)
     )
-    return enc, dec
+    return enc.to(DEVICE), dec.to(DEVICE)
 
 
 def pyro_pair(hidden: int, z_dim: int):
@@ -111,7 +118,7 @@ def torch_step(hidden: int, z_dim: int, x: torch.Tensor, k: int, bound: str, com
         run_loss, run_opt = torch.compile(loss_fn), torch.compile(opt.step)
 
     def step() -> float:
-        eps = torch.randn(k, x.shape[0], z_dim)
+        eps = torch.randn(k, x.shape[0], z_dim, device=x.device)
         loss = run_loss(x, eps)
         loss.backward()
         run_opt()
@@ -128,7 +135,7 @@ def gemm_floor(hidden: int, z_dim: int, k: int):
     layers += [(BATCH * k, z_dim, hidden, True), (BATCH * k, hidden, X_DIM, True)]
     mats, flops = [], 0
     for m, n_in, n_out, grad_input in layers:
-        a, w, g = torch.randn(m, n_in), torch.randn(n_in, n_out), torch.randn(m, n_out)
+        a, w, g = (torch.randn(*s, device=DEVICE) for s in ((m, n_in), (n_in, n_out), (m, n_out)))
         mats.append((a, w, g, grad_input))
         flops += 2 * m * n_in * n_out * (3 if grad_input else 2)
 
@@ -138,6 +145,8 @@ def gemm_floor(hidden: int, z_dim: int, k: int):
             torch.mm(a.t(), g)
             if grad_input:
                 torch.mm(g, w.t())
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
         return 0.0
 
     return step, flops
@@ -156,11 +165,13 @@ def numpyro_step(hidden: int, z_dim: int, x: torch.Tensor, k: int, bound: str):
         from numpyro.optim import Adam as NAdam
     except ImportError:
         return None
+    if DEVICE.type != "cpu" and jax.default_backend() == "cpu":
+        return None  # jax without its CUDA build: a CPU step beside GPU ones says nothing
     enc, dec = networks(hidden, z_dim)
     init = {f"enc{i}": m for i, m in enumerate(enc) if isinstance(m, torch.nn.Linear)}
     init |= {f"dec{i}": m for i, m in enumerate(dec) if isinstance(m, torch.nn.Linear)}
-    init = {n: (jnp.asarray(m.weight.detach().T.numpy()), jnp.asarray(m.bias.detach().numpy()))
-            for n, m in init.items()}  # fmt: skip
+    as_jax = lambda t: jnp.asarray(t.detach().cpu().numpy())  # noqa: E731
+    init = {n: (as_jax(m.weight.T), as_jax(m.bias)) for n, m in init.items()}
 
     def mlp(prefix, h, names):
         for i, name in enumerate(names):
@@ -183,7 +194,7 @@ def numpyro_step(hidden: int, z_dim: int, x: torch.Tensor, k: int, bound: str):
 
     elbo = NRenyi(alpha=0, num_particles=k) if bound == "iwae" else NTrace(num_particles=k)
     svi = NSVI(model, guide, NAdam(LR), elbo)
-    xj = jnp.asarray(x.numpy())
+    xj = jnp.asarray(x.cpu().numpy())
     state = [svi.init(jax.random.PRNGKey(0), xj)]
     update = jax.jit(svi.update)
 
@@ -205,16 +216,36 @@ def pyro_step(hidden, z_dim, x, k, bound, jit=False):
     return lambda: svi.step(x)
 
 
-def fast_step(hidden, z_dim, x, k, bound, planned):
+def fast_step(hidden, z_dim, x, k, bound, planned, backend="auto"):
     model, guide = pyro_pair(hidden, z_dim)
     svi = FastSVI(
         model, guide, pyro.optim.Adam({"lr": LR}), make_estimator(bound, k),
-        planned_steps=planned,
+        planned_steps=planned, backend=backend,
     )  # fmt: skip
     step = lambda: svi.step(x)  # noqa: E731
     step.warmup_steps = WARMUP  # type: ignore[attr-defined]
     step.svi = svi  # type: ignore[attr-defined]
     return step
+
+
+def profile(paths: dict, steps: int) -> dict:
+    """Where each path's time goes: torch.profiler's table of the top operators by self CPU
+    time over ``steps`` steps (after the timing, so graphs are warm)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out = {}
+    for name, fn in paths.items():
+        if name.endswith(("numpyro", "gemm-floor")):
+            continue
+        use_param_store(name)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                fn()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        out[name] = table
+        print(f"--- {name}\n{table}")
+    return out
 
 
 def main(argv=None) -> dict:
@@ -226,6 +257,9 @@ def main(argv=None) -> dict:
     p.add_argument("--planned-steps", type=int, default=10_000)
     p.add_argument("--core", type=int, default=None, help="pin this process to one core")
     p.add_argument("--no-compile", action="store_true", help="skip torch-compile")
+    p.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
+    p.add_argument("--no-inductor", action="store_true", help="skip fast-inductor")
+    p.add_argument("--profile", type=int, default=0, help="profile N steps of each path")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -233,12 +267,14 @@ def main(argv=None) -> dict:
         os.sched_setaffinity(0, {args.core})
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.smoke:
         args.archs, args.groups, args.repeats, args.steps = "784-20-4", "2:elbo,2:iwae", 2, 2
-        args.planned_steps, args.no_compile = 100, True
+        args.planned_steps, args.no_compile, args.no_inductor = 100, True, True
     gen = torch.Generator().manual_seed(0)
-    x = torch.bernoulli(torch.full((BATCH, X_DIM), 0.13), generator=gen)
-    rows = []
+    x = torch.bernoulli(torch.full((BATCH, X_DIM), 0.13), generator=gen).to(DEVICE)
+    rows, profiles = [], {}
     for arch in args.archs.split(","):
         _, hidden, z_dim = map(int, arch.split("-"))
         for group in args.groups.split(","):
@@ -250,7 +286,7 @@ def main(argv=None) -> dict:
                 paths["torch-compile"] = torch_step(hidden, z_dim, x, k, bound, compile_=True)
             nstep = numpyro_step(hidden, z_dim, x, k, bound)
             if nstep is None:
-                print("numpyro: skipped (not installed; pip install -e '.[peers]')")
+                print("numpyro: skipped (not installed: pip install -e '.[peers]'; or no CUDA jax)")
             else:
                 paths["numpyro"] = nstep
             spec = (hidden, z_dim, x, k, bound)
@@ -259,7 +295,10 @@ def main(argv=None) -> dict:
                 ("pyro-jit", partial(pyro_step, *spec, jit=True)),
                 ("fast-short", partial(fast_step, *spec, None)),
                 ("fast-long", partial(fast_step, *spec, args.planned_steps)),
+                ("fast-inductor", partial(fast_step, *spec, None, "inductor")),
             ):
+                if name == "fast-inductor" and args.no_inductor:
+                    continue
                 if name == "pyro-jit" and bound == "iwae":
                     continue
                 use_param_store(f"{arch}/{group}/{name}")
@@ -268,7 +307,9 @@ def main(argv=None) -> dict:
             named = {f"{arch}/{group}/{n}": f for n, f in paths.items()}
             tic = time.perf_counter()
             out = time_group(named, args.steps, args.repeats, f"{arch}/{group}/torch-eager")
-            print(f"{arch} K={k} {bound}: {time.perf_counter() - tic:.0f} s")
+            print(f"{arch} K={k} {bound}: {time.perf_counter() - tic:.0f} s", flush=True)
+            if args.profile:
+                profiles[f"{arch}/{group}"] = profile(named, args.profile)
             for full, (ms, ratio, spread) in out.items():
                 fn = named[full]
                 svi = getattr(fn, "svi", None)
@@ -297,11 +338,13 @@ def main(argv=None) -> dict:
         )
     result = {
         "command": " ".join(sys.argv),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
+        + (f", {torch.cuda.get_device_name()}" if DEVICE.type == "cuda" else ""),
         "load": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "provenance": provenance(),
         "rows": rows,
+        "profiles": profiles,
     }
     if args.json:
         with open(args.json, "w") as f:

@@ -209,7 +209,10 @@ def compile_inductor(captured: Captured, inputs: Sequence[torch.Tensor]) -> Capt
         with torch.no_grad(), warnings.catch_warnings():
             # modules of torch that Inductor imports still warn about TorchScript
             warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
-            compiled = torch.compile(captured.fx, dynamic=False, options={"fallback_random": True})
+            # on CUDA, CUDA graphs replay the whole step at one launch (what mode=
+            # "reduce-overhead" sets; torch.compile takes a mode or options, not both)
+            options = {"fallback_random": True, "triton.cudagraphs": inputs[0].is_cuda}
+            compiled = torch.compile(captured.fx, dynamic=False, options=options)
             compiled(*inputs)
     except Exception as e:  # no compiler, an unsupported operation: stay on the aten graph
         raise CaptureError(f"the Inductor compile failed: {type(e).__name__}: {e}") from e

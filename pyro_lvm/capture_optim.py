@@ -210,7 +210,7 @@ class StepRule:
             torch._foreach_mul_(exp_avg_sqs, b2)
             torch._foreach_addcmul_(exp_avg_sqs, var, var, value=1 - b2)
             denom = torch._foreach_add(torch._foreach_sqrt(exp_avg_sqs), h["eps"])
-            torch._foreach_addcdiv_(params, exp_avgs, denom, -lr)
+            _addcdiv_(params, exp_avgs, denom, -lr)
             return
         steps, exp_avgs, exp_avg_sqs = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
         torch._foreach_add_(steps, 1)
@@ -224,7 +224,7 @@ class StepRule:
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, list(bc2_sqrt.to(params[0].dtype).unbind()))
         torch._foreach_add_(denom, h["eps"])
-        torch._foreach_addcdiv_(params, exp_avgs, denom, -(lr / bc1))
+        _addcdiv_(params, exp_avgs, denom, -(lr / bc1))
 
     def snapshot(self) -> Any:
         """The parameters and the optimizer's state (copies), for :meth:`restore`."""
@@ -302,3 +302,11 @@ def _agree_step(captured, fn, rule, wrt, data, others, rtol) -> tuple[bool, floa
     eager_update(rule.optimizer, wrt, rule.clip)
     ok = tensors_agree(value, eager, graph, [t.detach() for t in rule.tensors()], rtol)
     return ok, float(eager.detach())
+
+
+def _addcdiv_(params: list, num: list, den: list, scalars: torch.Tensor) -> None:
+    """``p += s_i * n / d`` per tensor, in the order of eager ``addcdiv_`` (the scalar in the
+    tensors' dtype); ``_foreach_addcdiv_`` with a tensor of scalars does not compile."""
+    steps = torch._foreach_mul(num, list(scalars.to(num[0].dtype).unbind()))
+    torch._foreach_div_(steps, den)
+    torch._foreach_add_(params, steps)
