@@ -22,7 +22,9 @@ Adam 1e-3, K particles vectorized, the same plain ``model``/``guide`` pair for e
 - ``fast-long``: ``FastSVI`` as ``fit`` runs it for ``--planned-steps`` steps
   (``backend="auto"``, which compiles with Inductor where it pays);
 - ``fast-inductor``: ``FastSVI(backend="inductor")``, the whole step compiled whatever the
-  plan (``--no-inductor`` skips it).
+  plan (``--no-inductor`` skips it);
+- ``fast-loss-graph`` (``--loss-graph``): ``FastSVI``'s short-run path before the whole-step
+  graph (a graph of the loss and gradients, then the eager fused Adam), for an A/B.
 
 ``--profile N`` adds torch.profiler's table of each path's top operators over N steps.
 
@@ -216,12 +218,14 @@ def pyro_step(hidden, z_dim, x, k, bound, jit=False):
     return lambda: svi.step(x)
 
 
-def fast_step(hidden, z_dim, x, k, bound, planned, backend="auto"):
+def fast_step(hidden, z_dim, x, k, bound, planned, backend="auto", loss_graph=False):
     model, guide = pyro_pair(hidden, z_dim)
     svi = FastSVI(
         model, guide, pyro.optim.Adam({"lr": LR}), make_estimator(bound, k),
         planned_steps=planned, backend=backend,
     )  # fmt: skip
+    if loss_graph:  # a no-op hook keeps the gradients outside the graph: the pre-issue-26 path
+        svi.before_update = lambda params: None
     step = lambda: svi.step(x)  # noqa: E731
     step.warmup_steps = WARMUP  # type: ignore[attr-defined]
     step.svi = svi  # type: ignore[attr-defined]
@@ -259,6 +263,10 @@ def main(argv=None) -> dict:
     p.add_argument("--no-compile", action="store_true", help="skip torch-compile")
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
     p.add_argument("--no-inductor", action="store_true", help="skip fast-inductor")
+    p.add_argument(
+        "--loss-graph", action="store_true", help="add fast-loss-graph (graph of loss and "
+        "gradients, eager optimizer step: FastSVI's short-run path before the whole step)"
+    )  # fmt: skip
     p.add_argument("--profile", type=int, default=0, help="profile N steps of each path")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
     p.add_argument("--json", default=None)
@@ -296,7 +304,10 @@ def main(argv=None) -> dict:
                 ("fast-short", partial(fast_step, *spec, None)),
                 ("fast-long", partial(fast_step, *spec, args.planned_steps)),
                 ("fast-inductor", partial(fast_step, *spec, None, "inductor")),
+                ("fast-loss-graph", partial(fast_step, *spec, None, loss_graph=True)),
             ):
+                if name == "fast-loss-graph" and not args.loss_graph:
+                    continue
                 if name == "fast-inductor" and args.no_inductor:
                     continue
                 if name == "pyro-jit" and bound == "iwae":
