@@ -221,10 +221,13 @@ class StepRule:
         torch._foreach_lerp_(exp_avgs, grads, 1 - b1)
         torch._foreach_mul_(exp_avg_sqs, b2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - b2)
+        # p -= (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps), with the step size folded into the
+        # denominator: as many passes over the parameters as torch's foreach Adam
+        size, dtype = lr / bc1, params[0].dtype
         denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, list(bc2_sqrt.to(params[0].dtype).unbind()))
-        torch._foreach_add_(denom, h["eps"])
-        _addcdiv_(params, exp_avgs, denom, -(lr / bc1))
+        torch._foreach_div_(denom, list((bc2_sqrt * size).to(dtype).unbind()))
+        torch._foreach_add_(denom, list((h["eps"] / size).to(dtype).unbind()))
+        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-1.0)
 
     def snapshot(self) -> Any:
         """The parameters and the optimizer's state (copies), for :meth:`restore`."""
@@ -305,8 +308,8 @@ def _agree_step(captured, fn, rule, wrt, data, others, rtol) -> tuple[bool, floa
 
 
 def _addcdiv_(params: list, num: list, den: list, scalars: torch.Tensor) -> None:
-    """``p += s_i * n / d`` per tensor, in the order of eager ``addcdiv_`` (the scalar in the
-    tensors' dtype); ``_foreach_addcdiv_`` with a tensor of scalars does not compile."""
-    steps = torch._foreach_mul(num, list(scalars.to(num[0].dtype).unbind()))
-    torch._foreach_div_(steps, den)
-    torch._foreach_add_(params, steps)
+    """``p += s_i * n / d`` per tensor, as ``p += n / (d / s_i)`` with ``d`` overwritten: one
+    pass more than eager ``addcdiv_`` with a Python scalar (``_foreach_addcdiv_`` with a
+    tensor of scalars does not compile), none more than the optimizers' ``capturable`` form."""
+    torch._foreach_div_(den, list(scalars.to(num[0].dtype).unbind()))
+    torch._foreach_addcdiv_(params, num, den)
