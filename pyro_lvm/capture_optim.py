@@ -214,7 +214,7 @@ class StepRule:
             return
         steps, exp_avgs, exp_avg_sqs = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
         torch._foreach_add_(steps, 1)
-        s = torch.stack(steps).to(torch.float64)
+        s = torch.stack(steps).to(lr.device, torch.float64)  # torch keeps steps on the CPU
         bc1, bc2_sqrt = 1 - torch.pow(b1, s), (1 - torch.pow(b2, s)).sqrt()
         if h["weight_decay"] and h.get("decoupled_weight_decay"):
             torch._foreach_mul_(params, list((1 - lr * h["weight_decay"]).unbind()))
