@@ -3,13 +3,16 @@
 # per-datapoint) and of the capture engine, importance-sampled evaluation on the GPU,
 # `pyro-lvm train --device cuda`, and benchmarks/speed.py on the GPU with Pyro's eager
 # (Trace_ELBO) and JitTrace_ELBO steps beside FastSVI's captured step (aten and Inductor), and
-# (issue 17) fit under an NCCL process group of world size 1 against the plain path.
+# (issue 17) fit under an NCCL process group of world size 1 against the plain path, and
+# (issue 26) benchmarks/peers.py on the GPU: FastSVI's whole-step graph (Inductor with CUDA
+# graphs for the long run) beside hand-written PyTorch, Pyro and, when jax's CUDA build is
+# installed there, NumPyro.
 #
 #   bash benchmarks/device_check.sh            # writes into $OUT (default: a fresh temp dir)
 #
 # Uses binarized MNIST from $PYRO_LVM_DATA when binarized_mnist.npz is there (else runs/data,
 # e.g. carried to the device machine), otherwise random images of MNIST's shape. Each stage
-# has its own time limit; the limits sum to 440 s, under 8 minutes. Needs `device=` in fit/fit_local and
+# has its own time limit; the limits sum to 470 s, under 8 minutes. Needs `device=` in fit/fit_local and
 # `--device` in the CLI (issue 16, item 6).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -78,16 +81,18 @@ print(f"fit_local on cuda: 1 epoch of {n} in {time.perf_counter() - tic:.1f} s, 
 print("ok")
 PY
 
-stage train 80 pyro-lvm train --dataset "$([ $DATA = mnist ] && echo mnist || echo digits)" --epochs 1 \
+stage train 70 pyro-lvm train --dataset "$([ $DATA = mnist ] && echo mnist || echo digits)" --epochs 1 \
     --device cuda --out "$OUT/train" --quiet
-stage speed 150 python benchmarks/speed.py --device cuda $SYN --ks 1,50 --steps 20 --repeats 5 \
+stage speed 100 python benchmarks/speed.py --device cuda $SYN --ks 1,50 --steps 20 --repeats 5 \
     --skip-eval --no-fit --estimators elbo,iwae,iwae-dreg --inductor iwae-dreg \
     --json "$OUT/speed_cuda.json"
 # issue 17: fit in a process group of world size 1 on NCCL against the plain path (one GPU:
 # NCCL refuses two ranks on one device; a ratio near 1.0 says the distributed path is free)
-stage scaling 70 python benchmarks/scaling.py --device cuda --nproc 1 --particles 1,50 \
+stage scaling 60 python benchmarks/scaling.py --device cuda --nproc 1 --particles 1,50 \
     --steps 4 --steps-k1 20 --epochs 2 --repeats 1 --json "$OUT/scaling_cuda.json"
 stage eval 40 python benchmarks/speed.py --device cuda $SYN --eval-only --repeats 1 \
     --eval-points 10000 --eval-samples 1000 --eval-chunk 500 --json "$OUT/eval_cuda.json"
+stage peers 100 python benchmarks/peers.py --device cuda --no-compile --archs 784-400-50 \
+    --groups 1:elbo,50:iwae --repeats 3 --steps 20 --planned-steps 100000 --json "$OUT/peers_cuda.json"
 echo "device check $([ $status = 0 ] && echo passed || echo FAILED); logs and JSON in $OUT"
 exit $status

@@ -17,18 +17,12 @@ run-time inputs of :class:`RuntimeInputs` (a KL schedule's β). The graph is bui
 :mod:`pyro_lvm.capture_inductor` compiles it with Inductor where that pays. Random operations
 stay operations: every call draws fresh noise from the global generator, in eager order.
 
-**One policy** (:class:`~pyro_lvm.train.FastSVI`, the per-datapoint inner loop and
-:func:`~pyro_lvm.variance.gradient_moments` use it):
-
-1. *Capture* once per (estimator, model, guide, input signature), under a random state of
-   its own (restored afterwards), with validation off and :func:`capture_patches` active.
-2. *Verify* (:func:`verify`): under one random state, the captured and the eager value and
-   gradients agree (:func:`tensors_agree`, ``rtol``) at a perturbed point
-   (:func:`perturbed`) and at the current one. Python numbers computed from tensors are
-   constants in a graph; the perturbed point and the fresh random state expose them.
-3. *Re-check* on the caller's schedule (:func:`drifted`): an eager value is compared with
-   the captured one, to ``rtol`` times the larger of ``|loss|`` now and at verification.
-4. *Fall back* to eager code on any failure, with the reason logged.
+The policy around it (capture once per input signature, verify against eager under one
+random state, re-check on a schedule, Inductor where it pays, fall back with a logged reason)
+is :class:`pyro_lvm.capture_policy.CapturePolicy`, the one used by ``FastSVI``, the
+per-datapoint inner loop and :func:`~pyro_lvm.variance.gradient_moments`. With an ``update``
+(:mod:`pyro_lvm.capture_optim`) the graph is the whole SVI step: loss, gradients and the
+optimizer's update of every parameter and its state.
 
 References: Ansel et al. (2024), *PyTorch 2: Faster Machine Learning Through Dynamic Python
 Bytecode Transformation and Graph Compilation*, ASPLOS (make_fx, AOTAutograd, Inductor).
@@ -52,7 +46,6 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from pyro_lvm.elbo.traits import traits_of
 
 __all__ = [
-    "BACKENDS",
     "CaptureError",
     "Captured",
     "Recorder",
@@ -71,7 +64,6 @@ __all__ = [
     "verify",
 ]
 
-BACKENDS = ("aten", "inductor")  #: replay the make_fx graph, or compile it with torch.compile
 NEEDS_TENSORS = "capture needs positional tensor arguments only (no keywords, no None)"
 _CAPTURE_SEED = 20261203  # a random state other than any the verification uses
 
@@ -185,13 +177,20 @@ class Captured:
         self.fx = graph if fx is None else fx
         self.scale, self.verified, self.rtol = 0.0, False, None
         self._reads = isinstance(owner, RuntimeInputs)  # once: a Protocol check costs ~20 µs
+        #: whether the graph is a whole step (it updates ``wrt`` and ``state`` in place and
+        #: returns no gradients), see :func:`capture`'s ``update``
+        self.whole_step = False
 
     def __call__(
-        self, wrt: Sequence[torch.Tensor], others: Sequence[torch.Tensor], data: Sequence
+        self,
+        wrt: Sequence[torch.Tensor],
+        others: Sequence[torch.Tensor],
+        data: Sequence,
+        state: Sequence[torch.Tensor] = (),
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         extra = tuple(self.owner.runtime_inputs()) if self._reads else ()
         with torch.no_grad():
-            value, grads = self.graph(*wrt, *others, *data, *extra)
+            value, grads = self.graph(*wrt, *others, *data, *state, *extra)
         return value, list(grads)
 
 
@@ -202,50 +201,53 @@ def capture(
     *,
     others: Sequence[torch.Tensor] = (),
     owner: Any = None,
-    backend: str = "aten",
+    update: Callable | None = None,
+    state: Sequence[torch.Tensor] = (),
 ) -> Captured:
     """Capture ``fn(*data)`` (a scalar loss reading ``wrt`` and ``others`` by identity) and its
-    gradient with respect to ``wrt`` as one graph.
+    gradient with respect to ``wrt`` as one graph; with ``update``, the whole step.
 
     Runs ``fn`` once, with validation off, Pyro's effects blocked, :func:`capture_patches`
     active and a random state of its own (the caller's is restored). Unused ``wrt`` get a
-    ``None`` gradient. ``backend="inductor"`` compiles it (:mod:`pyro_lvm.capture_inductor`).
+    ``None`` gradient. :func:`pyro_lvm.capture_inductor.compile_inductor` compiles the result.
 
     :param owner: the estimator, read for :class:`RuntimeInputs` and patched by
         :func:`capture_patches`.
-    :param backend: one of :data:`BACKENDS`.
+    :param update: ``update(wrt, grads, state)``, an optimizer step written in tensor
+        operations that changes ``wrt`` and ``state`` in place
+        (:class:`pyro_lvm.capture_optim.StepRule`); the graph then runs the whole step and
+        returns ``(value, ())``. Call it with the same ``state`` tensors' current values.
     :raises CaptureError: naming the failure (a tensor read is data-dependent, ...).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not all(torch.is_tensor(t) for t in (*wrt, *data)):
         raise CaptureError(NEEDS_TENSORS)
-    wrt, others, data = list(wrt), list(others), list(data)
+    wrt, others, data, state = list(wrt), list(others), list(data), list(state)
     extra = runtime_inputs(owner)
     n_wrt, n_in = len(wrt), len(wrt) + len(others) + len(data)
     use = getattr(owner, "using_runtime_inputs", None) if extra else None
 
     def both(*inputs):
-        with use(inputs[n_in:]) if use is not None else nullcontext():
+        with use(inputs[n_in + len(state) :]) if use is not None else nullcontext():
             value = fn(*inputs[n_wrt + len(others) : n_in])
         grads = torch.autograd.grad(value, inputs[:n_wrt], allow_unused=True)
-        return value.detach(), grads
+        if update is None:
+            return value.detach(), grads
+        with torch.no_grad():
+            update(list(inputs[:n_wrt]), list(grads), list(inputs[n_in : n_in + len(state)]))
+        return value.detach(), ()
 
     rng = get_rng_state()
     try:
         pyro.set_rng_seed(_CAPTURE_SEED)
         with pyro.validation_enabled(False), pyro.poutine.block(), capture_patches(owner):
-            graph = make_fx(both)(*wrt, *others, *data, *extra)
+            graph = make_fx(both)(*wrt, *others, *data, *state, *extra)
         _prune(graph)
     except Exception as e:  # any capture failure keeps the eager path
         raise CaptureError(f"capture failed: {type(e).__name__}: {e}") from e
     finally:
         set_rng_state(rng)
     captured = Captured(graph, n_wrt, owner, "aten")  # rtol None: default_rtol of wrt
-    if backend == "inductor":
-        from pyro_lvm.capture_inductor import compile_inductor
-
-        captured = compile_inductor(captured, [*wrt, *others, *data])
+    captured.whole_step = update is not None
     return captured
 
 

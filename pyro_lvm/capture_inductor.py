@@ -32,6 +32,11 @@ the graph (never of a clock, so a resumed run decides as the uninterrupted one d
    node plus its output bytes at 8 GB/s, about half of the savings measured in
    benchmarks/RESULTS.md §2.1, with compiles of 4-46 s. Inductor pays when the steps still
    to come with the signature save more than the compile costs.
+4. **Cache** (:func:`cache_dir`): Inductor keeps its FX-graph and AOTAutograd caches on disk
+   in ``$TORCHINDUCTOR_CACHE_DIR`` (default ``<tmp>/torchinductor_<user>``), so a second run
+   of the same graph loads kernels instead of generating them. Each successful compile
+   records the graph's hash (:func:`graph_hash`) in ``pyro_lvm_compiled.txt`` there, and
+   :func:`inductor_pays` prices a recorded graph at :data:`COST` ``"cached_s_per_node"``.
 
 References:
 
@@ -43,7 +48,11 @@ References:
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import math
+import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 
@@ -61,13 +70,22 @@ from pyro_lvm.capture import (
 __all__ = [
     "COST",
     "accumulation_depth",
+    "cache_dir",
+    "graph_hash",
+    "is_cached",
     "compile_inductor",
     "inductor_pays",
     "inductor_rtol",
 ]
 
 #: the constants of :func:`inductor_pays` (conservative, CPU; see the module docstring)
-COST = {"compile_s_per_node": 0.2, "saving_s_per_pointwise": 5e-6, "bytes_per_s": 8e9}
+COST = {
+    "compile_s_per_node": 0.2,
+    "cached_s_per_node": 0.01,
+    "saving_s_per_pointwise": 5e-6,
+    "bytes_per_s": 8e9,
+}
+_INDEX = "pyro_lvm_compiled.txt"
 _LAMBDA = 4.0  # Higham & Mary's λ: the bound fails with probability 2 exp(-λ²/2) = 7e-4
 _MATMULS = {"mm", "addmm", "bmm"}
 _REDUCTIONS = {"sum", "mean", "amax", "logsumexp", "_softmax", "_log_softmax"}
@@ -122,16 +140,58 @@ def _step_saving_s(graph: torch.fx.GraphModule) -> float:
     return len(pointwise) * COST["saving_s_per_pointwise"] + moved / COST["bytes_per_s"]
 
 
-def inductor_pays(graph: torch.fx.GraphModule, remaining_steps: float) -> tuple[bool, str]:
+def cache_dir() -> str:
+    """Inductor's cache folder: ``$TORCHINDUCTOR_CACHE_DIR``, else ``<tmp>/torchinductor_<user>``
+    (set the variable to keep compiled kernels across reboots, e.g. ``~/.cache/inductor``)."""
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return folder or os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+
+
+def graph_hash(graph: torch.fx.GraphModule) -> str:
+    """A hash of ``graph``'s code, its inputs' shapes and dtypes, and the torch version."""
+    shapes = [
+        (tuple(v.shape), str(v.dtype)) if (v := _val(n)) is not None else None
+        for n in graph.graph.nodes
+        if n.op == "placeholder"
+    ]
+    text = f"{torch.__version__}\n{graph.code}\n{shapes}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def is_cached(graph: torch.fx.GraphModule) -> bool:
+    """Whether a compile of ``graph`` was recorded in :func:`cache_dir` (so Inductor's caches
+    likely hold its kernels)."""
+    try:
+        with open(os.path.join(cache_dir(), _INDEX)) as f:
+            return graph_hash(graph) in f.read().split()
+    except OSError:
+        return False
+
+
+def _record(graph: torch.fx.GraphModule) -> None:
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        with open(os.path.join(cache_dir(), _INDEX), "a") as f:
+            f.write(graph_hash(graph) + "\n")
+    except OSError:  # a read-only cache: the next run prices a full compile
+        pass
+
+
+def inductor_pays(
+    graph: torch.fx.GraphModule, remaining_steps: float, cached: bool | None = None
+) -> tuple[bool, str]:
     """Whether compiling ``graph`` pays over ``remaining_steps`` more steps, and why (a line
-    for the log). Deterministic: a function of the graph and the step count only."""
+    for the log): a function of the graph, the step count and whether its compile is cached
+    (``None``: :func:`is_cached`). A resumed run reads the decision from its checkpoint."""
+    cached = is_cached(graph) if cached is None else cached
     nodes = sum(1 for n in graph.graph.nodes if n.op == "call_function")
-    compile_s = COST["compile_s_per_node"] * nodes
+    compile_s = COST["cached_s_per_node" if cached else "compile_s_per_node"] * nodes
     saving_s = _step_saving_s(graph)
     pays = remaining_steps * saving_s > compile_s
     why = (
         f"{remaining_steps:.0f} projected steps x {saving_s * 1e3:.2f} ms saved per step "
-        f"{'>' if pays else '<='} {compile_s:.0f} s estimated compile ({nodes} nodes)"
+        f"{'>' if pays else '<='} {compile_s:.1f} s estimated "
+        f"{'cached ' if cached else ''}compile ({nodes} nodes)"
     )
     return pays, why
 
@@ -149,12 +209,16 @@ def compile_inductor(captured: Captured, inputs: Sequence[torch.Tensor]) -> Capt
         with torch.no_grad(), warnings.catch_warnings():
             # modules of torch that Inductor imports still warn about TorchScript
             warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
-            compiled = torch.compile(captured.fx, dynamic=False, options={"fallback_random": True})
+            # on CUDA, CUDA graphs replay the whole step at one launch (what mode=
+            # "reduce-overhead" sets; torch.compile takes a mode or options, not both)
+            options = {"fallback_random": True, "triton.cudagraphs": inputs[0].is_cuda}
+            compiled = torch.compile(captured.fx, dynamic=False, options=options)
             compiled(*inputs)
     except Exception as e:  # no compiler, an unsupported operation: stay on the aten graph
         raise CaptureError(f"the Inductor compile failed: {type(e).__name__}: {e}") from e
     finally:
         set_rng_state(rng)
+    _record(captured.fx)
     out = Captured(compiled, captured.num_wrt, captured.owner, "inductor", fx=captured.fx)
     out.rtol = inductor_rtol(captured.fx, inputs[0].dtype)
     return out

@@ -27,7 +27,7 @@ PAGES = [
     ("Evaluation", "pyro_lvm.evaluate", ["pyro_lvm.completion"]),
     ("Estimator variance", "pyro_lvm.variance", []),
     ("Data", "pyro_lvm.data", []),
-    ("Capture engine", "pyro_lvm.capture", ["pyro_lvm.capture_inductor"]),
+    ("Capture engine", "pyro_lvm.capture", ["pyro_lvm.capture_policy", "pyro_lvm.capture_optim", "pyro_lvm.capture_inductor"]),
     ("Networks", "pyro_lvm.nn", []),
     ("Plots", "pyro_lvm.plot", []),
     (

@@ -14,11 +14,11 @@ import torch
 from pyro.infer import ELBO, SVI
 from pyro.optim import PyroOptim
 
+from pyro_lvm.capture_policy import SWITCH_BACKENDS
 from pyro_lvm.contract import as_program
 from pyro_lvm.data import Minibatches, check_accepts, split_named
 from pyro_lvm.train.callbacks import Callback, JSONLinesLogger, TensorBoardLogger, as_callbacks
 from pyro_lvm.train.fast import FastSVI
-from pyro_lvm.train.fast_graphs import SWITCH_BACKENDS
 from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.loop import Checkpointer
 from pyro_lvm.validation import check_rows, validate_inputs

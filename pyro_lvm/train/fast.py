@@ -13,15 +13,17 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 
-from pyro_lvm.capture import Recorder, input_key, not_capturable
-from pyro_lvm.train.fast_graphs import SWITCH_BACKENDS, SignatureGraphs
+from pyro_lvm.capture import NEEDS_TENSORS, Recorder, get_rng_state, input_key, set_rng_state
+from pyro_lvm.capture_optim import eager_update, step_rule
+from pyro_lvm.capture_policy import SWITCH_BACKENDS, CapturePolicy
+from pyro_lvm.train.fast_state import FastSVIState
 
 __all__ = ["FastSVI"]
 
 logger = logging.getLogger(__name__)
 
 
-class FastSVI:
+class FastSVI(FastSVIState):
     r"""Drop-in replacement for :class:`pyro.infer.SVI` with a lean per-step path.
 
     The update is the one of ``SVI(model, guide, optim, loss)``: the gradient of
@@ -41,49 +43,38 @@ class FastSVI:
        the first run with the same input signature, or that creates a new parameter, makes
        this object fall back for good to the general path (validation as set by the user,
        new parameters added to the optimizer) and logs the reason on this module's logger.
-    4. **Optional captured loss** (``jit=True``). The loss and its gradient are captured
-       as one aten graph by :mod:`pyro_lvm.capture` once per input signature, then
-       *verified*: on the next step the captured and the eager loss are computed under the
-       same random state and their values and gradients compared (``rtol``), at randomly
-       perturbed parameters and at the current ones. Only a verified graph is used; a
-       mismatch (e.g. a value that went through ``float()``, which a graph freezes) keeps
-       the eager lean path and logs why. Every ``check_every``-th captured step runs
-       eagerly instead, re-checking the structure and comparing the graph's loss with the
-       eager one (:func:`~pyro_lvm.capture.drifted`: a graph that drifted, e.g. past a KL
-       schedule applied by hand, is dropped). A captured step runs no Python of Pyro, the
-       programs or autograd: one graph computes the loss and every gradient.
-    5. **Inductor where it pays** (``backend``). ``"auto"`` compiles a signature's graph
-       with Inductor (:mod:`pyro_lvm.capture_inductor`) after its 20th step when the
-       projected remaining steps with it (from ``planned_steps``, which ``fit`` sets) save
-       more than the compile costs, by a deterministic cost model; ``"inductor"`` always
-       does, ``"aten"`` never. The compiled graph is verified like the aten one, at a
-       tolerance for its rounding; a failed compile or verification keeps the aten graph
-       and logs why. The per-signature work is :mod:`pyro_lvm.train.fast_graphs`.
+    4. **The whole step as one graph** (``jit=True``), by the policy of
+       :mod:`pyro_lvm.capture_policy` (:attr:`policy`): once per input signature the loss,
+       its gradient and the optimizer's update of every parameter and its state
+       (:mod:`pyro_lvm.capture_optim`: Adam, AdamW, SGD, ClippedAdam and ``pyro.optim``'s
+       clipping; the learning rates and an estimator's :class:`~pyro_lvm.capture.RuntimeInputs`
+       are graph inputs) are captured, then *verified* against one eager step under the same
+       random state, at perturbed and at the current parameters. Another optimizer, or a
+       ``before_update`` hook, keeps a graph of the loss and gradients with an eager update
+       (:attr:`step_reason`). A mismatch (a value that went through ``float()``) keeps the
+       eager lean path, logged. Every ``check_every``-th step runs eagerly and compares the
+       graph's loss with the eager one; a graph that drifted is dropped.
+    5. **Inductor where it pays** (``backend``): ``"auto"`` compiles a signature's graph with
+       Inductor after its 20th step when the projected remaining steps (``planned_steps``,
+       which ``fit`` sets) save more than the compile costs (a cached compile costs little);
+       ``"inductor"`` always does, ``"aten"`` never. It is verified at its rounding's
+       tolerance; a failure keeps the aten graph, logged.
 
     .. warning:: Capture and verification run the model and guide a few extra times (once
         per new input signature), so Python side effects in them repeat. A captured step
-        runs no Python code of the model, guide or estimator: state an estimator updates in
-        Python (running averages, a KL weight schedule applied by hand) is frozen: the
-        verification catches what already differs when the graph is built, the next
-        ``check_every`` step what changes later. Pass ``jit=False`` for such estimators or
-        for models whose structure depends on random draws. An estimator that reads such
-        values through tensors implements :class:`~pyro_lvm.capture.RuntimeInputs`; they
-        are then inputs of the graph, read afresh at every step
-        (:class:`~pyro_lvm.handlers.KLWeightedELBO`'s scheduled β).
+        runs no Python code of the model, guide or estimator: state they update in Python
+        (running averages, a KL weight applied by hand) is frozen; the verification and the
+        periodic check catch it. Pass ``jit=False`` for such estimators or for models whose
+        structure depends on random draws.
 
-    **Exact resume.** The mode of a step (record, compile, verify, traced or eager) is a pure
-    function of the global step count, of how many times its input signature was seen, of
-    ``jit_reason``/``fallback_reason`` and of the Inductor decisions; :meth:`get_state` saves
-    these with the optimizer state. After :meth:`set_state`, the recording, capture, Inductor
-    compile and verification that the earlier steps
-    with a signature did are redone as *dry runs* (random state restored; parameters, their
-    gradients and the optimizer untouched) when that signature is first met, so every resumed
-    step takes the path, hence computes the floats, of the uninterrupted run.
+    **Exact resume.** The mode of a step is a pure function of the step counts, the reasons
+    and the Inductor decisions, which :meth:`get_state` saves with the optimizer state; after
+    :meth:`set_state` the capture, compile and verifications of earlier steps are redone as
+    dry runs, so every resumed step computes the floats of the uninterrupted run.
 
     Gradients are cleared with ``zero_grad(set_to_none=True)``: a parameter that a step
     does not reach is left unchanged (Pyro's ``SVI`` steps only the parameters it saw, too).
-    Unsupported optimizers (learning-rate schedulers, gradient clipping) use
-    :class:`pyro.infer.SVI` itself, with a logged reason.
+    A ``pyro.optim`` learning-rate scheduler uses :class:`pyro.infer.SVI` itself, logged.
 
     :param model: ``model(*args, **kwargs)``.
     :param guide: ``guide(*args, **kwargs)``.
@@ -141,7 +132,20 @@ class FastSVI:
         self.model, self.guide, self.optim, self.loss = model, guide, optim, loss
         self.jit, self.check_every, self.rtol = bool(jit), int(check_every), rtol
         self.backend = backend
-        self._graphs = SignatureGraphs(self, backend, rtol, self.check_every, planned_steps)
+        #: the capture policy (graphs by input signature, verification, Inductor, fall-back)
+        self.policy = CapturePolicy(
+            loss, backend=backend, rtol=rtol, check_every=self.check_every,
+            planned_steps=planned_steps, label="FastSVI",
+        )  # fmt: skip
+        if not jit:
+            self.policy.reason = "jit=False"
+        #: ``pyro.optim``'s per-parameter gradient clipping, applied before each update
+        self.clip = dict(optim.pt_clip_args or {})
+        #: called with the parameters before each update (set per step by ``svi_step``); while
+        #: set, graphs capture the loss and gradients only, the update runs eagerly after it
+        self.before_update: Callable[[list[torch.Tensor]], None] | None = None
+        #: why the graph is not the whole step (``None`` while it is, or before capture)
+        self.step_reason: str | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._params: dict[str, torch.Tensor] = {}
         # saved by get_state: key -> sample sites of its first step, key -> steps with it
@@ -149,20 +153,22 @@ class FastSVI:
         self._seen: dict[str, int] = {}
         self._steps = 0
         self._recorded: set[str] = set()  # this object's own work: keys recorded here
-        #: how many steps used the verified captured loss (counted across set_state)
+        self._rec: Recorder | None = None  # the sample sites of the last captured-loss run
+        #: how many steps used the verified captured graph (counted across set_state)
         self.traced_steps = 0
         #: why the lean path is off (``None`` while it is on)
         self.fallback_reason: str | None = None
-        #: why the captured loss is off (``None`` while allowed)
-        self.jit_reason: str | None = None if jit else "jit=False"
         self._svi: SVI | None = None
         self._pending_state: dict | None = None
-        if isinstance(optim, PyroLRScheduler) or optim.pt_clip_args:
+        if isinstance(optim, PyroLRScheduler):
             self._svi = SVI(model, guide, optim, loss)
-            self._fall_back("the optimizer is a scheduler or clips gradients; using pyro SVI")
-        if not_capturable(loss) is not None:
-            self._disable_jit(not_capturable(loss))
+            self._fall_back("the optimizer is a pyro.optim learning-rate scheduler; using pyro SVI")
         self._own_reasons = (self.fallback_reason, self.jit_reason)
+
+    @property
+    def jit_reason(self) -> str | None:
+        """Why nothing is captured (``None`` while allowed): the policy's reason."""
+        return self.policy.reason
 
     # ------------------------------------------------------------------ bookkeeping
     def _fall_back(self, reason: str) -> None:
@@ -172,10 +178,7 @@ class FastSVI:
         self._disable_jit(reason)
 
     def _disable_jit(self, reason: str) -> None:
-        if self.jit_reason is None:
-            self.jit_reason = reason
-            logger.info("FastSVI does not capture the loss: %s", reason)
-        self._graphs.clear()
+        self.policy.disable(reason)
 
     def _register(self, params: dict[str, torch.Tensor]) -> bool:
         """Add unseen parameters to the optimizer; return whether any was new."""
@@ -204,8 +207,10 @@ class FastSVI:
 
     def _update(self) -> None:
         if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            params = list(self._params.values())
+            if self.before_update is not None:
+                self.before_update(params)
+            eager_update(self.optimizer, params, self.clip)
 
     def _backward(self, loss: Any) -> float:
         if torch.is_tensor(loss) and loss.requires_grad:
@@ -241,22 +246,80 @@ class FastSVI:
         """The mode of the ``n``-th step with ``key``: a function of saved state."""
         if self.fallback_reason is not None:
             return "general"
-        return "record" if n == 1 else self._graphs.mode(key, n, self._steps)
+        return "record" if n == 1 else self.policy.mode(key, n, self._steps)
+
+    def _loss_fn(self, kwargs: dict) -> Callable:
+        """The eager loss of ``*args``; the sample sites of its last run go to ``self._rec``."""
+
+        def fn(*args):
+            with Recorder() as self._rec:
+                return self.loss.differentiable_loss(self.model, self.guide, *args, **kwargs)
+
+        return fn
+
+    def _rule(self, params: list[torch.Tensor]) -> Any:
+        """The optimizer's whole-step rule, or ``None`` (the reason logged once)."""
+        rule = "a before_update hook reads the gradients" if self.before_update else None
+        rule = rule or step_rule(self.optimizer, params, self.clip)
+        if isinstance(rule, str):
+            if self.step_reason is None:
+                self.step_reason = rule
+                logger.info("FastSVI captures the loss, the update runs eagerly: %s", rule)
+            return None
+        return rule
+
+    def _capture(self, key: str, args: tuple, kwargs: dict) -> None:
+        if kwargs:
+            return self._disable_jit(NEEDS_TENSORS)
+        names = list(self._params)
+        params = [self._params[n] for n in names]
+        fn, rule = self._loss_fn(kwargs), self._rule(params)
+        self.policy.capture(key, fn, params, args, names=names, rule=rule)
+
+    def _graph_params(self, key: str) -> list[torch.Tensor]:
+        return [self._params[n] for n in self.policy.entries[key].names]
 
     def _catch_up(self, key: str, n: int, args: tuple, kwargs: dict) -> str:
         """Redo as dry runs the work that steps ``1..n-1`` with ``key`` did but this object did
         not (it was restored by :meth:`set_state`); return the mode of step ``n``."""
         if self._mode(key, n) in ("general", "record"):
             return self._mode(key, n)
+        policy = self.policy
         if key not in self._recorded:  # forward only: no gradient is computed
-            with self._graphs.dry_run(), Recorder() as rec:
+            with policy.dry_run(list(self._params.values())), Recorder() as rec:
                 run = getattr(self.loss, "differentiable_loss", self.loss.loss)
                 run(self.model, self.guide, *args, **kwargs)
             self._register(rec.params)
             self._structure.setdefault(key, tuple(rec.sites))
             self._recorded.add(key)
-        self._graphs.catch_up(key, n, args, kwargs)
+        if self._mode(key, n) in ("verify", "traced", "check") and key not in policy.entries:
+            self._capture(key, args, kwargs)
+        if key in policy.entries:
+            entry = policy.entries[key]
+            policy.catch_up(
+                key, n, self._steps, self._loss_fn(kwargs), self._graph_params(key), args,
+                names=entry.names, rule=entry.rule,
+            )  # fmt: skip
         return self._mode(key, n)
+
+    def _verify(self, key: str, args: tuple, kwargs: dict) -> tuple[float, bool]:
+        """A verification step: the eager step (the loss value, whether it updated already)."""
+        params, rng = self._graph_params(key), get_rng_state()
+        with pyro.validation_enabled(False):
+            out = self.policy.verify(key, self._loss_fn(kwargs), params, args)
+        if out is None:  # failed: the step is the eager one
+            for p in params:
+                p.grad = None
+            set_rng_state(rng)
+            value, rec = self._eager(args, kwargs, validate=False)
+            self._check_structure(key, rec)
+            return value, False
+        value, grads = out
+        if grads is not None:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+        self._check_structure(key, self._rec)
+        return value, grads is None
 
     def step(self, *args, **kwargs) -> float:
         """Take one gradient step; returns the loss estimate as a float (as ``SVI.step``)."""
@@ -266,7 +329,7 @@ class FastSVI:
         self._steps += 1
         n = self._seen[key] = self._seen.get(key, 0) + 1
         mode = self._catch_up(key, n, args, kwargs)
-        graphs = self._graphs
+        policy, updated = self.policy, False
         if mode in ("general", "record"):
             value, rec = self._eager(args, kwargs, validate=True)
             self._register(rec.params)
@@ -274,123 +337,48 @@ class FastSVI:
                 self._structure[key] = tuple(rec.sites)
                 self._recorded.add(key)
         elif mode == "traced":
-            value = graphs.run(key, args)
+            params = self._graph_params(key)
+            out, grads = policy.run(key, params, (), args)
+            value, updated = float(out), not grads
+            for p, g in zip(params, grads, strict=False):
+                p.grad = g
             self.traced_steps += 1
         elif mode == "verify":
-            value = graphs.verify(key, args, kwargs)
+            value, updated = self._verify(key, args, kwargs)
         elif mode == "check":
-            value = graphs.check(key, args, kwargs)
+            graph_value = policy.probe(key, self._graph_params(key), (), args)
+            value, rec = self._eager(args, kwargs, validate=False)
+            if self._check_structure(key, rec):
+                policy.drifted(key, graph_value, value, f"at step {self._steps}")
         else:  # "lean" or "compile": eager, structure checked
             value, rec = self._eager(args, kwargs, validate=False)
             if self._check_structure(key, rec) and mode == "compile":
                 self._update()
-                graphs.compile(key, args, kwargs)
+                self._capture(key, args, kwargs)
                 return value
-        self._update()
-        if graphs.decides(key, n):  # after the step: it is the aten graph's in any case
-            graphs.decide(key, args)
+        if not updated:
+            self._update()
+        if policy.decides(key, n):  # after the step: it is the aten graph's in any case
+            remaining = max(0, (policy.planned_steps or 0) - self._steps) * n / self._steps
+            policy.decide(key, [*self._graph_params(key), *args], remaining)
         return value
 
     @property
     def pyro_svi(self) -> SVI | None:
-        """The ``pyro.infer.SVI`` every step goes through when the optimizer schedules or clips
+        """The ``pyro.infer.SVI`` every step goes through when the optimizer is a scheduler
         (``None`` on the lean path)."""
         return self._svi
 
     @property
     def planned_steps(self) -> int | None:
         """The run's total number of steps, for ``backend="auto"`` (settable)."""
-        return self._graphs.planned_steps
+        return self.policy.planned_steps
 
     @planned_steps.setter
     def planned_steps(self, steps: int | None) -> None:
-        self._graphs.planned_steps = None if steps is None else int(steps)
+        self.policy.planned_steps = None if steps is None else int(steps)
 
     def evaluate_loss(self, *args, **kwargs) -> float:
         """The loss estimate without a gradient step (``loss.loss`` under ``no_grad``)."""
         with torch.no_grad():
             return torch_item(self.loss.loss(self.model, self.guide, *args, **kwargs))
-
-    def get_state(self) -> dict:
-        """``{"optimizer": state_dict, "schedule": {...}}`` for :meth:`set_state`.
-
-        The schedule holds the step counts (global, and per input signature as a string), the
-        sample sites of each signature's first step, ``traced_steps``, ``jit_reason``,
-        ``fallback_reason``, each signature's loss scale at verification (``check_scale``) and
-        Inductor decision (``inductor``: ``None`` when compiled, else why not): plain values
-        that ``torch.load(..., weights_only=True)`` reads. The ``state_dict`` references the
-        live moment tensors: ``torch.save`` or ``copy.deepcopy`` it for a snapshot. On the
-        :class:`pyro.infer.SVI` path (scheduler, clipping) this is ``optim.get_state()``.
-        """
-        if self._svi is not None:
-            return self.optim.get_state()
-        if self.optimizer is not None:
-            optimizer = self.optimizer.state_dict()
-        else:  # state loaded by set_state but not consumed yet, or none
-            optimizer = {} if self._pending_state is None else self._pending_state
-        schedule = {
-            "steps": self._steps,
-            "traced_steps": self.traced_steps,
-            "seen": dict(self._seen),
-            "structure": {
-                k: [[name, list(shape), obs] for name, shape, obs in v]
-                for k, v in self._structure.items()
-            },
-            "jit_reason": self.jit_reason,
-            "fallback_reason": self.fallback_reason,
-            "check_scale": dict(self._graphs.scale),
-            "inductor": dict(self._graphs.inductor),
-        }
-        return {"optimizer": optimizer, "schedule": schedule}
-
-    def set_state(self, state: dict) -> None:
-        """Restore :meth:`get_state` (same model and guide, so the same parameter order).
-
-        The optimizer state is loaded when the optimizer exists, else at the first step. The
-        schedule replaces this object's; the reasons set by the constructor (``jit=False``, a
-        loss without ``differentiable_loss``) are kept. A bare torch optimizer ``state_dict``
-        (no schedule) is accepted too and restores the moments only.
-
-        :raises ValueError: on a state of the other layout: per-parameter ``PyroOptim`` states
-            for the fused optimizer, or the reverse (an object with a scheduler or clipping).
-        """
-        schedule = state.get("schedule") if isinstance(state.get("optimizer"), dict) else None
-        optimizer = state["optimizer"] if schedule is not None else state
-        if self._svi is not None:
-            if schedule is not None:
-                raise ValueError(
-                    "this FastSVI uses pyro's SVI (scheduler or gradient clipping) but the state "
-                    "comes from FastSVI's fused optimizer; resume with the same optimizer"
-                )
-            self.optim.set_state(optimizer)
-            return
-        if optimizer and not {"state", "param_groups"} <= optimizer.keys():
-            raise ValueError(
-                "set_state expects FastSVI.get_state() or a torch optimizer state_dict, got keys "
-                f"{sorted(optimizer)[:5]}; a pyro.optim state (per parameter) needs fit(fast=False)"
-            )
-        if schedule is not None:
-            own_fallback, own_jit = self._own_reasons
-            self._steps = int(schedule["steps"])
-            self.traced_steps = int(schedule["traced_steps"])
-            self._seen = {str(k): int(v) for k, v in schedule["seen"].items()}
-            self._structure = {
-                str(k): tuple(
-                    (str(name), tuple(map(int, shape)), bool(obs)) for name, shape, obs in v
-                )
-                for k, v in schedule["structure"].items()
-            }
-            self.fallback_reason = own_fallback or schedule["fallback_reason"]
-            self.jit_reason = own_jit or schedule["jit_reason"]
-            graphs = self._graphs  # "check_scale", "inductor": absent from older checkpoints
-            graphs.scale = {str(k): float(v) for k, v in schedule.get("check_scale", {}).items()}
-            graphs.inductor = {
-                str(k): None if v is None else str(v)
-                for k, v in schedule.get("inductor", {}).items()
-            }
-            self._recorded.clear()
-            graphs.clear()
-        if self.optimizer is None:
-            self._pending_state = optimizer or None
-        else:
-            self.optimizer.load_state_dict(optimizer)

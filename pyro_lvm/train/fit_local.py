@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,23 +10,12 @@ import pyro.optim
 import torch
 from pyro.infer import ELBO
 
-from pyro_lvm.capture import (
-    CaptureError,
-    Recorder,
-    capture,
-    drifted,
-    get_rng_state,
-    input_key,
-    not_capturable,
-    set_rng_state,
-    verify,
-)
+from pyro_lvm.capture import Recorder, input_key
+from pyro_lvm.capture_policy import policy_for
 from pyro_lvm.guides.local import LocalGuide
 from pyro_lvm.train.estimators import resolve_estimator
 
 __all__ = ["LocalOptResult", "optimize_local"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,25 +36,20 @@ class LocalOptResult:
         return float(self.converged.double().mean())
 
 
-class _CapturedInnerLoss:
-    r"""The inner objective and its leaf gradients as a captured graph, verified before use.
+class _InnerLoss:
+    r"""The inner objective and its leaf gradients, captured where the estimator's policy
+    (:func:`pyro_lvm.capture_policy.policy_for`) verified a graph.
 
-    The estimator's ``differentiable_loss`` is captured by :mod:`pyro_lvm.capture` once per
-    (estimator, model, guide, input signature), with the local leaves as the differentiated
-    inputs and the parameter store's tensors as further inputs, so a graph is reused across
-    minibatches (θ is read at call time). A graph is used only after
-    :func:`~pyro_lvm.capture.verify` accepted it; a failure keeps the eager path for that
-    signature. Capture and verification are dry runs: the random state and the leaves are
-    restored. The first inner step of every later call runs eagerly and compares the reused
-    graph's value with the eager one under the same random state
-    (:func:`~pyro_lvm.capture.drifted`): a graph that drifted since it was verified (a Python
-    number it froze has changed, e.g. a KL weight applied by hand with
-    :func:`~pyro_lvm.handlers.kl_weight`) is dropped and the reason logged.
+    The estimator's ``differentiable_loss`` is captured once per (model, guide, input
+    signature), with the local leaves as the differentiated inputs and the parameter store's
+    tensors as further inputs, so a graph is reused across minibatches (θ is read at call
+    time). Capture and verification are dry runs (random state and leaves restored); a
+    failure keeps the eager path for that signature. The first inner step of every later call
+    runs eagerly and compares the reused graph's value with the eager one under the same
+    random state (:meth:`~pyro_lvm.capture_policy.CapturePolicy.drifted`): a graph that
+    drifted since it was verified (a Python number it froze has changed, e.g. a KL weight
+    applied by hand with :func:`~pyro_lvm.handlers.kl_weight`) is dropped, the reason logged.
     """
-
-    _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-    #: graphs kept per estimator (each holds its model and guide alive)
-    max_entries = 8
 
     def __init__(
         self, estimator, model, guide, x, idx, leaves: dict[str, torch.Tensor], named=None
@@ -75,9 +57,9 @@ class _CapturedInnerLoss:
         self.estimator, self.model, self.guide, self.x, self.idx = estimator, model, guide, x, idx
         self.leaves, self.named = leaves, dict(named or {})
         self.data = (x,) if idx is None else (x, idx)
-        # the entry holds model and guide, so their ids stay theirs while it exists
-        self.key = (id(model), id(guide), input_key((x, idx, *leaves.values()), {}))
-        self.entry = self._cache.setdefault(estimator, {}).get(self.key)
+        self.policy = policy_for(estimator)
+        # the entry keeps model and guide alive, so their ids stay theirs while it exists
+        self.key = ("local", id(model), id(guide), input_key((x, idx, *leaves.values()), {}))
         self._other_tensors: list[torch.Tensor] | None = None
 
     def _fn(self, *data) -> torch.Tensor:
@@ -92,61 +74,35 @@ class _CapturedInnerLoss:
     def checked_eager(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """:meth:`eager`; a reused graph is first compared with it (same random state) and
         dropped if it no longer agrees."""
-        if self.entry is None or self.entry[0] is None:
+        if self.policy.graph(self.key) is None:
             return self.eager()
-        rng = get_rng_state()
-        captured_value = self.captured()[0]
-        set_rng_state(rng)
+        leaves = list(self.leaves.values())
+        graph_value = self.policy.probe(self.key, leaves, self._others(), self.data)
         value, grads = self.eager()
-        captured = self.entry[0]
-        if drifted(captured, float(captured_value), float(value.detach())):
-            logger.info(
-                "optimize_local: the captured inner loss of %s no longer matches the eager one "
-                "(a Python value it froze has changed); this signature now runs eagerly",
-                type(self.estimator).__name__,
-            )
-            self.entry = self._cache[self.estimator][self.key] = (None, [], self.entry[2])
+        self.policy.drifted(self.key, graph_value, float(value.detach()), "in a later call")
         return value, grads
 
-    def _others(self, names: list[str]) -> list[torch.Tensor]:
-        store = dict(pyro.get_param_store().named_parameters())
-        return [store[n] for n in names]
+    def _others(self) -> list[torch.Tensor]:
+        if self._other_tensors is None:  # θ's tensors do not change within one call
+            store = dict(pyro.get_param_store().named_parameters())
+            self._other_tensors = [store[n] for n in self.policy.entries[self.key].names]
+        return self._other_tensors
 
     def captured(self) -> tuple[torch.Tensor, list] | None:
         """The captured objective and leaf gradients, or ``None`` when this signature runs
         eagerly."""
-        if not_capturable(self.estimator) is not None:
-            return None  # e.g. HMC's adapted step size
-        if self.entry is None:
-            entries = self._cache[self.estimator]
-            self.entry = entries[self.key] = self._compile()
-            while len(entries) > self.max_entries:  # drop the oldest: it holds a model alive
-                del entries[next(iter(entries))]
-        captured, names = self.entry[:2]
-        if captured is None:
-            return None
-        if self._other_tensors is None:  # θ's tensors do not change within one call
-            self._other_tensors = self._others(names)
-        return captured(list(self.leaves.values()), self._other_tensors, self.data)
-
-    def _compile(self) -> tuple:
-        """Capture and verify (a dry run); the entry ``(Captured | None, names, programs)``."""
-        programs = (self.model, self.guide)
-        rng = get_rng_state()
-        try:
-            with Recorder() as rec, torch.no_grad():
+        if self.key not in self.policy.entries and self.policy.reason is None:
+            with Recorder() as rec, torch.no_grad(), self.policy.dry_run():
                 self._fn(*self.data)
-            names = list(rec.params)
-            leaves, others = list(self.leaves.values()), self._others(names)
-            captured = capture(self._fn, leaves, self.data, others=others, owner=self.estimator)
-            with pyro.validation_enabled(False):
-                verify(captured, self._fn, leaves, self.data, others=others)
-        except CaptureError as e:
-            logger.info("optimize_local runs %s eagerly: %s", type(self.estimator).__name__, e)
-            return None, [], programs
-        finally:
-            set_rng_state(rng)
-        return captured, names, programs
+            names, store = list(rec.params), dict(pyro.get_param_store().named_parameters())
+            others = [store[n] for n in names]
+            self.policy.prepare(
+                self.key, self._fn, list(self.leaves.values()), self.data, others=others,
+                names=names, keep=(self.model, self.guide),
+            )  # fmt: skip
+        if self.policy.graph(self.key) is None:
+            return None
+        return self.policy.run(self.key, list(self.leaves.values()), self._others(), self.data)
 
 
 def optimize_local(
@@ -195,7 +151,8 @@ def optimize_local(
     :param lr_decay: Robbins-Monro decay, step t uses ``lr / (1 + lr_decay * t)``.
     :param callback: called as ``callback(step, active_mask)`` after every step.
     :param jit: after the first (validated) step, use a captured objective, verified against
-        the eager one before use and cached per input signature (:class:`_CapturedInnerLoss`).
+        the eager one before use and cached per input signature by the estimator's capture
+        policy (:func:`pyro_lvm.capture_policy.policy_for`).
     :param named: further per-datapoint tensors of the rows (keyword arguments of model and
         guide, :mod:`pyro_lvm.data.named`); their presence keeps the eager objective.
     :return: a :class:`LocalOptResult`.
@@ -220,7 +177,7 @@ def optimize_local(
     steps = torch.zeros(batch, dtype=torch.long)
     masks = [active.reshape((-1,) + (1,) * (p.dim() - 1)) for p in params]  # views of active
     objective = None
-    inner = _CapturedInnerLoss(estimator, model, guide, x, idx, leaves, named)
+    inner = _InnerLoss(estimator, model, guide, x, idx, leaves, named)
     jit = jit and not named  # the engine captures positional tensors only
     for step in range(int(max_steps)):
         if step == 0:  # checks shapes and supports as the user asked (and a reused graph)

@@ -10,8 +10,9 @@ the stepper:
   step's parameters; that optimizer clips each parameter's gradient and then steps one torch
   optimizer per parameter. The hook runs before that call, so clipping sees the hooked
   (e.g. all-reduced) gradient, as it would in one process;
-- FastSVI's lean path steps one fused torch optimizer: the hook runs in its step pre-hook
-  (``torch.optim.optimizer.register_optimizer_step_pre_hook``), registered for this step only.
+- FastSVI's lean path calls it (its ``before_update``, set for this step only) before its one
+  fused torch optimizer steps; while a hook is set, its captured graphs stop at the gradients
+  rather than running the whole step.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 import pyro
 import torch
 from pyro.infer import SVI
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 if TYPE_CHECKING:
     from pyro_lvm.train.loop import Batch
@@ -76,21 +76,13 @@ def _before_update(stepper: Any, hooks: Sequence[GradientHook]) -> Iterator[None
             svi.optim = original
         return
 
-    done = False
-
-    def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # once: an optimizer built on another (NormalizedGradientAdam on Adam) steps twice
-        nonlocal done
-        if not done:
-            done = True
-            run(_with_grad(p for g in optimizer.param_groups for p in g["params"]))
-
-    # FastSVI's lean path steps its one fused torch optimizer
-    handle = register_optimizer_step_pre_hook(pre_hook)
+    # FastSVI's lean path: it calls the hook before its update (and, while one is set, its
+    # graphs capture the loss and gradients only, so the gradients exist to be hooked)
+    stepper.before_update = lambda params: run(_with_grad(params))
     try:
         yield
     finally:
-        handle.remove()
+        stepper.before_update = None
 
 
 def svi_step(stepper: Any, batch: Batch, before_update: Sequence[GradientHook] = ()) -> float:
@@ -100,9 +92,9 @@ def svi_step(stepper: Any, batch: Batch, before_update: Sequence[GradientHook] =
     ``before_update`` is called once per step with the parameters that have gradients, after
     the backward pass and before the optimizer updates or clips any of them, and may change
     the gradients in place: for a ``pyro.infer.SVI`` path (given, or FastSVI's for schedulers
-    and gradient clipping) before its ``pyro.optim`` call, otherwise at FastSVI's fused torch
-    optimizer step (``torch.optim.optimizer.register_optimizer_step_pre_hook``); active during
-    this step only.
+    and gradient clipping) before its ``pyro.optim`` call, otherwise by FastSVI before its fused
+    optimizer step (:attr:`~pyro_lvm.train.FastSVI.before_update`); active during this step
+    only.
     """
     with _before_update(stepper, before_update):
         return stepper.step(*batch.args, **batch.kwargs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -14,17 +13,8 @@ import torch
 from pyro.infer import ELBO
 from tqdm import tqdm
 
-from pyro_lvm.capture import (
-    NEEDS_TENSORS,
-    Captured,
-    CaptureError,
-    capture,
-    get_rng_state,
-    not_capturable,
-    set_rng_state,
-    verify,
-)
-from pyro_lvm.elbo.traits import traits_of
+from pyro_lvm.capture import NEEDS_TENSORS, input_key
+from pyro_lvm.capture_policy import policy_for
 
 __all__ = ["GradientMoments", "GroupMoments", "gradient_moments", "parameter_groups"]
 
@@ -146,47 +136,37 @@ def _loop_draw(estimator: ELBO, model, guide, names, params, args, kwargs) -> li
     return [g.detach() for g in grads]
 
 
-def _captured_draw(captured: Captured, params, extra, args) -> list[torch.Tensor]:
-    """One gradient draw through the captured graph (its random ops draw fresh noise)."""
-    return captured(params, extra, args)[1]
-
-
 def _compile(estimator: ELBO, model, guide, params, args, kwargs, rtol: float | None):
-    """Capture ``differentiable_loss`` and its gradient with :mod:`pyro_lvm.capture`, verify it.
+    """The verified graph of ``differentiable_loss`` and its gradient, from the estimator's
+    capture policy (:func:`~pyro_lvm.capture_policy.policy_for`: captured and verified as a
+    dry run, cached per model, guide, parameters and input signature).
 
-    Returns ``(draw, None)``, ``draw()`` giving one gradient draw, or ``(None, reason)``.
-    Capture and verification run the eager loss with the random state and the estimator's
-    ``state_dict`` (where it has one) restored afterwards, so the draws that follow are those
-    of the plain loop. Other parameters of the param store (e.g. a baseline network) are
+    Returns ``(draw, None)``, ``draw()`` giving one gradient draw, or ``(None, reason)``. The
+    dry run restores the random state and the estimator's state, so the draws that follow are
+    those of the plain loop. Other parameters of the param store (e.g. a baseline network) are
     inputs too; they get no gradient and stay unperturbed.
     """
-    reason = not_capturable(estimator)
-    if reason is not None:
-        return None, reason
     if kwargs:
         return None, NEEDS_TENSORS
-    state = estimator.state_dict() if traits_of(estimator).stateful else None
-    rng = get_rng_state()
+    policy = policy_for(estimator)
+    if rtol is not None and policy.rtol != rtol:  # another tolerance: graphs verified anew
+        policy.rtol = rtol
+        policy.entries.clear()
     ours = {id(p) for p in params}
-    extra = [
-        t
-        for _, t in pyro.get_param_store().named_parameters()
-        if t.requires_grad and id(t) not in ours
-    ]
+    store = pyro.get_param_store().named_parameters()
+    others = [(n, t) for n, t in store if t.requires_grad and id(t) not in ours]
+    extra = [t for _, t in others]
+    key = ("moments", id(model), id(guide), tuple(n for n, _ in others), input_key(args, {}))
+    key = (*key, tuple(id(p) for p in params))
 
     def fn(*data):
         return estimator.differentiable_loss(model, guide, *data)
 
-    try:
-        captured = capture(fn, params, args, others=extra, owner=estimator)
-        verify(captured, fn, params, args, others=extra, rtol=rtol)
-    except CaptureError as e:
-        return None, str(e)
-    finally:
-        set_rng_state(rng)
-        if state is not None:
-            estimator.load_state_dict(state)
-    return functools.partial(_captured_draw, captured, params, extra, args), None
+    keep = (model, guide, *params)
+    if policy.prepare(key, fn, params, args, others=extra, keep=keep) is None:
+        entry = policy.entries.get(key)
+        return None, policy.reason or (entry.reason if entry is not None else None)
+    return lambda: policy.run(key, params, extra, args)[1], None
 
 
 def gradient_moments(

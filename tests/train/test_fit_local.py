@@ -144,8 +144,8 @@ def _small_vae_and_batch():
 
 @pytest.mark.parametrize("name", ["elbo", "iwae-dreg", "score-function"])
 def test_traced_inner_loop_matches_the_eager_one(name):
+    from pyro_lvm.capture_policy import policy_for
     from pyro_lvm.elbo import make_estimator
-    from pyro_lvm.train.fit_local import _CapturedInnerLoss
 
     n, idx, vae, x = _small_vae_and_batch()
     results = {}
@@ -158,8 +158,8 @@ def test_traced_inner_loop_matches_the_eager_one(name):
                 vae, guide, x, idx, estimator, lr=0.05, max_steps=6, tol=0.0, jit=jit
             )
         results[jit] = (guide.params(), res.loss)
-        entries = _CapturedInnerLoss._cache.get(estimator, {})
-        assert (len(entries) == 1 and next(iter(entries.values()))[0] is not None) == jit
+        entries = policy_for(estimator).entries
+        assert (len(entries) == 1 and next(iter(entries.values())).captured is not None) == jit
     (eager, eager_loss), (traced, traced_loss) = results[False], results[True]
     assert traced_loss == pytest.approx(eager_loss, rel=1e-9)
     for key in eager:
@@ -167,8 +167,8 @@ def test_traced_inner_loop_matches_the_eager_one(name):
 
 
 def test_inner_trace_that_disagrees_is_not_used():
+    from pyro_lvm.capture_policy import policy_for
     from pyro_lvm.models import VAE
-    from pyro_lvm.train.fit_local import _CapturedInnerLoss
 
     class FrozenValueELBO(pyro.infer.Trace_ELBO):
         """Right gradient, but a value that goes through NumPy (a graph freezes it)."""
@@ -182,25 +182,25 @@ def test_inner_trace_that_disagrees_is_not_used():
     x = torch.bernoulli(torch.full((n, 6), 0.4))
     estimator = FrozenValueELBO()
     optimize_local(vae, LocalGaussianGuide(n, 2), x, None, estimator, max_steps=4, tol=0.0)
-    (entry,) = _CapturedInnerLoss._cache[estimator].values()
-    assert entry[0] is None  # verification rejected the trace: eager path
+    (entry,) = policy_for(estimator).entries.values()
+    assert entry.captured is None  # verification rejected the trace: eager path
 
 
 def test_inner_trace_cache_is_bounded():
+    from pyro_lvm.capture_policy import policy_for
     from pyro_lvm.elbo import make_estimator
     from pyro_lvm.models import VAE
-    from pyro_lvm.train.fit_local import _CapturedInnerLoss
 
     n = 12
     vae = VAE(4, 2, (3,), num_data=n)
     guide = LocalGaussianGuide(n, 2, name="bounded")
     x = torch.bernoulli(torch.full((n, 4), 0.4))
     estimator = make_estimator("elbo", 1)
-    for b in range(2, 2 + _CapturedInnerLoss.max_entries + 3):  # one signature per batch size
+    policy = policy_for(estimator)
+    for b in range(2, 2 + policy.max_entries + 3):  # one signature per batch size
         optimize_local(vae, guide, x[:b], torch.arange(b), estimator, max_steps=3, tol=0.0)
-    entries = _CapturedInnerLoss._cache[estimator]
-    assert len(entries) == _CapturedInnerLoss.max_entries
-    assert all(entry[0] is not None for entry in entries.values())
+    assert len(policy.entries) == policy.max_entries
+    assert all(entry.captured is not None for entry in policy.entries.values())
 
 
 def _inner_runs_as_beta_changes(by_hand: bool):
@@ -241,18 +241,18 @@ def _inner_runs_as_beta_changes(by_hand: bool):
 def test_inner_trace_follows_a_kl_schedule():
     """A scheduled β enters the traced inner loss as an input: after β changes, the reused
     trace gives the eager loop's leaves and loss (a frozen β would not)."""
-    from pyro_lvm.train.fit_local import _CapturedInnerLoss
+    from pyro_lvm.capture_policy import policy_for
 
     estimator = _inner_runs_as_beta_changes(by_hand=False)
-    (entry,) = _CapturedInnerLoss._cache[estimator].values()
-    assert entry[0] is not None  # kept, and it followed the schedule
+    (entry,) = policy_for(estimator).entries.values()
+    assert entry.captured is not None  # kept, and it followed the schedule
 
 
 def test_a_reused_inner_trace_that_froze_a_value_is_dropped():
     """A weight applied by hand is frozen in a trace; the first (eager) step of the next call
     compares the reused trace with it and drops it, so the loop matches the eager one."""
-    from pyro_lvm.train.fit_local import _CapturedInnerLoss
+    from pyro_lvm.capture_policy import policy_for
 
     estimator = _inner_runs_as_beta_changes(by_hand=True)
-    (entry,) = _CapturedInnerLoss._cache[estimator].values()
-    assert entry[0] is None  # dropped at the second call's first step
+    (entry,) = policy_for(estimator).entries.values()
+    assert entry.captured is None  # dropped at the second call's first step
