@@ -10,7 +10,9 @@ from pyro_lvm.elbo.base import (
     Estimator,
     SurrogateELBO,
 )
+from pyro_lvm.elbo.arm import ARM
 from pyro_lvm.elbo.baselines import DecayingAverageBaseline, NVILBaseline
+from pyro_lvm.elbo.disarm import DisARM
 from pyro_lvm.elbo.fivo import FIVO
 from pyro_lvm.elbo.hmc_refined import HMCRefinedELBO
 from pyro_lvm.elbo.iwae import IWAE
@@ -31,6 +33,8 @@ from pyro_lvm.elbo.registry import (
     names,
     register,
 )
+from pyro_lvm.elbo.rebar import REBAR
+from pyro_lvm.elbo.relax import RELAX
 from pyro_lvm.elbo.renyi import RenyiBound
 from pyro_lvm.elbo.score_function import ScoreFunctionELBO
 from pyro_lvm.elbo.stl import STL
@@ -46,9 +50,11 @@ DIVERGENCE_NAMES = names("divergence")
 REFINED_NAMES = names("refined")
 
 __all__ = [
+    "ARM",
     "BOUND_NAMES",
     "DIVERGENCE_NAMES",
     "DecayingAverageBaseline",
+    "DisARM",
     "ELBO_NAMES",
     "ESTIMATORS",
     "Estimator",
@@ -61,7 +67,9 @@ __all__ = [
     "MMDELBO",
     "MultiSampleELBO",
     "NVILBaseline",
+    "REBAR",
     "REFINED_NAMES",
+    "RELAX",
     "RenyiBound",
     "SPECS",
     "STL",
