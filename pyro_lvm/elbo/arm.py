@@ -15,7 +15,7 @@ _SUMMARY = (
 )
 
 
-@register("arm", "elbo", summary=_SUMMARY)
+@register("arm", "elbo", sites="bernoulli", summary=_SUMMARY)
 class ARM(CoupledELBO):
     r"""The ELBO with augment-REINFORCE-merge gradients at Bernoulli guide sites.
 

@@ -15,7 +15,7 @@ _SUMMARY = (
 )
 
 
-@register("disarm", "elbo", summary=_SUMMARY)
+@register("disarm", "elbo", sites="bernoulli", summary=_SUMMARY)
 class DisARM(ARM):
     r"""The ELBO with DisARM gradients at Bernoulli guide sites.
 

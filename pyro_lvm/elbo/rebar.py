@@ -39,7 +39,7 @@ def conditional_logistic(alpha: torch.Tensor, v: torch.Tensor, b: torch.Tensor) 
     return torch.where(b > 0.5, one, zero)
 
 
-@register("rebar", "elbo", summary=_SUMMARY)
+@register("rebar", "elbo", sites="bernoulli", summary=_SUMMARY)
 class REBAR(CoupledELBO):
     r"""The ELBO with REBAR gradients at Bernoulli guide sites.
 

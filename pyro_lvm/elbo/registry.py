@@ -39,8 +39,10 @@ __all__ = [
 CATEGORIES = ("elbo", "bound", "divergence", "refined")
 
 #: which guide sites an estimator handles: ``"any"`` (reparameterized ones pathwise, the
-#: others by score function) or ``"reparam"`` (every guide site needs ``rsample``).
-SITES = ("any", "reparam")
+#: others by score function), ``"reparam"`` (every guide site needs ``rsample``) or
+#: ``"bernoulli"`` (Bernoulli sites by the method's own estimator, reparameterized ones
+#: pathwise, any other site refused).
+SITES = ("any", "reparam", "bernoulli")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ _SUMMARY = (
 )
 
 
-@register("relax", "elbo", summary=_SUMMARY)
+@register("relax", "elbo", sites="bernoulli", summary=_SUMMARY)
 class RELAX(REBAR):
     r"""The ELBO with RELAX gradients at Bernoulli guide sites.
 
