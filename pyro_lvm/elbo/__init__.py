@@ -6,11 +6,11 @@ once with :func:`register`; ``ESTIMATORS`` maps a name to a factory
 and capabilities.
 """
 
+from pyro_lvm.elbo.arm import ARM
 from pyro_lvm.elbo.base import (
     Estimator,
     SurrogateELBO,
 )
-from pyro_lvm.elbo.arm import ARM
 from pyro_lvm.elbo.baselines import DecayingAverageBaseline, NVILBaseline
 from pyro_lvm.elbo.disarm import DisARM
 from pyro_lvm.elbo.fivo import FIVO
@@ -24,6 +24,7 @@ from pyro_lvm.elbo.multisample import (
     log_weights,
 )
 from pyro_lvm.elbo.pyro_elbos import prepare_for_fit
+from pyro_lvm.elbo.rebar import REBAR
 from pyro_lvm.elbo.registry import (
     ESTIMATORS,
     SPECS,
@@ -33,7 +34,6 @@ from pyro_lvm.elbo.registry import (
     names,
     register,
 )
-from pyro_lvm.elbo.rebar import REBAR
 from pyro_lvm.elbo.relax import RELAX
 from pyro_lvm.elbo.renyi import RenyiBound
 from pyro_lvm.elbo.score_function import ScoreFunctionELBO

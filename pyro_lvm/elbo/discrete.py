@@ -184,9 +184,7 @@ class CoupledELBO(SurrogateELBO):
         handler = SetBernoulli(choose)
         validate = is_validation_enabled() and not relaxed
         with pyro.validation_enabled(validate):
-            guide_trace = poutine.trace(handler(self._vectorized(guide))).get_trace(
-                *args, **kwargs
-            )
+            guide_trace = poutine.trace(handler(self._vectorized(guide))).get_trace(*args, **kwargs)
             model_trace = poutine.trace(
                 poutine.replay(self._vectorized(model), trace=guide_trace)
             ).get_trace(*args, **kwargs)
@@ -260,4 +258,3 @@ class CoupledELBO(SurrogateELBO):
         warn_if_nan(loss, "loss")
         own = torch.as_tensor(own, dtype=surrogate.dtype)
         return loss - (surrogate - surrogate.detach()) + (own - own.detach())
-

@@ -207,7 +207,9 @@ class REBAR(CoupledELBO):
             variance = variance + g.pow(2).sum() / size
         trained = self._trained(params)
         grads = torch.autograd.grad(variance, trained, allow_unused=True)
-        own = sum((p * g.detach()).sum() for p, g in zip(trained, grads, strict=True) if g is not None)
+        own = sum(
+            (p * g.detach()).sum() for p, g in zip(trained, grads, strict=True) if g is not None
+        )
         return elbo, surrogate, own
 
 

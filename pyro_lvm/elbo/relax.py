@@ -40,8 +40,9 @@ class RELAX(REBAR):
 
     unbiased for every ψ. :math:`r_{\psi,s}` is a small MLP per Bernoulli site s, applied to
     each batch element's relaxed value (its event dimensions flattened) and returning one
-    number per element; it is built on the first call (without consuming the caller's
-    random stream) and registered in Pyro's param store as ``"<param_prefix>_surrogate_<s>"``.
+    number per element (times the site's subsample scale, as the signal is); it is built on
+    the first call (without consuming the caller's random stream) and registered in Pyro's
+    param store as ``"<param_prefix>_surrogate_<s>"``.
     η, λ and ψ are trained with the model, on the gradient of
     :math:`\frac1K\sum \hat g_\alpha^2`, whose expectation is the gradient of the
     estimator's variance (the paper's objective). One particle costs three model evaluations.
@@ -114,13 +115,14 @@ class RELAX(REBAR):
         for name, value in relaxed.items():
             site = run.guide_trace.nodes[name]
             batch = site["fn"].batch_shape
-            r = params[name](value.reshape(batch + (-1,))).squeeze(-1)
+            # scaled like the site's log-density, so that c is linear in the subsample scale
+            r = params[name](value.reshape(batch + (-1,))).squeeze(-1) * site["scale"]
             terms.add((site["cond_indep_stack"], r))
         return terms
 
     def _trained(self, params: dict) -> list[torch.Tensor]:
         trained = [params["eta"], params["temperature"]]
-        for key, value in params.items():
+        for value in params.values():
             if isinstance(value, nn.Module):
                 trained.extend(value.parameters())
         return trained

@@ -84,7 +84,9 @@ def _ints_or_zero(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from err
     if not values or min(values) < 0 or values != sorted(values):
         raise argparse.ArgumentTypeError(f"expected increasing steps >= 0, got {text!r}")
     return values

@@ -163,7 +163,9 @@ def bernoulli_scenario(
     from pyro_lvm.models import DiscreteVAE
 
     if not 1 <= int(num_latents) <= 12:
-        raise ValueError(f"num_latents must lie in 1..12 (2^L states enumerated), got {num_latents}")
+        raise ValueError(
+            f"num_latents must lie in 1..12 (2^L states enumerated), got {num_latents}"
+        )
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     x = load_digits("train")[:num_points]
