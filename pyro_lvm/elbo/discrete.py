@@ -128,6 +128,7 @@ class Run:
                 term = term - guide_trace.nodes[name]["log_prob"]
                 self.elbo = self.elbo - guide_trace.nodes[name]["log_prob_sum"]
             self.log_r.add((stacks[name], term))
+        self.elbo = torch.as_tensor(self.elbo)
 
     def signal(self, name: str) -> torch.Tensor:
         """:math:`f` summed to the plates of guide site ``name`` (:func:`spread`)."""
