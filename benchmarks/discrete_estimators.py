@@ -1,7 +1,8 @@
 """Discrete-latent estimators (issue 27): VIMCO's collapse, and the DisARM paper's comparison.
 
     python benchmarks/discrete_estimators.py vimco --out benchmarks/results/discrete/vimco
-    python benchmarks/discrete_estimators.py mnist --steps 1500 --out benchmarks/results/discrete/mnist
+    python benchmarks/discrete_estimators.py mnist --steps 2000 --marks 5 --draws 30 \
+        --out benchmarks/results/discrete/mnist
     python benchmarks/discrete_estimators.py mnist --smoke --out /tmp/disc   # < 1 min, digits
 
 ``vimco``: DiscreteVAE (16 Bernoulli bits, one hidden layer of 200) on the binarized digits,
