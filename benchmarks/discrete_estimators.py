@@ -118,7 +118,8 @@ def run_mnist(args) -> dict:
     marks = sorted({0, *range(0, steps + 1, max(1, steps // args.marks))})
     x_var = x[:50]
     results = {}
-    nets = [n for n in (("linear", ()), ("nonlinear", (200, 200))) if n[0] in args.nets]
+    wanted = args.nets.split(",")
+    nets = [n for n in (("linear", ()), ("nonlinear", (200, 200))) if n[0] in wanted]
     for net, hidden in nets:
         for name in args.estimators.split(","):
             k = particles_for_cost(name, args.evaluations)
