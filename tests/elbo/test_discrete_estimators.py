@@ -1,12 +1,13 @@
 """ARM, DisARM, REBAR and RELAX: unbiased against enumeration, their variance against the
 leave-one-out score function, the control variates' training, checkpoints and bad input.
 
-The z-tests: R independent gradient draws (each a call with K vectorized particles), per
-coordinate the mean must lie within Z = 4.5 standard errors of the exact gradient
-(false-alarm rate 6.8e-6 per coordinate, 2e-4 over the 8 coordinates x 4 estimators here).
-With the standard errors measured here (about 0.006 on coordinates of size 0.2-0.5), a bias
-of 6.1 se (about 0.035, 8-15 % of the gradient) is caught with probability 0.95; the planted
-bugs below (a factor 1/2 dropped, a score term dropped) are caught.
+The z-tests: R = 100 independent gradient draws (each a call with K = 60 vectorized
+particles); per coordinate the mean must lie within Z = 4.5 standard errors of the exact
+gradient (false-alarm rate 6.8e-6 per coordinate, 2.7e-4 over the 10 coordinates x 4
+estimators here). With the standard errors measured here (about 0.005 on coordinates of size
+0.2-0.5), a bias of 6.1 se (about 0.03, 6-15 % of the gradient) is caught with probability
+0.95; the planted bugs below (DisARM's factor 1/2 dropped, REBAR's z~ drawn on the wrong side
+of 0) are caught.
 """
 
 import itertools
