@@ -7,11 +7,13 @@ an estimator instance is and can do (:class:`EstimatorTraits`) is asked with
 :func:`traits_of`.
 """
 
+from pyro_lvm.elbo.arm import ARM
 from pyro_lvm.elbo.base import (
     Estimator,
     SurrogateELBO,
 )
 from pyro_lvm.elbo.baselines import DecayingAverageBaseline, NVILBaseline
+from pyro_lvm.elbo.disarm import DisARM
 from pyro_lvm.elbo.fivo import FIVO
 from pyro_lvm.elbo.hmc_refined import HMCRefinedELBO
 from pyro_lvm.elbo.iwae import IWAE
@@ -23,6 +25,7 @@ from pyro_lvm.elbo.multisample import (
     log_weights,
 )
 from pyro_lvm.elbo.pyro_elbos import prepare_for_fit
+from pyro_lvm.elbo.rebar import REBAR
 from pyro_lvm.elbo.registry import (
     ESTIMATORS,
     SPECS,
@@ -32,6 +35,7 @@ from pyro_lvm.elbo.registry import (
     names,
     register,
 )
+from pyro_lvm.elbo.relax import RELAX
 from pyro_lvm.elbo.renyi import RenyiBound
 from pyro_lvm.elbo.score_function import ScoreFunctionELBO
 from pyro_lvm.elbo.stl import STL
@@ -48,9 +52,11 @@ DIVERGENCE_NAMES = names("divergence")
 REFINED_NAMES = names("refined")
 
 __all__ = [
+    "ARM",
     "BOUND_NAMES",
     "DIVERGENCE_NAMES",
     "DecayingAverageBaseline",
+    "DisARM",
     "ELBO_NAMES",
     "ESTIMATORS",
     "Estimator",
@@ -64,7 +70,9 @@ __all__ = [
     "MMDELBO",
     "MultiSampleELBO",
     "NVILBaseline",
+    "REBAR",
     "REFINED_NAMES",
+    "RELAX",
     "RenyiBound",
     "SPECS",
     "STL",

@@ -280,7 +280,10 @@ def log_weights(
         log_q = log_q + reduce(site["log_prob"])
         if not is_identically_zero(score_function):
             nonreparam.append(name)
-            score = score + reduce(score_function)
+            # Pyro leaves the score function unscaled and unmasked (ScoreParts.scale_and_mask):
+            # scale and mask it as the log-density is, so that the reducer's division by the
+            # subsample scale leaves it unscaled like every other per-datapoint term
+            score = score + reduce(scale_and_mask(score_function, site["scale"], site["mask"]))
             if stop_guide:
                 log_q_stop = log_q_stop + reduce(site["log_prob"])
         elif stop_guide:

@@ -64,9 +64,11 @@ class ScoreFunctionELBO(SurrogateELBO):
 
     - ``"none"``; ``"avg"``: decaying average of :math:`f_s` (factor ``baseline_beta``);
     - ``"loo"``: leave-one-out mean over the K vectorized particles (needs K ≥ 2);
-    - ``"nvil"``: a learned :math:`b_\psi(x)` (an :class:`NVILBaseline` built on the first
-      call from ``x = args[0]`` unless ``nn_baseline`` is given), registered in the param
-      store as ``nn_baseline_name`` and trained by the squared error to :math:`f_s`.
+    - ``"nvil"``: a decaying average of :math:`f_s` (centring, factor ``baseline_beta``)
+      plus a learned :math:`b_\psi(x)` (an :class:`NVILBaseline` built on the first call
+      from ``x = args[0]`` unless ``nn_baseline`` is given), registered in the param store
+      as ``nn_baseline_name`` and trained by the squared error to the centred signal
+      (Mnih & Gregor 2014, section 3.3).
 
     A guide site with ``infer={"baseline": {...}}`` uses those options instead, with the keys
     of ``TraceGraph_ELBO`` (``use_decaying_avg_baseline``, ``baseline_beta``, ``nn_baseline``,
@@ -260,6 +262,9 @@ class ScoreFunctionELBO(SurrogateELBO):
                 )
             baseline = leave_one_out_baseline(signal, dim)
         elif self.baseline == "nvil":
+            # Mnih & Gregor (2014, section 3.3): centre the signal by a running mean and learn
+            # b(x) on the rest; a network alone cannot follow a signal of hundreds of nats
+            baseline = self.averages(name, signal, self.baseline_beta, update=self.updates_state)
             learned = self.nn_baseline(self._input)
         if learned is None:
             return baseline, 0.0
@@ -274,7 +279,8 @@ class ScoreFunctionELBO(SurrogateELBO):
                 f"does not broadcast to the learning signal's shape {tuple(signal.shape)}; give "
                 "the site its own infer={'baseline': ...} or use baseline='avg'"
             )
-        loss = (signal.detach() - learned).pow(2).sum()
+        # the network fits what the rest of the baseline leaves (as TraceGraph_ELBO's does)
+        loss = (signal.detach() - baseline - learned).pow(2).sum()
         return baseline + learned, loss
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):

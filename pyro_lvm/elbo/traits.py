@@ -46,9 +46,9 @@ CATEGORIES = ("elbo", "bound", "divergence", "refined")
 
 #: which guide sites an estimator handles: ``"any"`` (reparameterized ones pathwise, the
 #: others by score function), ``"reparam"`` (every guide site needs ``rsample``), or
-#: ``"discrete"`` (discrete sites by the estimator's own method, reparameterized ones
-#: pathwise, other sites refused).
-SITES = ("any", "reparam", "discrete")
+#: ``"bernoulli"`` (Bernoulli sites by the estimator's own method, reparameterized ones
+#: pathwise, any other site refused: ARM, DisARM, REBAR, RELAX).
+SITES = ("any", "reparam", "bernoulli")
 
 #: the gradient kinds of the library's estimators (a new estimator may name its own):
 #: ``"reparam"`` pathwise where a site has ``rsample``, score function elsewhere;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,19 +14,25 @@ from pyro_lvm.provenance import provenance
 from pyro_lvm.variance.compare import compare_estimators, markdown_table, write_results
 from pyro_lvm.variance.plots import (
     plot_metric_vs_particles,
+    plot_metric_vs_step,
     plot_testbed,
     plot_variance_across_stages,
 )
 from pyro_lvm.variance.scenarios import (
+    bernoulli_scenario,
     discrete_scenario,
     linear_gaussian_scenario,
     vae_mnist_scenarios,
 )
 from pyro_lvm.variance.testbed import ESTIMATOR_KINDS, testbed_rows
+from pyro_lvm.variance.training import moments_during_training, particles_for_cost
 
 __all__ = ["DEFAULT_ESTIMATORS", "add_variance_arguments", "run_variance", "variance_main"]
 
-SCENARIOS = ("gaussian-testbed", "linear-gaussian", "vae-mnist", "discrete")
+SCENARIOS = ("gaussian-testbed", "linear-gaussian", "vae-mnist", "discrete", "bernoulli")
+#: scenarios whose particle counts are model evaluations (every estimator at equal cost)
+EQUAL_COST = ("bernoulli",)
+DEFAULT_PARTICLES = {"bernoulli": (6, 12)}
 DEFAULT_ESTIMATORS = {
     "gaussian-testbed": ESTIMATOR_KINDS,
     "linear-gaussian": ("elbo", "stl", "iwae", "iwae-dreg"),
@@ -34,7 +41,18 @@ DEFAULT_ESTIMATORS = {
         "score-function",
         "score-function-avg-baseline",
         "score-function-loo-baseline",
+        "score-function-nvil",
         "vimco",
+    ),
+    "bernoulli": (
+        "score-function-avg-baseline",
+        "score-function-loo-baseline",
+        "score-function-nvil",
+        "vimco",
+        "arm",
+        "disarm",
+        "rebar",
+        "relax",
     ),
 }
 TESTBED_COLUMNS = (
@@ -62,6 +80,18 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _ints_or_zero(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from err
+    if not values or min(values) < 0 or values != sorted(values):
+        raise argparse.ArgumentTypeError(f"expected increasing steps >= 0, got {text!r}")
+    return values
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -83,7 +113,21 @@ def add_variance_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated registry names (testbed: score-function,pathwise); "
         "default depends on the scenario",
     )
-    parser.add_argument("--particles", type=_ints, default=[1, 10, 100], help="K, e.g. 1,10,100")
+    parser.add_argument(
+        "--particles",
+        type=_ints,
+        default=None,
+        help="K, e.g. 1,10,100 (default); bernoulli: model evaluations per step, every "
+        "estimator at equal cost (default 6,12)",
+    )
+    parser.add_argument(
+        "--train-steps",
+        type=_ints_or_zero,
+        default=None,
+        help="also train each estimator (at the smallest K) and measure it after these SVI "
+        "steps, e.g. 0,100,500: learned baselines and control variates measured trained",
+    )
+    parser.add_argument("--lr", type=float, default=1e-3, help="--train-steps: Adam's rate")
     parser.add_argument(
         "--draws", type=int, default=None, help="draws R (default 100000 testbed, else 100)"
     )
@@ -104,7 +148,7 @@ def run_variance(
     scenario: str,
     out: str | os.PathLike,
     estimators: Sequence[str] | None = None,
-    particles: Sequence[int] = (1, 10, 100),
+    particles: Sequence[int] | None = None,
     num_draws: int | None = None,
     seed: int = 0,
     distances: Sequence[float] = (1.0, 0.3, 0.1, 0.0),
@@ -112,8 +156,15 @@ def run_variance(
     data_root: str | None = None,
     progress: bool = True,
     scenario_kwargs: dict | None = None,
+    train_steps: Sequence[int] | None = None,
+    lr: float = 1e-3,
 ) -> dict:
     """Run one scenario, write ``results.json``, ``results.md`` and PNG plots into ``out``.
+
+    With ``train_steps``, each estimator (at the smallest K; for ``bernoulli`` the smallest
+    number of evaluations) is also trained on the scenario by SVI and measured after those
+    steps (:func:`~pyro_lvm.variance.training.moments_during_training`), written to
+    ``training.json``/``training.md`` with ``variance_vs_step.png`` and ``snr_vs_step.png``.
 
     :param scenario_kwargs: extra keyword arguments of :func:`linear_gaussian_scenario` or
         :func:`discrete_scenario` (sizes).
@@ -122,6 +173,7 @@ def run_variance(
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; choose one of {SCENARIOS}")
     estimators = list(estimators or DEFAULT_ESTIMATORS[scenario])
+    particles = list(particles or DEFAULT_PARTICLES.get(scenario, (1, 10, 100)))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -148,6 +200,8 @@ def run_variance(
         ]
     elif scenario == "discrete":
         builders = [lambda: discrete_scenario(seed=seed, **kw)]
+    elif scenario == "bernoulli":
+        builders = [lambda: bernoulli_scenario(seed=seed, **kw)]
     else:
         paths = [c for c in checkpoints if c]
         _, reason = vae_mnist_scenarios(paths, data_root)
@@ -159,7 +213,9 @@ def run_variance(
         builders = [lambda p=p: vae_mnist_scenarios([p], data_root)[0][0] for p in paths]
     per_stage: list[list[dict]] = []
     for build in builders:
-        stage_rows = compare_estimators(build(), estimators, particles, draws, seed, progress)
+        stage_rows = compare_estimators(
+            build(), estimators, particles, draws, seed, progress, scenario in EQUAL_COST
+        )
         per_stage.append(stage_rows)
         rows.extend(stage_rows)
     write_results(rows, out, meta)
@@ -174,7 +230,27 @@ def run_variance(
             [r for r in rows if r["num_particles"] == k0], path=out / "variance_across_stages.png"
         )
         files.append("variance_across_stages.png")
+    if train_steps:
+        files += _training(builders[0], scenario, estimators, min(particles), train_steps, out,
+                           dict(meta, num_draws=draws, lr=lr), draws, lr, seed)  # fmt: skip
     return {"rows": rows, "skipped": None, "files": files}
+
+
+def _training(build, scenario, estimators, k, steps, out: Path, meta, draws, lr, seed) -> list:
+    """Train-and-measure rows of every estimator (see :func:`run_variance`); file names."""
+    rows: list[dict] = []
+    for name in estimators:
+        kk = particles_for_cost(name, k) if scenario in EQUAL_COST else k
+        try:
+            rows += moments_during_training(build, name, kk, steps, draws, lr=lr, seed=seed)
+        except ValueError as err:  # e.g. a leave-one-out baseline at K = 1
+            warnings.warn(f"skipping {name} during training: {err}", stacklevel=2)
+    write_results(rows, out / "training", {**meta, "steps": list(steps)})
+    title = f"{scenario}: guide gradient during training"
+    plot_metric_vs_step(rows, "variance", path=out / "variance_vs_step.png", title=title)
+    plot_metric_vs_step(rows, "snr_mean", path=out / "snr_vs_step.png", title=title)
+    return ["training/results.json", "training/results.md", "variance_vs_step.png",
+            "snr_vs_step.png"]  # fmt: skip
 
 
 def variance_main(args: argparse.Namespace) -> int:
@@ -195,6 +271,8 @@ def variance_main(args: argparse.Namespace) -> int:
         [c.strip() for c in args.checkpoints.split(",")],
         args.data_root,
         progress=not args.no_progress,
+        train_steps=args.train_steps,
+        lr=args.lr,
     )
     if result["skipped"]:  # nothing of what was asked could be measured: a usage error
         raise ValueError(

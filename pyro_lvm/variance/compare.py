@@ -13,6 +13,7 @@ from pyro.infer import ELBO
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.variance.moments import gradient_moments, parameter_groups
 from pyro_lvm.variance.scenarios import Scenario
+from pyro_lvm.variance.training import particles_for_cost
 
 __all__ = ["compare_estimators", "markdown_table", "write_results"]
 
@@ -24,8 +25,15 @@ def compare_estimators(
     num_draws: int = 100,
     seed: int = 0,
     progress: bool = False,
+    equal_cost: bool = False,
 ) -> list[dict]:
     """Gradient moments of every estimator at every particle count on one scenario.
+
+    With ``equal_cost`` the ``particles`` are numbers of **model evaluations** per step and
+    each registry name gets the K that costs that many
+    (:func:`~pyro_lvm.variance.training.particles_for_cost`: K/2 antithetic pairs for ARM and
+    DisARM, K/3 for REBAR and RELAX); rows carry ``evaluations`` and pairs that do not fit
+    are skipped with a warning.
 
     Every (estimator, K) pair starts from the same seed, so estimators that sample the same
     sites see common random numbers. Registry names are built with
@@ -51,7 +59,10 @@ def compare_estimators(
     rows: list[dict] = []
     for est in estimators:
         for k in particles if isinstance(est, str) else (None,):
+            evaluations = k
             try:
+                if equal_cost and isinstance(est, str):
+                    k = particles_for_cost(est, int(evaluations))
                 estimator = make_estimator(est, int(k)) if isinstance(est, str) else est
             except ValueError as err:  # e.g. a leave-one-out baseline at K = 1
                 warnings.warn(f"skipping {est} at K={k}: {err}", stacklevel=2)
@@ -69,7 +80,8 @@ def compare_estimators(
                 name=label,
                 progress=progress,
             )
-            rows.extend(result.rows(scenario=scenario.name, **scenario.info))
+            extra = {"evaluations": evaluations} if equal_cost else {}
+            rows.extend(result.rows(scenario=scenario.name, **extra, **scenario.info))
     return rows
 
 
@@ -77,6 +89,8 @@ _DEFAULT_COLUMNS = (
     "scenario",
     "estimator",
     "num_particles",
+    "evaluations",
+    "step",
     "group",
     "variance",
     "snr_mean",

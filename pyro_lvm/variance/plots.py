@@ -7,7 +7,12 @@ from collections.abc import Sequence
 
 from matplotlib.figure import Figure
 
-__all__ = ["plot_metric_vs_particles", "plot_testbed", "plot_variance_across_stages"]
+__all__ = [
+    "plot_metric_vs_particles",
+    "plot_metric_vs_step",
+    "plot_testbed",
+    "plot_variance_across_stages",
+]
 
 
 def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
@@ -45,6 +50,36 @@ def plot_metric_vs_particles(
         ax.set_ylabel({"snr_mean": "mean SNR per coordinate"}.get(metric, metric))
         ax.set_title(f"{group} gradient" if title is None else f"{title}: {group}")
         ax.legend(fontsize=7)
+    return _finish(fig, path)
+
+
+def plot_metric_vs_step(
+    rows: Sequence[dict],
+    metric: str = "variance",
+    group: str = "guide",
+    path: str | os.PathLike | None = None,
+    title: str | None = None,
+) -> Figure:
+    """``metric`` of one parameter group against the training step, one line per estimator
+    (rows from :func:`~pyro_lvm.variance.training.moments_during_training`), log y axis."""
+    sel = [r for r in rows if r["group"] == group]
+    if not sel:
+        raise ValueError(f"no rows of group {group!r} to plot")
+    fig = Figure(figsize=(5.0, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    for est in dict.fromkeys((r["estimator"], r["num_particles"]) for r in sel):
+        pts = sorted(
+            (r["step"], r[metric])
+            for r in sel
+            if (r["estimator"], r["num_particles"]) == est and r[metric] > 0
+        )
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{est[0]} K={est[1]}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel({"snr_mean": "mean SNR per coordinate"}.get(metric, metric))
+    ax.set_title(title or f"{group} gradient during training")
+    ax.legend(fontsize=7)
     return _finish(fig, path)
 
 

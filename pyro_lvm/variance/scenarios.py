@@ -20,6 +20,7 @@ from pyro_lvm.plates import data_plate
 
 __all__ = [
     "CategoricalGuide",
+    "bernoulli_scenario",
     "GaussianPosteriorGuide",
     "Scenario",
     "discrete_scenario",
@@ -144,6 +145,42 @@ def discrete_scenario(
 
     info = {"num_components": num_components, "x_dim": x_dim, "num_points": num_points}
     return Scenario("discrete", model, guide, (x,), info, exact_loss)
+
+
+def bernoulli_scenario(
+    num_latents: int = 8, num_points: int = 32, hidden: Sequence[int] = (32,), seed: int = 0
+) -> Scenario:
+    r"""A :class:`~pyro_lvm.models.DiscreteVAE` with ``num_latents`` Bernoulli bits on the
+    first ``num_points`` binarized digits (:func:`~pyro_lvm.data.load_digits`): a guide with
+    Bernoulli sites only, so every discrete-latent estimator applies (score function with
+    baselines, VIMCO, ARM, DisARM, REBAR, RELAX). The exact ELBO enumerates the
+    :math:`2^L` latent states, :math:`\sum_i \sum_z q(z \mid x_i)(\log p(x_i, z) -
+    \log q(z \mid x_i))`, so the scenario carries the exact gradient.
+
+    :raises ValueError: for ``num_latents`` outside 1..12 (the enumeration's size).
+    """
+    from pyro_lvm.data import load_digits
+    from pyro_lvm.models import DiscreteVAE
+
+    if not 1 <= int(num_latents) <= 12:
+        raise ValueError(
+            f"num_latents must lie in 1..12 (2^L states enumerated), got {num_latents}"
+        )
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    x = load_digits("train")[:num_points]
+    model = DiscreteVAE(x.shape[-1], int(num_latents), hidden=tuple(hidden)).to(x.dtype)
+    states = torch.cartesian_prod(*[torch.tensor([0.0, 1.0], dtype=x.dtype)] * num_latents)
+    states = states.reshape(-1, num_latents)
+
+    def exact_loss() -> torch.Tensor:
+        zs = states.unsqueeze(-2)  # (2^L, 1, L)
+        log_q = dist.Bernoulli(logits=model.encoder(x)).log_prob(zs).sum(-1)  # (2^L, N)
+        log_p = model.prior(1, x).log_prob(zs) + model.decode(zs).log_prob(x)
+        return -(log_q.exp() * (log_p - log_q)).sum()
+
+    info = {"num_latents": int(num_latents), "num_points": num_points}
+    return Scenario("bernoulli", model, model.guide, (x,), info, exact_loss)
 
 
 def vae_mnist_scenarios(

@@ -67,7 +67,7 @@ def test_names_tables_and_categories_derive_from_the_registrations():
     assert E.ELBO_NAMES <= parts[0] and E.BOUND_NAMES <= parts[1]  # the import-time snapshots
     assert sum(len(p) for p in parts) == len(SPECS) and set().union(*parts) == set(SPECS)
     for spec in SPECS.values():
-        assert spec.category in CATEGORIES and spec.sites in ("any", "reparam")
+        assert spec.category in CATEGORIES and spec.sites in ("any", "reparam", "bernoulli")
     table = E.estimator_table().splitlines()
     assert len(table) == 2 + len(SPECS)
     assert all(f"`{name}`" in "\n".join(table) for name in SPECS)

@@ -246,11 +246,12 @@ def _draws(estimator, shape: str, seed: int) -> dict[str, torch.Tensor]:
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     loss = estimator.differentiable_loss(model, guide, X_ARG)
-    # the shapes' per-replicate parameters (an NVIL baseline network is shared, left out)
+    # the shapes' per-replicate parameters (shared estimator parameters: an NVIL baseline
+    # network, REBAR's and RELAX's control variates, are left out)
     store = {
         name: p
         for name, p in pyro.get_param_store().named_parameters()
-        if not name.startswith("nvil_baseline")
+        if not name.startswith(("nvil_baseline", "rebar_", "relax_"))
     }
     grads = torch.autograd.grad(loss, list(store.values()), allow_unused=True)
     return {
