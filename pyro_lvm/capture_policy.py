@@ -15,7 +15,7 @@ loop :func:`~pyro_lvm.train.optimize_local` and :func:`~pyro_lvm.variance.gradie
    a whole step :func:`verify_step` compares the updated parameters and optimizer state).
    :meth:`CapturePolicy.prepare` does both as a dry run, for callers without a schedule.
 3. **Re-check** (:meth:`CapturePolicy.drifted`): an eager value against the graph's, to the
-   verification's tolerance times the larger of |loss| now and at verification.
+   verification's tolerance times the larger of ``|loss|`` now and at verification.
 4. **Inductor** (:meth:`CapturePolicy.decide`): compiled where
    :func:`~pyro_lvm.capture_inductor.inductor_pays` over the projected remaining steps, then
    verified at its rounding tolerance; a failure keeps the verified aten graph.
@@ -353,7 +353,7 @@ class CapturePolicy:
             set_rng_state(rng)
 
     def state_dict(self) -> dict:
-        """The saved decisions: ``check_scale`` (|loss| at verification) and ``inductor``."""
+        """The saved decisions: ``check_scale`` (``|loss|`` at verification) and ``inductor``."""
         return {"check_scale": dict(self.scale), "inductor": dict(self.inductor)}
 
     def load_state_dict(self, state: dict) -> None:
