@@ -88,6 +88,13 @@ for _nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
     _dst = _notebooks / _nb.name
     if not _dst.exists() or _dst.read_bytes() != _nb.read_bytes():
         shutil.copyfile(_nb, _dst)
+# the figures that benchmarks/RESULTS.md shows (paths relative to benchmarks/), beside the page
+# that includes it (docs/benchmarks.md)
+for _png in sorted((ROOT / "benchmarks" / "results").rglob("*.png")):
+    _dst = DOCS / "results" / _png.relative_to(ROOT / "benchmarks" / "results")
+    if not _dst.exists() or _dst.read_bytes() != _png.read_bytes():
+        _dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_png, _dst)
 
 # --- sources -------------------------------------------------------------------------------------
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
