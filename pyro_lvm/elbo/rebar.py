@@ -95,7 +95,9 @@ class REBAR(CoupledELBO):
     2. Maddison, Mnih & Teh (2017), *The Concrete Distribution*, arXiv:1611.00712.
     """
 
-    traits = replace(CoupledELBO.traits, gradient="rebar")
+    #: keeps state (the control variate's parameters, :meth:`state_dict`); never captured: those
+    #: parameters learn by double backpropagation
+    traits = replace(CoupledELBO.traits, stateful=True, capturable=False, gradient="rebar")
 
     evaluations_per_particle = 3
     _default_prefix = "rebar"
@@ -114,11 +116,6 @@ class REBAR(CoupledELBO):
         self.eta_init, self.temperature_init = float(eta), float(temperature)
         self.param_prefix = param_prefix or self._default_prefix
         self._pending: dict[str, Any] = {}
-
-    @property
-    def capturable(self) -> bool:
-        """Never: the control variate's parameters learn by double backpropagation."""
-        return False
 
     # ----- the control variate's parameters --------------------------------------------
 
