@@ -279,31 +279,40 @@ def test_tensorboard_needs_a_log_dir():
         fit(*_vae(), _data(), tensorboard=True, progress=False)
 
 
-def test_before_update_hooks_see_the_gradients_before_the_step():
+@pytest.mark.parametrize("stepper", ["pyro-svi", "fast-svi", "fast-svi-clipped"])
+def test_before_update_hooks_see_the_gradients_before_the_step(stepper):
+    """With plain SGD a step moves the parameters by -lr times the gradient: a hook that zeroes
+    the gradients before the step leaves every parameter bit-identical, one that runs after
+    the step (or not at all) does not. Four steps cover FastSVI's general, capture, verify and
+    traced paths; the clipped optimizer sends FastSVI through pyro SVI's optimizer call."""
+    from pyro_lvm.train import FastSVI
+
     vae, guide = _vae()
     vae.num_data = guide.num_data = 8
-    svi = pyro.infer.SVI(vae, guide, pyro.optim.Adam({"lr": 0.1}), Trace_ELBO())
+    clip = {"clip_norm": 10.0} if stepper == "fast-svi-clipped" else None
+    optim = pyro.optim.SGD({"lr": 0.1}, clip)
+    cls = pyro.infer.SVI if stepper == "pyro-svi" else FastSVI
+    svi = cls(vae, guide, optim, Trace_ELBO())
     x = _data(8)
-    svi.step(x, torch.arange(8))  # creates the optimizers
-    before = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+    batch = Batch((x, torch.arange(8)), {}, 8)
+    svi_step(svi, batch)  # creates the optimizers
     seen = []
 
     def zero(params):
-        seen.append(all(p.grad is not None for p in params))
+        seen.append(all(p.grad is not None for p in params) and len(params) > 0)
         for p in params:
             p.grad.zero_()
 
-    # Adam's moments from step 1 still move the parameters; a zero gradient halves the
-    # first moment, so compare against the same step taken with zeroed gradients by hand
-    svi_step(svi, Batch((x, torch.arange(8)), {}, 8), before_update=[zero])
-    assert seen and all(seen)
+    before = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+    for _ in range(4):
+        svi_step(svi, batch, before_update=[zero])
+    assert len(seen) == 4 and all(seen)  # once per step, with the parameters' gradients
     after = vae.state_dict()
-    moved = [k for k in before if not torch.equal(before[k], after[k])]
-    assert moved  # Adam's momentum, not this step's gradient
-    # and the hook is gone after the step
-    n = len(seen)
-    svi_step(svi, Batch((x, torch.arange(8)), {}, 8))
-    assert len(seen) == n
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the zeroed step moved none
+    # the hook is gone after the step, and a step's own gradient moves the parameters
+    svi_step(svi, batch)
+    assert len(seen) == 4
+    assert any(not torch.equal(before[k], vae.state_dict()[k]) for k in before)
 
 
 def test_data_order_is_drawn_on_the_cpu_whatever_the_device():
