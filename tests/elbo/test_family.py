@@ -336,7 +336,8 @@ def _gamma_exact():
 def test_rejection_sampled_gamma_guide(name):
     """A partially reparameterized (rejection-sampled) Gamma guide: refused by pathwise-only
     estimators; otherwise ELBO-type names are unbiased for the closed-form loss and gradient
-    and multi-sample bounds lie between the ELBO and log p(x), to Z = 4.5 SE (400 draws)."""
+    and multi-sample bounds lie between the ELBO and log p(x), to Z = 4.5 SE (400 draws for
+    ELBO-type names, whose gradients are tested; 100 for the rest)."""
     from pyro_lvm.elbo import BOUND_NAMES, ELBO_NAMES
 
     est = make_estimator(name, _k(name))
@@ -346,7 +347,8 @@ def test_rejection_sampled_gamma_guide(name):
         return
     elbo, grad, log_px = _gamma_exact()
     losses, grads = [], []
-    for _ in range(400):
+    draws = 400 if name in ELBO_NAMES else 100
+    for _ in range(draws):
         pyro.param("a", torch.tensor(2.0), constraint=dist.constraints.positive)
         unconstrained = pyro.param("a").unconstrained()
         unconstrained.grad = None
@@ -354,10 +356,10 @@ def test_rejection_sampled_gamma_guide(name):
         grads.append(float(unconstrained.grad))
     losses, grads = torch.tensor(losses), torch.tensor(grads)
     assert bool(torch.isfinite(losses).all() and torch.isfinite(grads).all())
-    se = losses.std() / 20
+    se = losses.std() / draws**0.5
     if name in ELBO_NAMES:
         assert abs(float(losses.mean()) + elbo) < Z * se, f"{name}: loss {losses.mean()}"
-        g_se = float(grads.std()) / 20
+        g_se = float(grads.std()) / draws**0.5
         assert abs(float(grads.mean()) + grad) < Z * g_se, f"{name}: gradient {grads.mean()}"
         # power: |exact| is 6.8 SE or more (plain score function), so a zero gradient is
         # detected (off by > Z SE) unless the noise is 2.3 SE against it (p ~ 0.01)
