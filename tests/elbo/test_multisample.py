@@ -300,7 +300,7 @@ def test_sequential_particles_stack_like_vectorized():
     for estimator in (IWAE(3, vectorize_particles=False), IWAE(3)):
         draws = []
 
-        def recorded(*args, **kwargs):
+        def recorded(*args, draws=draws, **kwargs):
             trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
             draws.append(trace.nodes["z"]["value"].detach())
 

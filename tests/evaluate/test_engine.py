@@ -7,7 +7,7 @@ import torch
 
 from pyro_lvm.elbo import IWAE, iter_importance_weights
 from pyro_lvm.evaluate import elbo_decomposition, log_importance_weights, log_likelihood
-from tests.evaluate.conftest import ExactPosteriorGuide, MeanFieldGuide
+from tests.evaluate.conftest import MeanFieldGuide
 
 
 def _renamed(model):

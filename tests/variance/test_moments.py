@@ -68,7 +68,7 @@ Z = 4.5  # two-sided false-alarm rate 6.8e-6 per coordinate
 
 
 def _assert_unbiased_per_coordinate(m, ref, powered=("guide", "model")):
-    """Each coordinate's mean within Z SE of the exact gradient, with power in the groups
+    r"""Each coordinate's mean within Z SE of the exact gradient, with power in the groups
     ``powered``.
 
     The bias *norm* against :math:`\sqrt{\mathrm{tr}/R}` lets a low-variance coordinate be
