@@ -15,7 +15,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_lvm.capture import CaptureError, capture, verify
+from pyro_lvm.capture import CaptureError, capture, drifted, verify
 from pyro_lvm.train.fast import FastSVI
 
 X = torch.tensor([[0.3, -1.2], [2.0, 0.5], [-0.4, 1.1]], dtype=torch.float64)
@@ -71,6 +71,20 @@ def test_verification_rejects_a_deterministic_frozen_loss_at_perturbed_parameter
     with pytest.raises(CaptureError, match="at perturbed parameters"):
         verify(captured, fn, params, (X,))
     assert not captured.verified
+
+
+def test_drift_tolerance_defaults_to_the_verification_tolerance():
+    """``drifted`` without an rtol uses the captured graph's (here the dtype's default,
+    1.5e-10 in float64), relative to the larger of |loss| now and at verification: a 1e-6
+    relative drift is flagged, rounding (1e-13) is not. Mutation testing found a default
+    rtol of 1.0 (every drift below 100% accepted) untested."""
+    params = _params()
+    fn = lambda x: _quadratic(params)  # noqa: E731
+    captured = capture(fn, params, (X,))
+    value, _ = verify(captured, fn, params, (X,))
+    assert not drifted(captured, value * (1 + 1e-13), value)
+    assert drifted(captured, value * (1 + 1e-6), value)
+    assert drifted(captured, value * 1.5, value)
 
 
 # ---------------------------------------------------------------- through FastSVI
