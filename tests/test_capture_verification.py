@@ -85,6 +85,11 @@ def test_drift_tolerance_defaults_to_the_verification_tolerance():
     assert not drifted(captured, value * (1 + 1e-13), value)
     assert drifted(captured, value * (1 + 1e-6), value)
     assert drifted(captured, value * 1.5, value)
+    # an explicit rtol wins; else the graph's own (an Inductor graph verifies at a looser one)
+    assert not drifted(captured, value * 1.05, value, rtol=0.1)
+    captured.rtol = 1e-3
+    assert not drifted(captured, value * (1 + 1e-6), value)
+    assert drifted(captured, value * (1 + 1e-2), value)
 
 
 # ---------------------------------------------------------------- through FastSVI
