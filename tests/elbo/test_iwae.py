@@ -12,12 +12,8 @@ import functools
 import math
 
 import pyro
-import pyro.distributions as dist
-import pytest
 import torch
-from torch.distributions import constraints
 
-from pyro_lvm.elbo import make_estimator
 from pyro_lvm.elbo.iwae import IWAE
 from pyro_lvm.models import LinearGaussian
 from tests.elbo.test_multisample import (
@@ -161,29 +157,3 @@ def test_dreg_at_one_particle_is_stl_draw_for_draw():
         assert grad_a.keys() == grad_b.keys()
         for name in grad_a:
             torch.testing.assert_close(grad_a[name], grad_b[name], rtol=1e-12, atol=1e-14)
-
-
-def _bernoulli_pair():
-    def model(x):
-        with pyro.plate("data", 3):
-            z = pyro.sample("z", dist.Bernoulli(0.4))
-            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-    def guide(x):
-        p = pyro.param("p", torch.tensor(0.5), constraint=constraints.unit_interval)
-        with pyro.plate("data", 3):
-            pyro.sample("z", dist.Bernoulli(p))
-
-    return model, guide, torch.tensor([0.1, 1.2, -0.3])
-
-
-def test_dreg_refuses_a_site_without_rsample_and_reparam_takes_it():
-    """DReG's doubly reparameterized guide gradient needs rsample; the plain IWAE gradient uses
-    the score function at such a site (mutation testing found this refusal untested)."""
-    model, guide, x = _bernoulli_pair()
-    for est in (IWAE(3, gradient="dreg"), make_estimator("iwae-dreg", 3)):
-        match = r"gradient='dreg' needs .* 'z' have no rsample; use gradient='reparam'"
-        with pytest.raises(ValueError, match=match):
-            est.loss(model, guide, x)
-    # the plain IWAE gradient: a score-function term at the Bernoulli site
-    assert math.isfinite(IWAE(3).loss(model, guide, x))
