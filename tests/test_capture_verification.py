@@ -73,6 +73,23 @@ def test_verification_rejects_a_deterministic_frozen_loss_at_perturbed_parameter
     assert not captured.verified
 
 
+def test_an_explicit_verification_rtol_is_used():
+    """A frozen term of relative size ~1e-6 is caught at the default tolerance (1.5e-10 in
+    float64) and accepted at an explicit rtol=1e-3 (mutation testing found the explicit rtol
+    ignorable: ``rtol and captured.rtol or default`` survived)."""
+    params = _params()
+
+    def fn(x):
+        loss = _quadratic(params)
+        return loss + 1e-5 * _frozen_value(params[0].sum())  # a small frozen value
+
+    with pytest.raises(CaptureError, match="at perturbed parameters"):
+        verify(capture(fn, params, (X,)), fn, params, (X,))
+    captured = capture(fn, params, (X,))
+    verify(captured, fn, params, (X,), rtol=1e-3)
+    assert captured.verified
+
+
 def test_drift_tolerance_defaults_to_the_verification_tolerance():
     """``drifted`` without an rtol uses the captured graph's (here the dtype's default,
     1.5e-10 in float64), relative to the larger of |loss| now and at verification: a 1e-6
