@@ -73,6 +73,27 @@ def test_verification_rejects_a_deterministic_frozen_loss_at_perturbed_parameter
     assert not captured.verified
 
 
+def test_python_state_changed_since_capture_is_reported_at_the_current_parameters():
+    """A Python number read at capture is a constant of the graph: once it changes, the two
+    disagree at the current point too, and the error says so and why."""
+    params = _params()
+    state = {"weight": 1.0}
+    fn = lambda x: state["weight"] * _quadratic(params)  # noqa: E731
+    captured = capture(fn, params, (X,))
+    state["weight"] = 2.0
+    match = r"at the current parameters .*Python-side state, which a graph freezes"
+    with pytest.raises(CaptureError, match=match):
+        verify(captured, fn, params, (X,))
+
+
+def test_a_differentiated_tensor_the_loss_does_not_read_has_no_gradient():
+    params = [*_params(), torch.tensor([1.0, 2.0], requires_grad=True)]  # the last is unused
+    fn = lambda x: _quadratic(params[:2])  # noqa: E731
+    captured = capture(fn, params, (X,))
+    value, grads = verify(captured, fn, params, (X,))
+    assert captured.verified and grads[2] is None and captured(params, (), (X,))[1][2] is None
+
+
 def test_an_explicit_verification_rtol_is_used():
     """A frozen term of relative size ~1e-6 is caught at the default tolerance (1.5e-10 in
     float64) and accepted at an explicit rtol=1e-3 (mutation testing found the explicit rtol
