@@ -15,7 +15,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_lvm.capture import CaptureError, capture, drifted, verify
+from pyro_lvm.capture import CaptureError, capture, drifted, tensors_agree, verify
 from pyro_lvm.train.fast import FastSVI
 
 X = torch.tensor([[0.3, -1.2], [2.0, 0.5], [-0.4, 1.1]], dtype=torch.float64)
@@ -109,6 +109,26 @@ def test_an_explicit_verification_rtol_is_used():
     captured = capture(fn, params, (X,))
     verify(captured, fn, params, (X,), rtol=1e-3)
     assert captured.verified
+
+
+def test_tensors_agree_compares_values_and_gradients_at_the_given_tolerance():
+    """The comparison behind verification, case by case (each case kills surviving mutants:
+    ignored tolerances, a one-sided gradient or a non-finite reference accepted, lists of
+    different lengths silently truncated)."""
+    t = torch.tensor
+    one, rtol = t(10.0), 1e-10
+    g = [t([1.0, 0.0])]
+    assert tensors_agree(one, one, g, g, rtol)
+    assert not tensors_agree(one * (1 + 1e-7), one, g, g, rtol)  # the value's rtol is rtol
+    assert not tensors_agree(one, t(float("nan")), g, g, rtol)  # non-finite: the eager path's
+    assert not tensors_agree(one, one, [t([1.0 + 1e-7, 0.0])], g, rtol)  # the gradient's rtol
+    assert not tensors_agree(one, one, [t([1.0, 1e-9])], g, rtol)  # floor: rtol * max|h|
+    big = [t([100.0, 0.0])]
+    assert tensors_agree(one, one, [t([100.0, 5e-9])], big, rtol)  # within 1e-10 * 100
+    assert not tensors_agree(one, one, [None], g, rtol)  # a gradient on one side only
+    assert not tensors_agree(one, one, g, [t([1.0, float("inf")])], rtol)
+    with pytest.raises(ValueError):
+        tensors_agree(one, one, g, [*g, *g], rtol)
 
 
 def test_drift_tolerance_defaults_to_the_verification_tolerance():
