@@ -95,17 +95,22 @@ def test_smc_evidence_estimate_is_unbiased(ssm, method):
 
 
 def test_smc_log_evidence_converges_to_kalman(ssm):
-    """The mean error of log Z_hat shrinks with K and at K = 256 lies within 4.5 SE + 0.05 nats
-    of zero (0.05 covers the Jensen bias -Var/(2K), measured near 0.04 at this K)."""
+    r"""The mean error of log Z_hat shrinks with K and, at K = 32 and 256, equals its Jensen bias
+    to 4.5 SE. Z_hat / Z = 1 + ε is unbiased (:func:`test_smc_evidence_estimate_is_unbiased`),
+    so by the second-order delta method E[log Z_hat] - log Z = E[log(1 + ε)] ≈ -Var(ε)/2,
+    O(1/K); Var(ε) is estimated from the same replicates (its own noise, about
+    Var(ε) sqrt(2/n) / 2 = 0.002 nats at K = 256, is far below the 4.5 SE = 0.09 tolerance).
+    No tuned constant: a bias beyond the derived one (a wrong log K per step) fails."""
     x, exact = _copies(ssm, 100)
     errors = []
     with torch.no_grad():
         for k in (4, 32, 256):
             err = FIVO(k, resampling="systematic").smc(ssm, BootstrapGuide(ssm), x).log_z - exact
-            errors.append((err.mean().item(), err.std().item() / len(err) ** 0.5))
+            jensen = -0.5 * err.exp().var().item()
+            errors.append((err.mean().item(), err.std().item() / len(err) ** 0.5, jensen))
     assert abs(errors[0][0]) > abs(errors[1][0]) > abs(errors[2][0])
-    mean, se = errors[-1]
-    assert abs(mean) < Z_CRIT * se + 0.05
+    for mean, se, jensen in errors[1:]:  # at K = 4 the expansion is poor (Var(ε) ~ 26)
+        assert abs(mean - jensen) < Z_CRIT * se, f"mean error {mean} vs -Var/2 = {jensen}"
 
 
 def test_fivo_above_iwae_above_elbo_on_average(ssm):

@@ -66,13 +66,19 @@ def test_checkpoint_round_trip():
 
 def test_mean_field_optimum_linear_gaussian():
     """The optimum of the mean-field family for a Gaussian posterior N(m, Σ) has loc m and
-    variances 1 / diag(Σ^{-1}) (Bishop 2006, §10.1.2); the inner loop must reach it."""
+    variances 1 / diag(Σ^{-1}) (Bishop 2006, §10.1.2); the inner loop must reach it. The
+    decoder's columns are nearly collinear, so the posterior is strongly correlated and the
+    mean-field variance is far (> 100%) from the marginal one: reaching the wrong optimum fails."""
     n, x_dim, z_dim = 6, 4, 2
-    model = LinearGaussian(x_dim, z_dim, noise_scale=0.7, num_data=n)
+    weight = torch.tensor([[1.0, 0.8], [1.0, 0.9], [0.5, 0.6], [0.2, 0.1]])
+    model = LinearGaussian(x_dim, z_dim, noise_scale=0.7, weight=weight, num_data=n)
     x = model.sample(n)
     post = model.posterior(x)
     loc_opt = post.loc
     var_opt = 1.0 / torch.diagonal(post.precision_matrix, dim1=-2, dim2=-1)
+    var_marginal = torch.diagonal(post.covariance_matrix, dim1=-2, dim2=-1)
+    # the two candidates differ by far more than the tolerance below (1.74 relative, measured)
+    assert bool(((var_marginal - var_opt) / var_opt > 10 * 0.1).all())
     guide = LocalGaussianGuide(n, z_dim)
     res = optimize_local(
         model, guide, x, None, "elbo-analytic-kl", num_particles=64, lr=0.05,
@@ -81,11 +87,10 @@ def test_mean_field_optimum_linear_gaussian():
     assert bool((res.steps == 1500).all()) and not bool(res.converged.any())
     # Stationary error of Robbins-Monro at the final step size lr / (1 + 0.02 * 1500) = 1.6e-3
     # with 64 particles is ~1e-2 (gradient noise SD ~ 1 per coordinate); 0.05 is ~5 SD.
+    # Measured: loc error 0.008, variance relative error 0.04.
     params = guide.params()
     assert torch.allclose(params["loc"], loc_opt, atol=0.05)
     assert torch.allclose(params["scale"] ** 2, var_opt, rtol=0.1)
-    # the mean-field optimum differs from the full posterior marginal variance
-    assert not torch.allclose(var_opt, torch.diagonal(post.covariance_matrix, dim1=-2, dim2=-1))
 
 
 def test_param_name_collision_is_reported():

@@ -1,7 +1,10 @@
 """Contract tests of M2, ConditionalVAE and DiscreteVAE (train, checkpoint, resume, evaluate)
 and their exact identities."""
 
+import math
+
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
@@ -80,7 +83,12 @@ def test_trains_checkpoints_resumes_and_evaluates(tmp_path, case):
     x = data if isinstance(data, torch.Tensor) else {k: v for k, v in data.items()}
     if case == "m2":
         x = data["x"]  # log p(x) with the labels hidden
-        assert 0.0 <= model.accuracy(data["x"], data["y"].clamp(min=0)) <= 1.0
+        # accuracy counts argmax hits of q(y | x): exactly 1 on its own argmax, 0 off it
+        pred = model.classify(x).logits.argmax(-1)
+        assert model.accuracy(x, pred) == 1.0
+        assert model.accuracy(x, (pred + 1) % model.num_classes) == 0.0
+        hits = float((pred == data["y"].clamp(min=0)).double().mean())
+        assert model.accuracy(x, data["y"].clamp(min=0)) == hits
     ll = log_likelihood(model, model.guide, x, num_samples=10)
     assert ll.shape == (60,) and bool(torch.isfinite(ll).all()) and bool((ll < 0).all())
 
@@ -121,15 +129,36 @@ def test_m2_classification_term_is_alpha_over_num_labelled_times_log_q():
 
 
 def test_m2_unlabelled_bound_enumerates_every_class_exactly():
-    """Under poutine.enum the guide draws z once per class: y has shape (C, 1)."""
+    """Under poutine.enum the guide draws z once per class (y has shape (C, 1)), and the
+    enumerated loss is exactly, under the same draws of z,
+
+        -Σ_i Σ_c q(c | x_i) [log p(c) + log p(z_ic) + log p(x_i | z_ic, c)
+                              - log q(z_ic | x_i, c) - log q(c | x_i)],
+
+    written here from the model's public pieces (uniform prior, decode, posterior, classify)."""
     data = _m2_data()
     x = data["x"][:5]
     m2 = _m2(0)
+    num_classes = m2.num_classes
     elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    pyro.set_rng_seed(3)
     trace = pyro.poutine.trace(pyro.poutine.enum(m2.guide, first_available_dim=-2)).get_trace(x)
-    assert trace.nodes["y_unobserved"]["value"].shape == (10, 1)
-    assert trace.nodes["z"]["value"].shape == (10, 5, 3)
-    assert torch.isfinite(torch.tensor(elbo.loss(m2, m2.guide, x)))
+    y, z = trace.nodes["y_unobserved"]["value"], trace.nodes["z"]["value"]
+    assert torch.equal(y, torch.arange(num_classes)[:, None])
+    assert z.shape == (num_classes, 5, 3)
+    pyro.set_rng_seed(3)  # the loss draws the same z (the guide's first random draw)
+    loss = elbo.loss(m2, m2.guide, x)
+    with torch.no_grad():
+        log_q_y = m2.classify(x).logits.log_softmax(-1).T  # (C, 5)
+        term = (
+            -math.log(num_classes)
+            + dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+            + m2.decode(z, y).log_prob(x)
+            - m2.posterior(x, y).log_prob(z)
+            - log_q_y
+        )  # (C, 5)
+        expected = -float((log_q_y.exp() * term).sum())
+    assert loss == pytest.approx(expected, rel=1e-10)
 
 
 def test_multi_sample_estimators_refuse_enumerated_sites_and_sample_unmarked_ones():

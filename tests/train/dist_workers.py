@@ -188,6 +188,22 @@ def clipped():
     return pyro.optim.Adam({"lr": 0.05}, {"clip_norm": 0.5})
 
 
+#: plain SGD's step is proportional to the gradient, so a wrong gradient scale (a summed
+#: instead of weighted all-reduce, a wrong world size) shows in the iterates; Adam is nearly
+#: invariant to a uniform scale and hides it (doubling every gradient moved Adam's snapshots
+#: by 1.2e-8 relative, SGD's by 0.18)
+SGD_LR = 0.002
+#: a per-parameter clip that binds on some parameters and steps but not all, so a doubled
+#: gradient still moves the iterates (by 0.06 relative here; a clip binding everywhere
+#: would normalize the scale away)
+SGD_CLIP = 2.0
+
+
+def sgd(clip_norm: float | None = None):
+    """Plain SGD (no momentum), optionally with pyro.optim's per-parameter norm clip."""
+    return pyro.optim.SGD({"lr": SGD_LR}, {"clip_norm": clip_norm} if clip_norm else None)
+
+
 def run_fit(
     loss, k, epochs, path=None, resume=False, guide=crn_guide, callbacks=(), optimizer=None, **kw
 ):
@@ -270,6 +286,10 @@ def exact_worker(rank, size, folder):
     out["elbo_clip"], out["clip_reduces"] = count_reduces(
         run_fit, "elbo", 1, EPOCHS, optimizer=clipped()
     )
+    # plain SGD, where a gradient scale bug shows, for every estimator; then SGD with a clip
+    for loss, k in ESTIMATORS:
+        out[f"{loss}_sgd"] = run_fit(loss, k, EPOCHS, optimizer=sgd())
+    out["elbo_sgd_clip"] = run_fit("elbo", 1, EPOCHS, optimizer=sgd(SGD_CLIP))
     out["local"] = run_local(EPOCHS, folder / "local2.pt")
     out["local_b2"] = run_local(2, batch_size=2)  # a process often owns no point of a batch
     # resume 1 -> 2 (checkpoints written by one process) and 2 -> 1 (written here)

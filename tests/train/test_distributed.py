@@ -46,6 +46,9 @@ def runs(tmp_path_factory):
     try:
         ref = {loss: w.run_fit(loss, k, w.EPOCHS) for loss, k in w.ESTIMATORS}
         ref["elbo_clip"] = w.run_fit("elbo", 1, w.EPOCHS, optimizer=w.clipped())
+        for loss, k in w.ESTIMATORS:
+            ref[f"{loss}_sgd"] = w.run_fit(loss, k, w.EPOCHS, optimizer=w.sgd())
+        ref["elbo_sgd_clip"] = w.run_fit("elbo", 1, w.EPOCHS, optimizer=w.sgd(w.SGD_CLIP))
         ref["local_ckpt"] = folder / "local_ref.pt"
         ref["local"] = w.run_local(w.EPOCHS, ref["local_ckpt"])
         ref["local_b2"] = w.run_local(2, batch_size=2)
@@ -56,7 +59,8 @@ def runs(tmp_path_factory):
         w.run_local(w.HALF, folder / "local1.pt")
         fault = w.spawn(w.fault_worker, 2, folder / "fault", str(folder / "fault.pt"), 3)
         fault_epoch = torch.load(folder / "fault.pt", weights_only=True)["epoch"]
-        two = w.spawn(w.exact_worker, 2, folder / "two", str(folder))
+        # generous: a loaded 2-core machine runs the two processes several times slower
+        two = w.spawn(w.exact_worker, 2, folder / "two", str(folder), wait=300.0)
         if any(two[1]) or two[2] != [0, 0]:
             pytest.fail(
                 f"the two-process run failed: exit codes {two[2]}\n{two[1][0] or two[1][1]}"
@@ -119,6 +123,27 @@ def test_gradient_clipping_sees_the_all_reduced_gradient(runs):
         assert _rel(out["elbo_clip"][0], ref_snaps) <= RTOL
         assert _rel(_column(out["elbo_clip"][1]), _column(runs["ref"]["elbo_clip"][1])) <= RTOL
         assert out["clip_reduces"] == STEPS
+
+
+@pytest.mark.parametrize("loss", [name for name, _ in w.ESTIMATORS])
+def test_plain_sgd_sees_the_scale_of_the_all_reduced_gradient(runs, loss):
+    """SGD's step is lr times the gradient: a summed (not weighted) all-reduce or a wrong
+    world size doubles or halves every step, which Adam's normalization would hide."""
+    ref_snaps, ref_losses, _ = runs["ref"][f"{loss}_sgd"]
+    assert _rel(ref_snaps[-1:], ref_snaps[:1]) > 1e-2  # the parameters did move
+    for out in _two(runs):
+        snaps, losses, _ = out[f"{loss}_sgd"]
+        assert snaps.shape == ref_snaps.shape and len(losses) == STEPS
+        assert _rel(snaps, ref_snaps) <= RTOL
+        assert _rel(_column(losses), _column(ref_losses)) <= RTOL
+
+
+def test_sgd_with_a_partly_binding_clip_sees_the_all_reduced_gradient(runs):
+    ref_snaps, ref_losses, _ = runs["ref"]["elbo_sgd_clip"]
+    assert _rel(ref_snaps, runs["ref"]["elbo_sgd"][0]) > 1e-3  # the clip binds somewhere
+    for out in _two(runs):
+        assert _rel(out["elbo_sgd_clip"][0], ref_snaps) <= RTOL
+        assert _rel(_column(out["elbo_sgd_clip"][1]), _column(ref_losses)) <= RTOL
 
 
 def test_validation_is_split_and_combined_exactly(runs):

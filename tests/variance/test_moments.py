@@ -64,17 +64,40 @@ def test_common_random_numbers_and_draw_shapes():
         assert a.groups[g].variance == pytest.approx(float(a.draws[g].var(0).sum()))
 
 
+Z = 4.5  # two-sided false-alarm rate 6.8e-6 per coordinate
+
+
+def _assert_unbiased_per_coordinate(m, ref, powered=("guide", "model")):
+    r"""Each coordinate's mean within Z SE of the exact gradient, with power in the groups
+    ``powered``.
+
+    The bias *norm* against :math:`\sqrt{\mathrm{tr}/R}` lets a low-variance coordinate be
+    off by many of its own SEs when another coordinate dominates the trace (9 to 20 SE here),
+    so the test is per coordinate, on the kept draws. Power: some coordinate has
+    0.35 |exact| > 2 Z SE, so a group's gradient 35% too small (or zero) is off there by more
+    than 2 Z SE and is detected.
+    """
+    for group, draws in m.draws.items():
+        target = ref[group]
+        mean, se = draws.mean(0), draws.std(0) / draws.shape[0] ** 0.5
+        bad = (mean - target).abs() > Z * se + 1e-12
+        assert not bad.any(), f"{group}: mean {mean[bad]} vs exact {target[bad]} (SE {se[bad]})"
+        if group in powered:
+            power = float((0.35 * target.abs() / se).nan_to_num(0.0).max())
+            assert power > 2 * Z, f"{group}: a 35% error is only {power:.1f} SE"
+        # the reported bias is the norm of the same error (an identity)
+        assert m.groups[group].bias == pytest.approx(float((mean - target).norm()), rel=1e-9)
+
+
 def test_elbo_gradient_unbiased_against_exact():
-    # bias norm against the closed-form ELBO gradient: each coordinate's error is
-    # ~N(0, v_p / R), so ||bias||^2 / (tr / R) has mean 1; 4.5^2 is far in its tail.
     sc = _small_lg(0.5)
     groups = parameter_groups(sc.model, sc.guide, *sc.args)
     ref = sc.exact_gradient(groups)
     m = gradient_moments(
-        make_estimator("elbo", 4), sc.model, sc.guide, *sc.args, num_draws=40, reference=ref
-    )
-    for g in m.groups.values():
-        assert g.bias < 4.5 * g.bias_se
+        make_estimator("elbo", 4), sc.model, sc.guide, *sc.args, num_draws=100, reference=ref,
+        keep_draws=True,
+    )  # fmt: skip
+    _assert_unbiased_per_coordinate(m, ref)
 
 
 def test_tracegraph_loop_path_is_unbiased():
@@ -84,11 +107,13 @@ def test_tracegraph_loop_path_is_unbiased():
     groups = parameter_groups(sc.model, sc.guide, *sc.args)
     ref = sc.exact_gradient(groups)
     m = gradient_moments(
-        TraceGraph_ELBO(), sc.model, sc.guide, *sc.args, num_draws=30, reference=ref
-    )
+        TraceGraph_ELBO(), sc.model, sc.guide, *sc.args, num_draws=100, reference=ref,
+        keep_draws=True,
+    )  # fmt: skip
     assert m.path == "loop" and "no differentiable_loss" in m.reason
-    assert m.groups["model"].bias < 4.5 * m.groups["model"].bias_se
-    assert m.groups["guide"].bias < 4.5 * m.groups["guide"].bias_se
+    # the score-function guide gradient here has |exact|/SE of 6.7 at 300 draws: power for a
+    # 35% guide error would take thousands of draws, so the power claim is the model's
+    _assert_unbiased_per_coordinate(m, ref, powered=("model",))
 
 
 def test_bad_input_and_skips(tmp_path):
