@@ -169,13 +169,13 @@ def train_cvae(
 
 def add_conditional_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``pyro-lvm conditional``."""
-    from pyro_lvm.cli import seed_int
+    from pyro_lvm.cli import positive_int, seed_int
 
     p.add_argument("--model", choices=("m2", "cvae"), required=True)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--labels", type=int, default=100, help="M2: labelled training digits")
+    p.add_argument("--labels", type=positive_int, default=100, help="M2: labelled training digits")
     p.add_argument("--dataset", choices=("digits", "mnist"), default="digits", help="CVAE data")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=positive_int, default=None)
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--data-root", default=None)
@@ -184,6 +184,10 @@ def add_conditional_arguments(p: argparse.ArgumentParser) -> None:
 
 def conditional_main(args: argparse.Namespace) -> int:
     """``pyro-lvm conditional``: train M2 or a CVAE, print and write metrics and a figure."""
+    from pyro_lvm.cli import CLIError
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out} is a file; give a folder (it is created if missing)")
     common = dict(seed=args.seed, out=args.out, resume=args.resume, progress=not args.quiet)
     if args.epochs is not None:
         common["num_epochs"] = args.epochs

@@ -393,6 +393,15 @@ CLI = [
                                           "{run}/metrics.json", "--n", "5", "--num-samples", "2",
                                           "--quiet"),
          check=_status(2, "is a file; give a folder")),
+    Case("cli-conditional-out-is-a-file", _cli("conditional", "--model", "m2", "--out",
+                                               "{run}/metrics.json", "--quiet"),
+         check=_status(2, "metrics.json is a file; give a folder")),
+    Case("cli-conditional-labels-negative", _argparse_error("conditional", "--model", "m2",
+                                                            "--labels", "-1", "--out", "{out}"),
+         check=_status(2, "argument --labels: expected a positive integer")),
+    Case("cli-conditional-epochs-zero", _argparse_error("conditional", "--model", "cvae",
+                                                        "--epochs", "0", "--out", "{out}"),
+         check=_status(2, "argument --epochs: expected a positive integer")),
 ]  # fmt: skip
 
 
