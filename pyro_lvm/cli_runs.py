@@ -107,9 +107,9 @@ def train_model(args: argparse.Namespace, out: Path) -> dict:
 
     from pyro_lvm.cli_vae import _load_split, _print_table, _write_json, check_tensorboard
     from pyro_lvm.data.named import read_named_npz
-    from pyro_lvm.runfolder import prepare_run_folder, resume_mismatch
+    from pyro_lvm.runfolder import epochs_to_resume, prepare_run_folder
     from pyro_lvm.spec import RecordError, build
-    from pyro_lvm.train import fit, read_checkpoint, resolve_device
+    from pyro_lvm.train import fit, resolve_device
 
     given = [f for f in VAE_FLAGS if any(a == f or a.startswith(f + "=") for a in args.argv)]
     if given:
@@ -149,14 +149,7 @@ def train_model(args: argparse.Namespace, out: Path) -> dict:
         num_particles=args.particles, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
     )  # fmt: skip
     checkpoint = out / "checkpoint.pt"
-    resumed_from = 0
-    if args.resume:
-        saved = read_checkpoint(checkpoint)
-        resumed_from = int(saved["epoch"])
-        saved_config = (saved["metadata"].get("extra") or {}).get("config") or {}
-        problem = resume_mismatch(saved_config, config, resumed_from, args.epochs)
-        if problem:
-            raise CLIError(problem)
+    resumed_from = epochs_to_resume(checkpoint, config, args.epochs, args.resume)
     device = resolve_device(args.device)
     start = time.perf_counter()
     history = fit(

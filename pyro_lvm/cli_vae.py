@@ -103,8 +103,8 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
 
     from pyro_lvm.models import VAE
     from pyro_lvm.nn import NETWORKS
-    from pyro_lvm.runfolder import prepare_run_folder, resume_mismatch
-    from pyro_lvm.train import fit, read_checkpoint, resolve_device
+    from pyro_lvm.runfolder import epochs_to_resume, prepare_run_folder
+    from pyro_lvm.train import fit, resolve_device
 
     check_tensorboard(args)
     out = prepare_run_folder(out, resume=args.resume, force=args.force)
@@ -128,14 +128,7 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
         image_shape=list(image_shape),
     )
     checkpoint = out / "checkpoint.pt"
-    resumed_from = 0
-    if args.resume:
-        saved = read_checkpoint(checkpoint)
-        resumed_from = int(saved["epoch"])
-        saved_config = (saved["metadata"].get("extra") or {}).get("config") or {}
-        problem = resume_mismatch(saved_config, config, resumed_from, args.epochs)
-        if problem:
-            raise CLIError(problem)
+    resumed_from = epochs_to_resume(checkpoint, config, args.epochs, args.resume)
     vae = VAE(
         config["x_dim"], config["z_dim"], tuple(config["hidden"]), network=NETWORKS[args.network]
     )

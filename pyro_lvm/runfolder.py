@@ -13,7 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RUN_FILES", "RESUME_FLAGS", "RunFolderError", "prepare_run_folder", "resume_mismatch"]
+__all__ = [
+    "RUN_FILES",
+    "RESUME_FLAGS",
+    "RunFolderError",
+    "epochs_to_resume",
+    "prepare_run_folder",
+    "resume_mismatch",
+]
 
 #: what a training run writes into its folder (removed by ``--force``)
 RUN_FILES = (
@@ -116,6 +123,30 @@ def resume_mismatch(
             f"--epochs {epochs_done} or more"
         )
     return "--resume: " + "; ".join(problems) if problems else None
+
+
+def epochs_to_resume(
+    checkpoint: Path, requested: Mapping[str, Any], epochs: int, resume: bool
+) -> int:
+    """The epochs a ``--resume`` run continues from (0 without ``resume``).
+
+    :param checkpoint: the run folder's ``checkpoint.pt``.
+    :param requested: the configuration the command line asks for.
+    :param epochs: the requested total number of epochs.
+    :raises RunFolderError: with :func:`resume_mismatch`'s line when the checkpoint was trained
+        with other settings or has more epochs done than ``epochs``.
+    """
+    if not resume:
+        return 0
+    from pyro_lvm.train.checkpoint import read_checkpoint  # heavy: only when resuming
+
+    saved = read_checkpoint(checkpoint)
+    done = int(saved["epoch"])
+    saved_config = (saved["metadata"].get("extra") or {}).get("config") or {}
+    problem = resume_mismatch(saved_config, requested, done, epochs)
+    if problem:
+        raise RunFolderError(problem)
+    return done
 
 
 def _same(a: Any, b: Any) -> bool:
