@@ -24,7 +24,7 @@ def child(arch: str, k: int) -> dict:
     import pyro
     import torch
 
-    from pyro_lvm.capture_inductor import inductor_pays
+    from pyro_lvm.capture.inductor import inductor_pays
     from pyro_lvm.elbo import make_estimator
     from pyro_lvm.models import VAE
     from pyro_lvm.train.fast import FastSVI

@@ -25,8 +25,8 @@ from pyro_lvm.data import load_digits
 from pyro_lvm.evaluate import log_likelihood
 from pyro_lvm.evaluate.distributed import distributed_evaluate
 from pyro_lvm.models import VAE
+from pyro_lvm.process_group import init_distributed
 from pyro_lvm.train import fit
-from pyro_lvm.train.distributed import init_distributed
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,13 +20,13 @@ from pathlib import Path
 import pyro
 import torch
 
+from pyro_lvm.cli.recipes import train_cvae, train_m2
 from pyro_lvm.data import labelled_digits, load_binarized_mnist, load_digits, split_quadrants
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.evaluate import elbo_estimate, log_likelihood
 from pyro_lvm.models import VAE, DiscreteVAE, TemperatureSchedule
 from pyro_lvm.nn import NETWORKS, mlp
 from pyro_lvm.provenance import provenance
-from pyro_lvm.recipes import train_cvae, train_m2
 from pyro_lvm.train import fit
 from pyro_lvm.variance import gradient_moments
 

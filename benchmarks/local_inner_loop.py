@@ -4,7 +4,7 @@ Both optimize the same thing: the mean-field Gaussian φ^i = (μ_i, log σ_i) of
 of B data points under a fixed VAE decoder (θ frozen), reparameterized ELBO gradients
 (``--particles`` vectorized samples), Adam, per-datapoint relative-change tracking and
 masking of converged rows.
-``pyro_lvm`` runs :func:`pyro_lvm.train.fit_local.optimize_local` with the registry's
+``pyro_lvm`` runs :func:`pyro_lvm.inner_loop.optimize_local` with the registry's
 ``"elbo"`` estimator on a :class:`pyro_lvm.guides.LocalGaussianGuide`; the reference is a
 plain tensor program. The figure is data-point inner steps per second (median over repeats)
 and the median over repeats of the per-repeat ratio, measured alternately in one process.
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.guides import LocalGaussianGuide
+from pyro_lvm.inner_loop import optimize_local
 from pyro_lvm.models import VAE
 from pyro_lvm.provenance import provenance
-from pyro_lvm.train.fit_local import optimize_local
 
 
 def reference_loop(vae, x, loc0, log_scale0, lr, steps, tol, particles=1, fused=False):

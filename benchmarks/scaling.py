@@ -45,8 +45,8 @@ def _worker(rank, size, group, device, port, k, batch, steps, epochs, hidden, z_
     import pyro
 
     from pyro_lvm.models import VAE
+    from pyro_lvm.process_group import init_distributed
     from pyro_lvm.train import fit
-    from pyro_lvm.train.distributed import init_distributed
 
     if group and size == 1:  # a group of one: what torchrun --nproc-per-node 1 gives
         backend = "nccl" if device.startswith("cuda") else "gloo"

@@ -32,16 +32,16 @@ import torch
 import torch.nn.functional as F
 from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 
-from pyro_lvm.capture_policy import AUTO_AFTER
+from pyro_lvm.capture.policy import AUTO_AFTER
 from pyro_lvm.elbo import ESTIMATORS, make_estimator
 from pyro_lvm.evaluate.loglik import log_likelihood
 from pyro_lvm.guides import LocalGaussianGuide
 from pyro_lvm.handlers import KLWeightedELBO, linear_schedule
+from pyro_lvm.inner_loop import optimize_local
 from pyro_lvm.models import VAE
 from pyro_lvm.provenance import provenance
 from pyro_lvm.train import fit
 from pyro_lvm.train.fast import FastSVI
-from pyro_lvm.train.fit_local import optimize_local
 
 LR = 1e-3
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from pyro_lvm.cli.variance import run_variance
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.provenance import provenance
 from pyro_lvm.variance import gradient_moments, linear_gaussian_scenario
-from pyro_lvm.variance.cli import run_variance
 
 
 def _pick(rows, **where):

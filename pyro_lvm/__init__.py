@@ -9,7 +9,7 @@ def __getattr__(name: str):
     """``load_run`` and ``build`` are imported on first use (the CLI imports this package
     before any heavy module)."""
     if name == "load_run":
-        from pyro_lvm.train.runs import load_run
+        from pyro_lvm.runs.load import load_run
 
         return load_run
     if name == "build":

@@ -1,6 +1,6 @@
 """``python -m pyro_lvm`` runs the command-line interface."""
 
-from pyro_lvm.cli import main
+from pyro_lvm.cli.parser import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,7 +1,7 @@
 """Devices for training and evaluation: resolve ``"cpu" | "cuda" | "auto"``, move modules.
 
 Neutral ground: :mod:`pyro_lvm.train` and :mod:`pyro_lvm.evaluate` both use it (re-exported
-as :mod:`pyro_lvm.train.device` for earlier imports).
+as :mod:`pyro_lvm.device` for earlier imports).
 """
 
 from __future__ import annotations

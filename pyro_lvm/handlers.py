@@ -17,7 +17,7 @@ from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 
-from pyro_lvm.capture import RuntimeInputs
+from pyro_lvm.capture.record import RuntimeInputs
 from pyro_lvm.elbo.handled import FreeBitsELBO, FreeBitsMessenger, HandledELBO, free_bits
 from pyro_lvm.elbo.traits import EstimatorTraits, traits_of
 

@@ -25,7 +25,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_lvm.cli import main
+from pyro_lvm.cli.parser import main
 from pyro_lvm.elbo import ESTIMATORS
 from pyro_lvm.evaluate import log_likelihood
 from pyro_lvm.guides import AmortizedGaussianGuide, LocalGaussianGuide
@@ -302,7 +302,7 @@ def run_dir(tmp_path_factory):
     pytest.importorskip("sklearn")
     out = tmp_path_factory.mktemp("run") / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("pyro_lvm.cli_vae._save_figures", _no_figures)
+        mp.setattr("pyro_lvm.cli.train._save_figures", _no_figures)
         assert main(["quickstart", "--out", str(out), *QUICK, "--epochs", "2"]) == 0
     return out
 
@@ -555,7 +555,7 @@ def _raising(exc):
             raise exc
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr("pyro_lvm.cli_runs.cmd_sample", boom)
+            mp.setattr("pyro_lvm.cli.runs.cmd_sample", boom)
             return _cli("sample", "{run}/checkpoint.pt")(tmp_path, run_dir, capsys)
 
     return case
@@ -577,7 +577,7 @@ CASES = DATA + API + ESTIMATOR_CASES + CHECKPOINTS + CLI
 def test_bad_input(case: Case, tmp_path, request, monkeypatch):
     run = case.run
     if case.cli:
-        monkeypatch.setattr("pyro_lvm.cli_vae._save_figures", _no_figures)
+        monkeypatch.setattr("pyro_lvm.cli.train._save_figures", _no_figures)
         fixtures = request.getfixturevalue("run_dir"), request.getfixturevalue("capsys")
         run = lambda p: case.run(p, *fixtures)  # noqa: E731
     if case.error is not None:

@@ -11,18 +11,17 @@ import torch
 from pyro.infer import Trace_ELBO
 
 import pyro_lvm.elbo.base
-from pyro_lvm.capture import (
+from pyro_lvm.capture.inductor import compile_inductor, inductor_rtol
+from pyro_lvm.capture.record import (
     CaptureError,
     RuntimeInputs,
     capture,
     capture_patches,
-    drifted,
     get_rng_state,
     runtime_inputs,
     set_rng_state,
-    verify,
 )
-from pyro_lvm.capture_inductor import compile_inductor, inductor_rtol
+from pyro_lvm.capture.verification import drifted, verify
 
 
 def _model(x):

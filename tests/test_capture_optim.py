@@ -8,7 +8,7 @@ import pytest
 import torch
 from pyro.infer import SVI
 
-from pyro_lvm.capture_optim import StepRule, step_rule
+from pyro_lvm.capture.optim import StepRule, step_rule
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.models import VAE
 from pyro_lvm.train.fast import FastSVI

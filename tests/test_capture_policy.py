@@ -1,31 +1,13 @@
 """The one capture policy: shared per estimator, failures per signature, the Inductor cache."""
 
-import ast
-from pathlib import Path
-
 import pyro
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
-import pyro_lvm
-from pyro_lvm.capture import capture
-from pyro_lvm.capture_inductor import _record, cache_dir, graph_hash, inductor_pays, is_cached
-from pyro_lvm.capture_policy import CapturePolicy, policy_for
-
-PACKAGE = Path(pyro_lvm.__file__).parent
-
-
-def _imports(module: str) -> set[str]:
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
-    return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-
-
-def test_the_capture_modules_import_downwards_only():
-    """capture <- capture_optim, capture_inductor <- capture_policy: no cycle."""
-    assert not {"pyro_lvm.capture_inductor", "pyro_lvm.capture_policy"} & _imports("capture")
-    assert "pyro_lvm.capture_policy" not in _imports("capture_inductor")
-    assert "pyro_lvm.capture_policy" not in _imports("capture_optim")
+from pyro_lvm.capture.inductor import _record, cache_dir, graph_hash, inductor_pays, is_cached
+from pyro_lvm.capture.policy import CapturePolicy, policy_for
+from pyro_lvm.capture.record import capture
 
 
 def _problem():

@@ -15,7 +15,8 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_lvm.capture import CaptureError, capture, drifted, tensors_agree, verify
+from pyro_lvm.capture.record import CaptureError, capture
+from pyro_lvm.capture.verification import drifted, tensors_agree, verify
 from pyro_lvm.train.fast import FastSVI
 
 X = torch.tensor([[0.3, -1.2], [2.0, 0.5], [-0.4, 1.1]], dtype=torch.float64)

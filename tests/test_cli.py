@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from pyro_lvm.cli import main
+from pyro_lvm.cli.parser import main
 
 pytest.importorskip("sklearn")
 
@@ -94,7 +94,7 @@ def test_python_dash_m_entry_point():
 def test_help_imports_no_subcommand_and_shows_defaults():
     code = (
         "import sys\n"
-        "from pyro_lvm.cli import main\n"
+        "from pyro_lvm.cli.parser import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in ('torch', 'pyro', 'matplotlib') if m in sys.modules))"
     )

@@ -15,9 +15,9 @@ import torch
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.guides import LocalGaussianGuide
 from pyro_lvm.handlers import KLWeightedELBO, linear_schedule
+from pyro_lvm.inner_loop import optimize_local
 from pyro_lvm.models import VAE
 from pyro_lvm.train import FastSVI, fit
-from pyro_lvm.train.fit_local import optimize_local
 from pyro_lvm.variance import gradient_moments
 
 DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)

@@ -156,21 +156,6 @@ def names(category: str) -> frozenset[str]:
     return frozenset(n for n, spec in SPECS.items() if spec.category == category)
 
 
-_LEGACY = {
-    "ELBO_NAMES": "elbo",
-    "BOUND_NAMES": "bound",
-    "DIVERGENCE_NAMES": "divergence",
-    "REFINED_NAMES": "refined",
-}
-
-
-def __getattr__(attr: str) -> frozenset[str]:
-    # ELBO_NAMES, BOUND_NAMES, ...: derived from the registrations when asked for
-    if attr in _LEGACY:
-        return names(_LEGACY[attr])
-    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
-
-
 def make_estimator(name: str, num_particles: int = 1, **kwargs: Any) -> ELBO:
     """Build the estimator registered as ``name`` with ``num_particles`` particles.
 

@@ -16,7 +16,7 @@ declared in one place per class:
 - any other ``pyro.infer.ELBO`` (a user's own class) is read once by :func:`observed_traits`
   from what it shows: ``state_dict``/``load_state_dict`` (stateful), ``capturable`` and
   ``differentiable_loss`` (capturable), the duck-typed protocol of
-  :class:`~pyro_lvm.train.estimators.StatefulEstimator`.
+  :class:`~pyro_lvm.elbo.stateful.StatefulEstimator`.
 """
 
 from __future__ import annotations

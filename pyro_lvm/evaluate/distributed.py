@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from pyro_lvm.train.distributed import _device, _guarded, rank_and_size
+from pyro_lvm.process_group import collective_device, guarded, rank_and_size
 
 __all__ = ["distributed_evaluate"]
 
@@ -45,15 +45,19 @@ def _gather(value: Any, sizes: list[int], rank: int) -> Any:
         return {k: _gather(v, sizes, rank) for k, v in value.items()}
     if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == n_local:
         rows = max(sizes)
-        padded = torch.zeros((rows, *value.shape[1:]), dtype=value.dtype, device=_device())
+        padded = torch.zeros(
+            (rows, *value.shape[1:]), dtype=value.dtype, device=collective_device()
+        )
         padded[:n_local] = value.detach()
         parts = [torch.empty_like(padded) for _ in sizes]
-        _guarded("the evaluation all-gather", dist.all_gather, parts, padded)
+        guarded("the evaluation all-gather", dist.all_gather, parts, padded)
         out = torch.cat([p[:k] for p, k in zip(parts, sizes, strict=True)])
         return out.to(value.device)
     if isinstance(value, float) or (torch.is_tensor(value) and value.dim() == 0):
-        total = torch.tensor([float(value) * n_local / n], dtype=torch.float64, device=_device())
-        _guarded("the evaluation all-reduce", dist.all_reduce, total)
+        total = torch.tensor(
+            [float(value) * n_local / n], dtype=torch.float64, device=collective_device()
+        )
+        guarded("the evaluation all-reduce", dist.all_reduce, total)
         return float(total[0]) if isinstance(value, float) else total[0].to(value)
     return value
 

@@ -1,4 +1,5 @@
-"""Guides q(z | x): amortized encoders (later: per-datapoint, flows, semi-amortized)."""
+"""Guides q(z | x): amortized encoders, per-datapoint (local) parameters, flows, semi-amortized
+and sequential guides."""
 
 from pyro_lvm.guides.amortized import AmortizedGaussianGuide
 from pyro_lvm.guides.local import LocalBernoulliGuide, LocalGaussianGuide, LocalGuide

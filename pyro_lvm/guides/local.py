@@ -42,7 +42,7 @@ class LocalGuide(PyroModule):
     the *constrained* parameter slices (keyword arguments named as in ``local_names``) to
     a distribution with event shape ``z_shape``. Everything else is derived:
     :meth:`forward`, :meth:`unconstrained`, :meth:`local_override` (used by
-    :func:`~pyro_lvm.train.fit_local.optimize_local` to optimize a minibatch's rows as
+    :func:`~pyro_lvm.inner_loop.optimize_local` to optimize a minibatch's rows as
     one leaf tensor with the model's parameters frozen).
 
     :param num_data: number of data points N.
@@ -114,7 +114,7 @@ class LocalGuide(PyroModule):
     def local_rows(self, idx: torch.Tensor | None) -> torch.Tensor | slice:
         """The rows of the parameter tensors that hold data points ``idx`` (``None``: all).
 
-        The identity here; :class:`~pyro_lvm.train.sharded.ShardedLocalGuide` maps dataset
+        The identity here; :class:`~pyro_lvm.train.distributed.ShardedLocalGuide` maps dataset
         indices to the rows of its process's shard.
         """
         return slice(None) if idx is None else idx

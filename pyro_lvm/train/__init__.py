@@ -1,25 +1,32 @@
-"""Training: one loop (:func:`fit`, :func:`fit_local`), its history, callbacks, safe resumable
-checkpoints and devices."""
+"""Training: one loop (:func:`fit`; :func:`fit_local` is its per-datapoint variant), the fast
+captured step (:class:`FastSVI`), callbacks, early stopping and divergence rules, and
+data-parallel training (:mod:`pyro_lvm.train.distributed`).
 
-from pyro_lvm.train.callbacks import Callback, EpochCallback, JSONLinesLogger, TensorBoardLogger
-from pyro_lvm.train.checkpoint import (
+Checkpoints, the run's history and :func:`load_run` live in :mod:`pyro_lvm.runs`; the
+per-datapoint inner loop in :mod:`pyro_lvm.inner_loop`; devices in :mod:`pyro_lvm.device`.
+The names a training script needs from them are importable from here too.
+"""
+
+from pyro_lvm.device import resolve_device
+from pyro_lvm.elbo.stateful import StatefulEstimator, resolve_estimator
+from pyro_lvm.inner_loop import LocalOptResult, optimize_local
+from pyro_lvm.runs import (
     CheckpointError,
+    FitHistory,
+    Run,
     atomic_save,
     load_checkpoint,
+    load_run,
     read_checkpoint,
     save_checkpoint,
 )
-from pyro_lvm.train.device import resolve_device
+from pyro_lvm.train.callbacks import Callback, EpochCallback, JSONLinesLogger, TensorBoardLogger
 from pyro_lvm.train.divergence import DivergenceError, DivergenceRule
 from pyro_lvm.train.early_stopping import EarlyStopping
-from pyro_lvm.train.estimators import StatefulEstimator, resolve_estimator
 from pyro_lvm.train.fast import FastSVI
 from pyro_lvm.train.fit import NonFiniteLossError, fit
-from pyro_lvm.train.fit_local import LocalOptResult, optimize_local
-from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.optim import NormalizedGradientAdam, normalized_gradient_adam
 from pyro_lvm.train.per_datapoint import fit_local
-from pyro_lvm.train.runs import Run, load_run
 
 __all__ = [
     "Callback",

@@ -14,12 +14,12 @@ import torch
 from pyro.infer import ELBO, SVI
 from pyro.optim import PyroOptim
 
-from pyro_lvm.capture_policy import SWITCH_BACKENDS
+from pyro_lvm.capture.policy import SWITCH_BACKENDS
 from pyro_lvm.contract import as_program
 from pyro_lvm.data import Minibatches, check_accepts, split_named
+from pyro_lvm.runs.history import FitHistory
 from pyro_lvm.train.callbacks import Callback, JSONLinesLogger, TensorBoardLogger, as_callbacks
 from pyro_lvm.train.fast import FastSVI
-from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.loop import Checkpointer
 from pyro_lvm.validation import check_rows, validate_inputs
 
@@ -182,7 +182,7 @@ class Setup:
     """What :func:`prepare_run` assembled for one training run.
 
     :ivar model, guide: the programs to step, in the form ``(x, idx=None, **named)``, their
-        plain data plate scaled by N/B (:func:`~pyro_lvm.train.checks.scaled_programs`).
+        plain data plate scaled by N/B (:func:`~pyro_lvm.contract.scaled_programs`).
     :ivar data, named: the checked training tensor and its named per-datapoint tensors.
     :ivar valid_data, valid_named: likewise for the validation set (``None``, ``{}``).
     :ivar estimator, loss_name: the training estimator and the name checkpoints record.
@@ -258,12 +258,12 @@ def prepare_run(
     :param config: the loop's own settings stored in (and matched by) the checkpoint.
     :param checkpointer_cls: the checkpointer class.
     """
+    from pyro_lvm.contract import scaled_programs, set_num_data
+    from pyro_lvm.device import device_scope, resolve_device, to_device
     from pyro_lvm.elbo import prepare_for_fit
-    from pyro_lvm.train.checks import scaled_programs, set_num_data
-    from pyro_lvm.train.device import device_scope, resolve_device, to_device
-    from pyro_lvm.train.distributed_loop import DataParallel
-    from pyro_lvm.train.estimators import resolve_estimator
-    from pyro_lvm.train.runs import input_record
+    from pyro_lvm.elbo.stateful import resolve_estimator
+    from pyro_lvm.runs.load import input_record
+    from pyro_lvm.train.distributed.data_parallel import DataParallel
 
     name = "train_data" if what == "fit" else "data"
     data, named = split_named(data, name)  # a tensor, or named tensors (pyro_lvm.data.named)

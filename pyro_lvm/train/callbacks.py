@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pyro_lvm.train.history import FitHistory
+from pyro_lvm.runs.history import FitHistory
 
 __all__ = ["Callback", "EpochCallback", "JSONLinesLogger", "TensorBoardLogger", "as_callbacks"]
 
@@ -30,7 +30,7 @@ class Callback:
     still written); the return values of the other hooks are ignored, so a run only stops at
     an epoch boundary, where a checkpoint can resume it exactly.
 
-    In a multi-process run (:mod:`pyro_lvm.train.distributed_loop`) every process runs the
+    In a multi-process run (:mod:`pyro_lvm.train.distributed.data_parallel`) every process runs the
     callbacks on the same (all-reduced) history, except those whose class sets ``main_only =
     True`` (the loggers, which write files): rank 0 alone runs them.
 

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pyro_lvm.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from pyro_lvm.train.distributed import rank_and_size
-from pyro_lvm.train.history import FitHistory
+from pyro_lvm.process_group import rank_and_size
+from pyro_lvm.runs.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from pyro_lvm.runs.history import FitHistory
 
 __all__ = ["EarlyStopping"]
 

@@ -13,9 +13,9 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
 
-from pyro_lvm.capture import NEEDS_TENSORS, Recorder, get_rng_state, input_key, set_rng_state
-from pyro_lvm.capture_optim import eager_update, step_rule
-from pyro_lvm.capture_policy import SWITCH_BACKENDS, CapturePolicy
+from pyro_lvm.capture.optim import eager_update, step_rule
+from pyro_lvm.capture.policy import SWITCH_BACKENDS, CapturePolicy
+from pyro_lvm.capture.record import NEEDS_TENSORS, Recorder, get_rng_state, input_key, set_rng_state
 from pyro_lvm.train.fast_state import FastSVIState
 
 __all__ = ["FastSVI"]
@@ -44,9 +44,9 @@ class FastSVI(FastSVIState):
        this object fall back for good to the general path (validation as set by the user,
        new parameters added to the optimizer) and logs the reason on this module's logger.
     4. **The whole step as one graph** (``jit=True``), by the policy of
-       :mod:`pyro_lvm.capture_policy` (:attr:`policy`): once per input signature the loss,
+       :mod:`pyro_lvm.capture.policy` (:attr:`policy`): once per input signature the loss,
        its gradient and the optimizer's update of every parameter and its state
-       (:mod:`pyro_lvm.capture_optim`: Adam, AdamW, SGD, ClippedAdam and ``pyro.optim``'s
+       (:mod:`pyro_lvm.capture.optim`: Adam, AdamW, SGD, ClippedAdam and ``pyro.optim``'s
        clipping; the learning rates and an estimator's :class:`~pyro_lvm.capture.RuntimeInputs`
        are graph inputs) are captured, then *verified* against one eager step under the same
        random state, at perturbed and at the current parameters. Another optimizer, or a
@@ -86,7 +86,7 @@ class FastSVI(FastSVIState):
         graph) or ``"inductor"`` (compile it with :func:`torch.compile` after verification).
     :param rtol: relative tolerance of the verification; by default each graph's own: the aten
         graph's :math:`0.01\\sqrt{\\epsilon}` of the loss dtype (3e-6 in float32), an
-        Inductor graph's :func:`~pyro_lvm.capture_inductor.inductor_rtol`.
+        Inductor graph's :func:`~pyro_lvm.capture.inductor.inductor_rtol`.
     :param planned_steps: the run's total number of steps (``fit`` passes epochs × minibatches
         per epoch); without it ``backend="auto"`` keeps the aten graph.
     :raises ValueError: on an ``optim`` that is not a ``PyroOptim`` or a ``loss`` that is not

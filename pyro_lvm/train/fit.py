@@ -10,13 +10,13 @@ import torch
 from pyro.infer import ELBO
 from pyro.optim import PyroOptim
 
+from pyro_lvm.device import DeviceLike, device_scope
 from pyro_lvm.elbo import prepare_for_fit
+from pyro_lvm.elbo.stateful import resolve_estimator
+from pyro_lvm.runs.history import FitHistory
 from pyro_lvm.train.build import prepare_run
 from pyro_lvm.train.callbacks import Callback
-from pyro_lvm.train.device import DeviceLike, device_scope
 from pyro_lvm.train.divergence import DEFAULT_DIVERGENCE, DivergenceMonitor, DivergenceRule
-from pyro_lvm.train.estimators import resolve_estimator
-from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.loop import Loop, NonFiniteLossError, StepResult, run, svi_step
 from pyro_lvm.train.loop import validate as validation_bound
 
@@ -95,7 +95,7 @@ def fit(
     :param batch_size: minibatch size (the last minibatch of an epoch may be smaller). Under
         ``torchrun`` (or any initialized process group) this is the **global** minibatch: each
         of the W processes steps on its shard of about ``batch_size / W`` points and the
-        gradients are all-reduced (:mod:`pyro_lvm.train.distributed_loop`), so the update is
+        gradients are all-reduced (:mod:`pyro_lvm.train.distributed`), so the update is
         the single-process one; rank 0 alone shows progress, logs and writes checkpoints.
     :param valid_data: optional validation set (a tensor or named tensors, as ``train_data``).
     :param valid_loss: the estimator of the validation bound (a name, with ``num_particles``
@@ -106,7 +106,7 @@ def fit(
     :param checkpoint: file written atomically (see :func:`save_checkpoint`) after every
         epoch; never overwritten with non-finite parameters.
     :param resume: restore the model, guide, param store, optimizer, estimator state (see
-        :class:`~pyro_lvm.train.estimators.StatefulEstimator`), RNG and history from
+        :class:`~pyro_lvm.elbo.stateful.StatefulEstimator`), RNG and history from
         ``checkpoint`` and continue with the next epoch; the steps are then exactly those of an
         uninterrupted run.
     :param progress: show a tqdm bar with the epoch's running loss.

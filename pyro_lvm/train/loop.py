@@ -21,9 +21,9 @@ Its pieces, each a small function with one job, in the order they run:
   optimizer, estimator, RNG, history) with the run's configuration.
 - :func:`run`: start callbacks, epochs, validation, epoch callbacks, checkpoint, stop.
 
-Checks of the model and data before the first step live in :mod:`pyro_lvm.train.checks`.
+Checks of the model and data before the first step live in :mod:`pyro_lvm.contract`.
 
-Several processes (``Loop.parallel``, see :mod:`pyro_lvm.train.distributed_loop`): each
+Several processes (``Loop.parallel``, see :mod:`pyro_lvm.train.distributed.data_parallel`): each
 steps on its shard of every batch and records the global batch's all-reduced loss and metrics
 (the same history, so the guards decide alike); rank 0 alone shows progress, runs ``main_only``
 callbacks (loggers) and writes checkpoints; a stop asked by any process stops all.
@@ -44,12 +44,12 @@ from pyro.infer import ELBO
 from tqdm import tqdm
 
 from pyro_lvm.data import Minibatches
+from pyro_lvm.device import device_scope
+from pyro_lvm.runs.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from pyro_lvm.runs.history import FitHistory
+from pyro_lvm.runs.load import program_record
 from pyro_lvm.train.callbacks import Callback
-from pyro_lvm.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from pyro_lvm.train.device import device_scope
 from pyro_lvm.train.divergence import DivergenceMonitor, RunFailedError
-from pyro_lvm.train.history import FitHistory
-from pyro_lvm.train.runs import program_record
 from pyro_lvm.train.step import svi_step
 
 __all__ = [
@@ -172,7 +172,7 @@ class Checkpointer:
         self.extra, self.map_location = extra, map_location
         #: the last checkpoint known to hold a good state (``None`` before one exists)
         self.last_good: Path | None = None
-        #: what rebuilds the model and guide (:func:`pyro_lvm.train.runs.program_record`)
+        #: what rebuilds the model and guide (:func:`pyro_lvm.runs.load.program_record`)
         self.program = program_record(model, guide)
 
     def save(self, history: FitHistory) -> None:
@@ -232,7 +232,7 @@ class Loop:
     :ivar divergence: stops a run whose finite loss diverged
         (:class:`~pyro_lvm.train.divergence.DivergenceMonitor`), or ``None``.
     :ivar parallel: the process group's
-        :class:`~pyro_lvm.train.distributed_loop.DataParallel` in a multi-process run, else
+        :class:`~pyro_lvm.train.distributed.DataParallel` in a multi-process run, else
         ``None``.
     """
 
@@ -316,7 +316,7 @@ def run(loop: Loop, history: FitHistory) -> FitHistory:
 
     Per epoch: :func:`run_epoch`, validation, the epochs' callbacks (a truthy one stops
     training after this epoch), the checkpoint. Everything runs under
-    :func:`~pyro_lvm.train.device.device_scope` of the training device.
+    :func:`~pyro_lvm.device.device_scope` of the training device.
     """
     start, per_epoch = history.epochs, len(loop.batches)
     par, callbacks = loop.parallel, _callbacks(loop)

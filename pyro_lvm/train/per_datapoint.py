@@ -10,15 +10,15 @@ import pyro
 import torch
 from pyro.infer import ELBO
 
+from pyro_lvm.device import DeviceLike, device_scope
 from pyro_lvm.guides.local import LocalGuide
+from pyro_lvm.inner_loop import optimize_local
+from pyro_lvm.runs.history import FitHistory
 from pyro_lvm.train.build import prepare_run
-from pyro_lvm.train.device import DeviceLike, device_scope
-from pyro_lvm.train.distributed_loop import DataParallel
+from pyro_lvm.train.distributed.data_parallel import DataParallel
+from pyro_lvm.train.distributed.sharded import ShardedCheckpointer, ShardedLocalGuide
 from pyro_lvm.train.divergence import DEFAULT_DIVERGENCE, DivergenceMonitor, DivergenceRule
-from pyro_lvm.train.fit_local import optimize_local
-from pyro_lvm.train.history import FitHistory
 from pyro_lvm.train.loop import Batch, Checkpointer, Loop, StepResult, run, svi_step
-from pyro_lvm.train.sharded import ShardedCheckpointer, ShardedLocalGuide
 
 __all__ = ["fit_local"]
 
@@ -101,7 +101,7 @@ def fit_local(
     :param batch_size: minibatch size; under ``torchrun`` (or an initialized process group)
         the **global** minibatch: each process runs the inner loop on the points of it that
         it owns (``i % W == rank``) and the θ gradients are all-reduced; the guide must then
-        be a :class:`~pyro_lvm.train.sharded.ShardedLocalGuide` (each process holds the rows
+        be a :class:`~pyro_lvm.train.distributed.ShardedLocalGuide` (each process holds the rows
         of its own points), and the checkpoint gathers them into one file that resumes with
         any number of processes.
     :param optimizer: Pyro optimizer for θ (default ``pyro.optim.Adam({"lr": lr})``).

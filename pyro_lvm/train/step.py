@@ -2,7 +2,7 @@ r"""One gradient step of the training loop: :func:`svi_step`, with ``before_upda
 
 A hook sees the gradients of a step after the backward pass and before the optimizer changes
 any parameter, and may rewrite them in place: the seam where data-parallel training
-(:mod:`pyro_lvm.train.distributed_loop`) all-reduces them. It runs **once per step**, whatever
+(:mod:`pyro_lvm.train.distributed`) all-reduces them. It runs **once per step**, whatever
 the stepper:
 
 - a ``pyro.infer.SVI`` (given, or the one :class:`~pyro_lvm.train.FastSVI` steps through for

@@ -13,8 +13,8 @@ import torch
 from pyro.infer import ELBO
 from tqdm import tqdm
 
-from pyro_lvm.capture import NEEDS_TENSORS, input_key
-from pyro_lvm.capture_policy import policy_for
+from pyro_lvm.capture.policy import policy_for
+from pyro_lvm.capture.record import NEEDS_TENSORS, input_key
 
 __all__ = ["GradientMoments", "GroupMoments", "gradient_moments", "parameter_groups"]
 
@@ -138,7 +138,7 @@ def _loop_draw(estimator: ELBO, model, guide, names, params, args, kwargs) -> li
 
 def _compile(estimator: ELBO, model, guide, params, args, kwargs, rtol: float | None):
     """The verified graph of ``differentiable_loss`` and its gradient, from the estimator's
-    capture policy (:func:`~pyro_lvm.capture_policy.policy_for`: captured and verified as a
+    capture policy (:func:`~pyro_lvm.capture.policy_for`: captured and verified as a
     dry run, cached per model, guide, parameters and input signature).
 
     Returns ``(draw, None)``, ``draw()`` giving one gradient draw, or ``(None, reason)``. The

@@ -196,10 +196,10 @@ def vae_mnist_scenarios(
 
     .. warning:: All VAEs share parameter names, and PyroModule reads them from the global
         param store: use one scenario at a time, each built right before use (rebuild with
-        ``vae_mnist_scenarios([path])``), as :func:`~pyro_lvm.variance.cli.run_variance` does.
+        ``vae_mnist_scenarios([path])``), as :func:`~pyro_lvm.cli.variance.run_variance` does.
     """
     from pyro_lvm.data import load_binarized_mnist
-    from pyro_lvm.train.runs import load_run
+    from pyro_lvm.runs.load import load_run
 
     root = data_root or os.environ.get("PYRO_LVM_DATA")
     if not root or not (Path(root) / "binarized_mnist.npz").exists():

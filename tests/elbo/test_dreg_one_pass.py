@@ -125,7 +125,7 @@ def test_one_pass_dreg_equals_two_pass_formula(vectorize, alpha):
 
 
 def test_captured_one_pass_dreg_rescales_too():
-    from pyro_lvm.capture import capture
+    from pyro_lvm.capture.record import capture
 
     x = _x()
     pyro.clear_param_store()

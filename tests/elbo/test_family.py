@@ -16,14 +16,14 @@ from pyro.infer import Trace_ELBO
 from pyro_lvm import elbo as E
 from pyro_lvm.elbo import ESTIMATORS, SPECS, Estimator, make_estimator, register, traits_of
 from pyro_lvm.elbo.registry import CATEGORIES
-from pyro_lvm.guides import AmortizedGaussianGuide
-from pyro_lvm.handlers import FreeBitsELBO, KLWeightedELBO, linear_schedule
-from pyro_lvm.models import LinearGaussian
-from pyro_lvm.train.estimators import (
+from pyro_lvm.elbo.stateful import (
     StatefulEstimator,
     get_estimator_state,
     set_estimator_state,
 )
+from pyro_lvm.guides import AmortizedGaussianGuide
+from pyro_lvm.handlers import FreeBitsELBO, KLWeightedELBO, linear_schedule
+from pyro_lvm.models import LinearGaussian
 
 NAMES = sorted(ESTIMATORS)
 PYRO_NAMES = {"elbo", "elbo-analytic-kl"}  # Pyro's own classes: no estimator state

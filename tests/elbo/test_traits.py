@@ -14,7 +14,7 @@ import pytest
 import torch
 from pyro.infer import TraceGraph_ELBO, TraceMeanField_ELBO
 
-from pyro_lvm.capture import not_capturable
+from pyro_lvm.capture.record import not_capturable
 from pyro_lvm.elbo import (
     ESTIMATORS,
     FIVO,
@@ -27,12 +27,12 @@ from pyro_lvm.elbo import (
     register,
     traits_of,
 )
+from pyro_lvm.elbo.stateful import get_estimator_state, set_estimator_state
 from pyro_lvm.elbo.traits import CATEGORIES, SITES
 from pyro_lvm.guides import AmortizedGaussianGuide
 from pyro_lvm.guides.semi_amortized import _plate_free_bound
 from pyro_lvm.handlers import FreeBitsELBO, KLWeightedELBO, linear_schedule
 from pyro_lvm.models import LinearGaussian
-from pyro_lvm.train.estimators import get_estimator_state, set_estimator_state
 from pyro_lvm.variance import gradient_moments
 
 NAMES = sorted(ESTIMATORS)

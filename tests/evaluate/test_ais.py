@@ -118,7 +118,7 @@ def test_bad_input_is_named(model):
 def test_cli_evaluate_method_ais(tmp_path, capsys):
     import json
 
-    from pyro_lvm.cli import main
+    from pyro_lvm.cli.parser import main
 
     out = tmp_path / "run"
     assert main(["quickstart", "--out", str(out), "--epochs", "1", "--eval-samples", "5"]) == 0

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from pyro_lvm.evaluate.gaps import add_gaps_arguments, gaps_main, inference_gaps
+from pyro_lvm.cli.gaps import add_gaps_arguments, gaps_main
+from pyro_lvm.evaluate.gaps import inference_gaps
 from pyro_lvm.guides import AmortizedGaussianGuide
 from pyro_lvm.models import VAE, LinearGaussian
 

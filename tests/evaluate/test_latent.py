@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pyro_lvm import plot
-from pyro_lvm.cli import main
+from pyro_lvm.cli.parser import main
 from pyro_lvm.data import join_quadrants, load_digits, quadrant_mask, split_quadrants
 from pyro_lvm.evaluate import class_samples, complete_quadrants, interpolate, reconstructions
 from pyro_lvm.models import M2, VAE, ConditionalVAE

@@ -8,8 +8,8 @@ import torch
 from pyro import poutine
 
 from pyro_lvm.guides import LocalBernoulliGuide, LocalGaussianGuide
+from pyro_lvm.inner_loop import optimize_local
 from pyro_lvm.models import LinearGaussian
-from pyro_lvm.train.fit_local import optimize_local
 
 
 @pytest.mark.parametrize("guide_cls", [LocalGaussianGuide, LocalBernoulliGuide])

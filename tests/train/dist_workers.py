@@ -138,7 +138,7 @@ def _entry(fn, rank, size, port, out, timeout, args):
     )  # fmt: skip
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    from pyro_lvm.train.distributed import init_distributed
+    from pyro_lvm.process_group import init_distributed
 
     try:
         init_distributed(timeout=timeout)
@@ -244,9 +244,9 @@ def count_reduces(fn, *args, **kwargs):
 
 def run_local(epochs, path=None, resume=False, batch_size=B):
     """fit_local of the model with a point-estimate local guide (sharded in a group)."""
+    from pyro_lvm.process_group import rank_and_size
     from pyro_lvm.train import fit_local
-    from pyro_lvm.train.distributed import rank_and_size
-    from pyro_lvm.train.sharded import ShardedLocalGuide, shard_size
+    from pyro_lvm.train.distributed.sharded import ShardedLocalGuide, shard_size
 
     pyro.clear_param_store()
     guide = LocalDeltaGuide(N)
@@ -309,7 +309,7 @@ def exact_worker(rank, size, folder):
 
 def fault_worker(rank, size, path, kill_epoch):
     """Rank 1 kills itself with SIGKILL at the end of epoch ``kill_epoch``; rank 0 reports."""
-    from pyro_lvm.train.distributed import DistributedError
+    from pyro_lvm.process_group import DistributedError
 
     def killer(history):
         if rank == 1 and history.epochs == kill_epoch:

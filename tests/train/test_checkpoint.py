@@ -12,6 +12,8 @@ import torch
 
 from pyro_lvm.guides import AmortizedGaussianGuide
 from pyro_lvm.models import VAE
+from pyro_lvm.runs.checkpoint import FORMAT, VERSION
+from pyro_lvm.runs.state import decode_constraint, encode_constraint
 from pyro_lvm.train import (
     CheckpointError,
     FitHistory,
@@ -19,8 +21,6 @@ from pyro_lvm.train import (
     read_checkpoint,
     save_checkpoint,
 )
-from pyro_lvm.train.checkpoint import FORMAT, VERSION
-from pyro_lvm.train.state import decode_constraint, encode_constraint
 
 
 def _vae_and_optimizer(steps=2):

@@ -12,13 +12,13 @@ import pyro
 import pytest
 import torch
 
+from pyro_lvm.cli.launch import torchrun_args
 from pyro_lvm.evaluate import elbo_decomposition, inference_gaps, log_likelihood
 from pyro_lvm.evaluate.distributed import distributed_evaluate
 from pyro_lvm.train.distributed import GradientSync
-from pyro_lvm.train.distributed_loop import DataParallel
-from pyro_lvm.train.launch import torchrun_args
+from pyro_lvm.train.distributed.data_parallel import DataParallel
+from pyro_lvm.train.distributed.sharded import ShardedLocalGuide, shard_size
 from pyro_lvm.train.loop import Batch, svi_step
-from pyro_lvm.train.sharded import ShardedLocalGuide, shard_size
 from tests.train import dist_workers as w
 
 Z = 4.5  # two-sided false-alarm rate about 7e-6
@@ -278,7 +278,7 @@ def test_nproc_relaunches_the_same_command_through_torchrun():
 
 
 def test_bad_layouts_are_refused_by_name(monkeypatch):
-    import pyro_lvm.train.distributed_loop as d
+    import pyro_lvm.train.distributed.data_parallel as d
 
     monkeypatch.setattr(d, "rank_and_size", lambda: (0, 4))
     monkeypatch.setattr(d, "init_distributed", lambda device=None: (0, 4))
@@ -290,7 +290,7 @@ def test_bad_layouts_are_refused_by_name(monkeypatch):
 
 
 def test_shard_slices_positional_and_named_tensors_alike(monkeypatch):
-    import pyro_lvm.train.distributed_loop as d
+    import pyro_lvm.train.distributed.data_parallel as d
 
     monkeypatch.setattr(d, "rank_and_size", lambda: (1, 2))
     monkeypatch.setattr(d, "init_distributed", lambda device=None: (1, 2))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from pyro_lvm.capture import RuntimeInputs
+from pyro_lvm.capture.record import RuntimeInputs
 from pyro_lvm.elbo import ESTIMATORS, make_estimator, traits_of
 from pyro_lvm.handlers import KLWeightedELBO, kl_weight
 from pyro_lvm.models import VAE
@@ -389,7 +389,7 @@ def test_the_check_tolerance_scales_with_the_verified_loss(monkeypatch, offset, 
     """Rounding differs between trace and eager by ~ε times the loss's *terms*; when they
     cancel, |loss| shrinks but the difference does not. The check's tolerance is relative to
     the larger of |loss| now and |loss| at verification, and that scale is saved."""
-    from pyro_lvm.capture import default_rtol
+    from pyro_lvm.capture.verification import default_rtol
 
     # steps: 1 record, 2 trace, 3 verify, 4-5 traced, 6 check
     batches = list(_batches())[:6]
@@ -419,7 +419,7 @@ def test_the_check_tolerance_scales_with_the_verified_loss(monkeypatch, offset, 
 
 def _recording(svi):
     """A Recorder whose sites and parameters match the object's first step."""
-    from pyro_lvm.capture import Recorder
+    from pyro_lvm.capture.record import Recorder
 
     rec = Recorder().__enter__()
     rec.__exit__(None, None, None)

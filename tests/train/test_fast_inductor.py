@@ -15,10 +15,11 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-import pyro_lvm.capture_policy as capture_policy
-from pyro_lvm.capture import Captured, CaptureError, capture, default_rtol, input_key
-from pyro_lvm.capture_inductor import accumulation_depth, inductor_pays, inductor_rtol
-from pyro_lvm.capture_policy import AUTO_AFTER
+import pyro_lvm.capture.policy as capture_policy
+from pyro_lvm.capture.inductor import accumulation_depth, inductor_pays, inductor_rtol
+from pyro_lvm.capture.policy import AUTO_AFTER
+from pyro_lvm.capture.record import Captured, CaptureError, capture, input_key
+from pyro_lvm.capture.verification import default_rtol
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.models import VAE
 from pyro_lvm.train import fit
@@ -155,7 +156,7 @@ def test_a_failed_compile_or_verification_keeps_the_aten_graph(monkeypatch, capl
 
     monkeypatch.setattr(capture_policy, "compile_inductor", broken)
     _, svi = _svi(backend="inductor")
-    with caplog.at_level(logging.INFO, logger="pyro_lvm.capture_policy"):
+    with caplog.at_level(logging.INFO, logger="pyro_lvm.capture.policy"):
         assert _losses(svi, STEPS) == expected
     key = input_key(_data(), {})
     assert "no C++ compiler" in svi.get_state()["schedule"]["inductor"][key]

@@ -144,7 +144,7 @@ def _small_vae_and_batch():
 
 @pytest.mark.parametrize("name", ["elbo", "iwae-dreg", "score-function"])
 def test_traced_inner_loop_matches_the_eager_one(name):
-    from pyro_lvm.capture_policy import policy_for
+    from pyro_lvm.capture.policy import policy_for
     from pyro_lvm.elbo import make_estimator
 
     n, idx, vae, x = _small_vae_and_batch()
@@ -167,7 +167,7 @@ def test_traced_inner_loop_matches_the_eager_one(name):
 
 
 def test_inner_trace_that_disagrees_is_not_used():
-    from pyro_lvm.capture_policy import policy_for
+    from pyro_lvm.capture.policy import policy_for
     from pyro_lvm.models import VAE
 
     class FrozenValueELBO(pyro.infer.Trace_ELBO):
@@ -187,7 +187,7 @@ def test_inner_trace_that_disagrees_is_not_used():
 
 
 def test_inner_trace_cache_is_bounded():
-    from pyro_lvm.capture_policy import policy_for
+    from pyro_lvm.capture.policy import policy_for
     from pyro_lvm.elbo import make_estimator
     from pyro_lvm.models import VAE
 
@@ -241,7 +241,7 @@ def _inner_runs_as_beta_changes(by_hand: bool):
 def test_inner_trace_follows_a_kl_schedule():
     """A scheduled β enters the traced inner loss as an input: after β changes, the reused
     trace gives the eager loop's leaves and loss (a frozen β would not)."""
-    from pyro_lvm.capture_policy import policy_for
+    from pyro_lvm.capture.policy import policy_for
 
     estimator = _inner_runs_as_beta_changes(by_hand=False)
     (entry,) = policy_for(estimator).entries.values()
@@ -251,7 +251,7 @@ def test_inner_trace_follows_a_kl_schedule():
 def test_a_reused_inner_trace_that_froze_a_value_is_dropped():
     """A weight applied by hand is frozen in a trace; the first (eager) step of the next call
     compares the reused trace with it and drops it, so the loop matches the eager one."""
-    from pyro_lvm.capture_policy import policy_for
+    from pyro_lvm.capture.policy import policy_for
 
     estimator = _inner_runs_as_beta_changes(by_hand=True)
     (entry,) = policy_for(estimator).entries.values()

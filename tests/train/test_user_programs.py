@@ -103,8 +103,7 @@ def test_global_latents_are_not_scaled():
     """Only the sites inside the data plate get N/B: a global latent keeps scale 1."""
     from pyro import poutine
 
-    from pyro_lvm.contract import as_program
-    from pyro_lvm.train.checks import scaled_programs
+    from pyro_lvm.contract import as_program, scaled_programs
 
     def model(x):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))

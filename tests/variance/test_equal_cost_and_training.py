@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from pyro_lvm.cli.variance import run_variance
 from pyro_lvm.variance import compare_estimators
-from pyro_lvm.variance.cli import run_variance
 from pyro_lvm.variance.scenarios import bernoulli_scenario
 from pyro_lvm.variance.training import moments_during_training, particles_for_cost
 

@@ -10,6 +10,7 @@ import torch
 from pyro.infer import TraceGraph_ELBO
 from pyro.infer.util import is_validation_enabled
 
+from pyro_lvm.cli.variance import run_variance
 from pyro_lvm.elbo import make_estimator
 from pyro_lvm.variance import (
     compare_estimators,
@@ -19,7 +20,6 @@ from pyro_lvm.variance import (
     parameter_groups,
     vae_mnist_scenarios,
 )
-from pyro_lvm.variance.cli import run_variance
 
 
 def _small_lg(distance):

@@ -15,8 +15,8 @@ from torch import nn
 
 from pyro_lvm.contract import as_program
 from pyro_lvm.spec import RecordError, decode, encode
-from pyro_lvm.train.checkpoint import _guide_prefix, load_checkpoint, read_checkpoint
-from pyro_lvm.train.history import FitHistory
+from pyro_lvm.runs.checkpoint import _guide_prefix, load_checkpoint, read_checkpoint
+from pyro_lvm.runs.history import FitHistory
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -200,7 +200,7 @@ def load_run(
         provide), or the state does not fit them.
     """
     from pyro_lvm.elbo import ESTIMATORS, make_estimator
-    from pyro_lvm.train.checks import set_num_data
+    from pyro_lvm.contract import set_num_data
 
     path = checkpoint_path(path)
     state = read_checkpoint(path)

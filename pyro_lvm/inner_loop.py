@@ -1,4 +1,9 @@
-"""The per-datapoint SVI algorithm: optimize each minibatch's φ^i with θ fixed, then step θ."""
+"""The per-datapoint inner loop: optimize the local variational parameters φ^i of a minibatch
+with the model's θ fixed (:func:`optimize_local`).
+
+It sits below both training and evaluation: the per-datapoint SVI algorithm
+(:func:`pyro_lvm.train.fit_local`) runs it before every step of θ, and the inference gaps
+(:func:`pyro_lvm.evaluate.inference_gaps`) run it to find the optimal q* of each test point."""
 
 from __future__ import annotations
 
@@ -10,10 +15,10 @@ import pyro.optim
 import torch
 from pyro.infer import ELBO
 
-from pyro_lvm.capture import Recorder, input_key
-from pyro_lvm.capture_policy import policy_for
+from pyro_lvm.capture.policy import policy_for
+from pyro_lvm.capture.record import Recorder, input_key
+from pyro_lvm.elbo.stateful import resolve_estimator
 from pyro_lvm.guides.local import LocalGuide
-from pyro_lvm.train.estimators import resolve_estimator
 
 __all__ = ["LocalOptResult", "optimize_local"]
 
@@ -38,7 +43,7 @@ class LocalOptResult:
 
 class _InnerLoss:
     r"""The inner objective and its leaf gradients, captured where the estimator's policy
-    (:func:`pyro_lvm.capture_policy.policy_for`) verified a graph.
+    (:func:`pyro_lvm.capture.policy_for`) verified a graph.
 
     The estimator's ``differentiable_loss`` is captured once per (model, guide, input
     signature), with the local leaves as the differentiated inputs and the parameter store's
@@ -46,7 +51,7 @@ class _InnerLoss:
     time). Capture and verification are dry runs (random state and leaves restored); a
     failure keeps the eager path for that signature. The first inner step of every later call
     runs eagerly and compares the reused graph's value with the eager one under the same
-    random state (:meth:`~pyro_lvm.capture_policy.CapturePolicy.drifted`): a graph that
+    random state (:meth:`~pyro_lvm.capture.CapturePolicy.drifted`): a graph that
     drifted since it was verified (a Python number it froze has changed, e.g. a KL weight
     applied by hand with :func:`~pyro_lvm.handlers.kl_weight`) is dropped, the reason logged.
     """
@@ -152,7 +157,7 @@ def optimize_local(
     :param callback: called as ``callback(step, active_mask)`` after every step.
     :param jit: after the first (validated) step, use a captured objective, verified against
         the eager one before use and cached per input signature by the estimator's capture
-        policy (:func:`pyro_lvm.capture_policy.policy_for`).
+        policy (:func:`pyro_lvm.capture.policy_for`).
     :param named: further per-datapoint tensors of the rows (keyword arguments of model and
         guide, :mod:`pyro_lvm.data.named`); their presence keeps the eager objective.
     :return: a :class:`LocalOptResult`.
@@ -206,12 +211,3 @@ def optimize_local(
             break
     guide.set_params(idx, **{name: leaf.detach() for name, leaf in leaves.items()})
     return LocalOptResult(steps=steps, converged=~active, loss=float(objective.detach()))
-
-
-def __getattr__(name: str):
-    """``fit_local`` moved to :mod:`pyro_lvm.train.per_datapoint`; the old import path works."""
-    if name == "fit_local":
-        from pyro_lvm.train.per_datapoint import fit_local
-
-        return fit_local
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,7 @@ r"""Per-datapoint parameters sharded over processes, and checkpoints that gather
 With :math:`W` processes, rank :math:`r` owns the data points :math:`i \equiv r \pmod W` and
 holds only their rows :math:`\varphi^i` (row :math:`\lfloor i / W \rfloor` of its shard), so
 memory per process is :math:`N/W` rows and no local parameter is ever all-reduced: the inner
-optimization of :func:`~pyro_lvm.train.fit_local.optimize_local` touches the rows of its own
+optimization of :func:`~pyro_lvm.inner_loop.optimize_local` touches the rows of its own
 points only (:func:`~pyro_lvm.train.fit_local` shards its minibatches by ownership).
 
 :class:`ShardedCheckpointer` gathers the shards into the full ``(N, ...)`` tensors in dataset
@@ -32,8 +32,8 @@ from torch.distributions import transform_to
 
 from pyro_lvm.guides.local import LocalGuide
 from pyro_lvm.plates import data_plate
-from pyro_lvm.train.distributed import _device, _guarded, rank_and_size
-from pyro_lvm.train.history import FitHistory
+from pyro_lvm.process_group import collective_device, guarded, rank_and_size
+from pyro_lvm.runs.history import FitHistory
 from pyro_lvm.train.loop import Checkpointer
 
 __all__ = ["ShardedCheckpointer", "ShardedLocalGuide", "shard_size"]
@@ -159,10 +159,10 @@ def _gather(guide: ShardedLocalGuide, name: str) -> torch.Tensor | None:
         return local.clone()
     n, size = guide.num_data, guide.size
     padded = torch.zeros((math.ceil(n / size), *local.shape[1:]), dtype=local.dtype)
-    padded = padded.to(_device())
+    padded = padded.to(collective_device())
     padded[: len(local)] = local
     parts = [torch.empty_like(padded) for _ in range(size)] if guide.rank == 0 else None
-    _guarded("the checkpoint gather", dist.gather, padded, parts, dst=0)
+    guarded("the checkpoint gather", dist.gather, padded, parts, dst=0)
     if guide.rank != 0:
         return None
     full = torch.empty((n, *local.shape[1:]), dtype=local.dtype, device=local.device)
@@ -192,7 +192,7 @@ class ShardedCheckpointer(Checkpointer):
     parameter, in dataset order), resumable with any number of processes.
 
     :meth:`save` is a collective (``collective = True``: every process calls it, the loop's
-    :meth:`~pyro_lvm.train.distributed_loop.DataParallel.save` then waits on a barrier);
+    :meth:`~pyro_lvm.train.distributed.DataParallel.save` then waits on a barrier);
     rank 0 writes. :meth:`restore` runs in every process (the file must be visible to all),
     which keeps the rows it owns. Arguments as :class:`~pyro_lvm.train.loop.Checkpointer`.
     """

@@ -1,7 +1,7 @@
 r"""The one capture policy: capture, verify, cache, re-check, Inductor and fall-back, in one object.
 
-:mod:`pyro_lvm.capture` records a graph and checks it once; :mod:`pyro_lvm.capture_inductor`
-compiles one; :mod:`pyro_lvm.capture_optim` writes an optimizer's update so that the graph is
+:mod:`pyro_lvm.capture` records a graph and checks it once; :mod:`pyro_lvm.capture.inductor`
+compiles one; :mod:`pyro_lvm.capture.optim` writes an optimizer's update so that the graph is
 the whole step. :class:`CapturePolicy` decides *when* each of them runs, for every caller:
 :class:`~pyro_lvm.train.FastSVI` (one policy per stepper, whole steps), the per-datapoint inner
 loop :func:`~pyro_lvm.train.optimize_local` and :func:`~pyro_lvm.variance.gradient_moments`
@@ -17,7 +17,7 @@ loop :func:`~pyro_lvm.train.optimize_local` and :func:`~pyro_lvm.variance.gradie
 3. **Re-check** (:meth:`CapturePolicy.drifted`): an eager value against the graph's, to the
    verification's tolerance times the larger of ``|loss|`` now and at verification.
 4. **Inductor** (:meth:`CapturePolicy.decide`): compiled where
-   :func:`~pyro_lvm.capture_inductor.inductor_pays` over the projected remaining steps, then
+   :func:`~pyro_lvm.capture.inductor_pays` over the projected remaining steps, then
    verified at its rounding tolerance; a failure keeps the verified aten graph.
 5. **Fall back** on any failure, with the reason logged: for the signature (``per_key``) or,
    for a stepper whose steps must all take one path, for good (:attr:`CapturePolicy.reason`).
@@ -41,7 +41,7 @@ verifications of earlier steps as dry runs):
 
 Inductor's own caches (FX graph and AOTAutograd) keep compiled kernels on disk, in
 ``$TORCHINDUCTOR_CACHE_DIR`` (default ``/tmp/torchinductor_$USER``); :func:`cache_dir` names
-the folder and :data:`~pyro_lvm.capture_inductor.COST` prices a compile found there as cheap.
+the folder and :data:`~pyro_lvm.capture.inductor.COST` prices a compile found there as cheap.
 """
 
 from __future__ import annotations
@@ -57,18 +57,17 @@ from weakref import WeakKeyDictionary
 import pyro
 import torch
 
-from pyro_lvm.capture import (
+from pyro_lvm.capture.inductor import cache_dir, compile_inductor, inductor_pays
+from pyro_lvm.capture.optim import StepRule, verify_step
+from pyro_lvm.capture.record import (
     Captured,
     CaptureError,
     capture,
-    default_rtol,
     get_rng_state,
     not_capturable,
     set_rng_state,
-    verify,
 )
-from pyro_lvm.capture_inductor import cache_dir, compile_inductor, inductor_pays
-from pyro_lvm.capture_optim import StepRule, verify_step
+from pyro_lvm.capture.verification import default_rtol, verify
 from pyro_lvm.elbo.traits import traits_of
 
 __all__ = [

@@ -103,43 +103,43 @@ def seed_int(text: str) -> int:
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "quickstart": (
         "train a VAE on the bundled 8x8 digits (minutes, CPU)",
-        "pyro_lvm.cli_vae:add_quickstart_arguments",
-        "pyro_lvm.cli_vae:cmd_quickstart",
+        "pyro_lvm.cli.train:add_quickstart_arguments",
+        "pyro_lvm.cli.train:cmd_quickstart",
     ),
     "train": (
         "train a VAE, or your model (--model package.module:factory), with any estimator",
-        "pyro_lvm.cli_vae:add_train_arguments",
-        "pyro_lvm.cli_vae:cmd_train",
+        "pyro_lvm.cli.train:add_train_arguments",
+        "pyro_lvm.cli.train:cmd_train",
     ),
     "evaluate": (
         "test ELBO and log-likelihood (IS, AIS or BDMC) of a run folder",
-        "pyro_lvm.cli_runs:add_evaluate_arguments",
-        "pyro_lvm.cli_runs:cmd_evaluate",
+        "pyro_lvm.cli.runs:add_evaluate_arguments",
+        "pyro_lvm.cli.runs:cmd_evaluate",
     ),
     "sample": (
         "a PNG grid of ancestral samples from a run folder",
-        "pyro_lvm.cli_runs:add_sample_arguments",
-        "pyro_lvm.cli_runs:cmd_sample",
+        "pyro_lvm.cli.runs:add_sample_arguments",
+        "pyro_lvm.cli.runs:cmd_sample",
     ),
     "variance": (
         "variance, SNR and cost of gradient estimators side by side",
-        "pyro_lvm.variance.cli:add_variance_arguments",
-        "pyro_lvm.variance.cli:variance_main",
+        "pyro_lvm.cli.variance:add_variance_arguments",
+        "pyro_lvm.cli.variance:variance_main",
     ),
     "gaps": (
         "approximation and amortization gaps of a trained VAE checkpoint",
-        "pyro_lvm.evaluate.gaps:add_gaps_arguments",
-        "pyro_lvm.evaluate.gaps:gaps_main",
+        "pyro_lvm.cli.gaps:add_gaps_arguments",
+        "pyro_lvm.cli.gaps:gaps_main",
     ),
     "conditional": (
         "train M2 (few labels) or a conditional VAE (quadrant completion) and plot samples",
-        "pyro_lvm.recipes:add_conditional_arguments",
-        "pyro_lvm.recipes:conditional_main",
+        "pyro_lvm.cli.recipes:add_conditional_arguments",
+        "pyro_lvm.cli.recipes:conditional_main",
     ),
     "inspect": (
         "reconstructions of chosen images and latent interpolations from a VAE checkpoint",
-        "pyro_lvm.recipes:add_inspect_arguments",
-        "pyro_lvm.recipes:inspect_main",
+        "pyro_lvm.cli.recipes:add_inspect_arguments",
+        "pyro_lvm.cli.recipes:inspect_main",
     ),
 }
 

@@ -1,7 +1,7 @@
 """The VAE subcommands of ``pyro-lvm``: quickstart and train (``train --model`` and the
-commands on a run folder are in :mod:`pyro_lvm.cli_runs`).
+commands on a run folder are in :mod:`pyro_lvm.cli.runs`).
 
-Imported only when one of them runs (see :data:`pyro_lvm.cli.COMMANDS`); heavy imports
+Imported only when one of them runs (see :data:`pyro_lvm.cli.parser.COMMANDS`); heavy imports
 (torch, Pyro, matplotlib) happen inside the functions.
 """
 
@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyro_lvm.cli import CLIError, int_list, positive_float, positive_int, seed_int
+from pyro_lvm.cli.parser import CLIError, int_list, positive_float, positive_int, seed_int
 from pyro_lvm.provenance import provenance
 
 __all__ = ["add_quickstart_arguments", "add_train_arguments", "cmd_quickstart", "cmd_train"]
@@ -103,7 +103,7 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
 
     from pyro_lvm.models import VAE
     from pyro_lvm.nn import NETWORKS
-    from pyro_lvm.runfolder import epochs_to_resume, prepare_run_folder
+    from pyro_lvm.runs.folder import epochs_to_resume, prepare_run_folder
     from pyro_lvm.train import fit, resolve_device
 
     check_tensorboard(args)
@@ -201,11 +201,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:  # start the processes (issue 17)
-        from pyro_lvm.train.launch import launch
+        from pyro_lvm.cli.launch import launch
 
         return launch(args.nproc, args.argv)
-    if args.model is not None:  # a user's factory (pyro_lvm.cli_runs)
-        from pyro_lvm.cli_runs import train_model
+    if args.model is not None:  # a user's factory (pyro_lvm.cli.runs)
+        from pyro_lvm.cli.runs import train_model
 
         train_model(args, Path(args.out))
         return 0

@@ -14,14 +14,14 @@ further tensors the programs read (other parameters), :math:`d` the data and :ma
 run-time inputs of :class:`RuntimeInputs` (a KL schedule's β). The graph is built by
 :func:`torch.fx.experimental.proxy_tensor.make_fx` (the capture under ``torch.compile`` and
 ``torch.export``) from a function that calls :func:`torch.autograd.grad`;
-:mod:`pyro_lvm.capture_inductor` compiles it with Inductor where that pays. Random operations
+:mod:`pyro_lvm.capture.inductor` compiles it with Inductor where that pays. Random operations
 stay operations: every call draws fresh noise from the global generator, in eager order.
 
 The policy around it (capture once per input signature, verify against eager under one
 random state, re-check on a schedule, Inductor where it pays, fall back with a logged reason)
-is :class:`pyro_lvm.capture_policy.CapturePolicy`, the one used by ``FastSVI``, the
+is :class:`pyro_lvm.capture.CapturePolicy`, the one used by ``FastSVI``, the
 per-datapoint inner loop and :func:`~pyro_lvm.variance.gradient_moments`. With an ``update``
-(:mod:`pyro_lvm.capture_optim`) the graph is the whole SVI step: loss, gradients and the
+(:mod:`pyro_lvm.capture.optim`) the graph is the whole SVI step: loss, gradients and the
 optimizer's update of every parameter and its state.
 
 References: Ansel et al. (2024), *PyTorch 2: Faster Machine Learning Through Dynamic Python
@@ -52,16 +52,11 @@ __all__ = [
     "RuntimeInputs",
     "capture",
     "capture_patches",
-    "default_rtol",
-    "drifted",
     "get_rng_state",
     "input_key",
     "not_capturable",
-    "perturbed",
     "runtime_inputs",
     "set_rng_state",
-    "tensors_agree",
-    "verify",
 ]
 
 NEEDS_TENSORS = "capture needs positional tensor arguments only (no keywords, no None)"
@@ -169,8 +164,8 @@ def capture_patches(owner: Any = None) -> Iterator[None]:
 class Captured:
     """A captured loss: ``captured(wrt, others, data) -> (value, grads)`` with no autograd.
     ``fx``: the aten graph (``graph`` is it, or Inductor's compilation of it); ``rtol``: its
-    verification's tolerance; ``scale``: ``|loss|`` when :func:`verify` accepted it
-    (``verified``)."""
+    verification's tolerance; ``scale``: ``|loss|`` when :func:`~pyro_lvm.capture.verify`
+    accepted it (``verified``)."""
 
     def __init__(self, graph: Callable, num_wrt: int, owner: Any, backend: str, fx: Any = None):
         self.graph, self.num_wrt, self.owner, self.backend = graph, num_wrt, owner, backend
@@ -209,13 +204,13 @@ def capture(
 
     Runs ``fn`` once, with validation off, Pyro's effects blocked, :func:`capture_patches`
     active and a random state of its own (the caller's is restored). Unused ``wrt`` get a
-    ``None`` gradient. :func:`pyro_lvm.capture_inductor.compile_inductor` compiles the result.
+    ``None`` gradient. :func:`pyro_lvm.capture.compile_inductor` compiles the result.
 
     :param owner: the estimator, read for :class:`RuntimeInputs` and patched by
         :func:`capture_patches`.
     :param update: ``update(wrt, grads, state)``, an optimizer step written in tensor
         operations that changes ``wrt`` and ``state`` in place
-        (:class:`pyro_lvm.capture_optim.StepRule`); the graph then runs the whole step and
+        (:class:`pyro_lvm.capture.StepRule`); the graph then runs the whole step and
         returns ``(value, ())``. Call it with the same ``state`` tensors' current values.
     :raises CaptureError: naming the failure (a tensor read is data-dependent, ...).
     """
@@ -262,67 +257,6 @@ def _prune(graph: torch.fx.GraphModule) -> None:
     graph.recompile()
 
 
-def verify(
-    captured: Captured,
-    fn: Callable[..., torch.Tensor],
-    wrt: Sequence[torch.Tensor],
-    data: Sequence[torch.Tensor],
-    *,
-    others: Sequence[torch.Tensor] = (),
-    rtol: float | None = None,
-) -> tuple[float, list[torch.Tensor | None]]:
-    """Accept ``captured`` if it agrees with the eager ``fn`` at a perturbed and the current point.
-
-    At each point the random state is saved, the captured value and gradients computed, the
-    state restored and the eager ones computed (so both draw the same noise), and compared
-    with :func:`tensors_agree`. The perturbation moves ``wrt`` (:func:`perturbed`, a private
-    generator, restored after). On success ``captured.scale`` is ``|loss|`` at the current point.
-
-    :returns: the eager value (a float) and gradients at the current point, whose random
-        draws are those of an eager step.
-    :raises CaptureError: saying where the two differ.
-    """
-    rtol = rtol or captured.rtol or default_rtol(wrt[0].dtype)
-    rng = get_rng_state()
-    try:
-        with perturbed(wrt, shift=0.1):
-            far, _, _ = _agree(captured, fn, wrt, others, data, rtol)
-    finally:
-        set_rng_state(rng)
-    near, value, grads = _agree(captured, fn, wrt, others, data, rtol)
-    if not (far and near):
-        where = "at perturbed parameters" if near else "at the current parameters"
-        raise CaptureError(
-            f"the captured loss or its gradient differs from the eager one {where} "
-            f"(rtol={rtol:.2g}): the estimator or the programs use Python numbers computed "
-            "from tensors or Python-side state, which a graph freezes"
-        )
-    captured.scale, captured.verified = abs(value), True
-    return value, grads
-
-
-def _agree(captured, fn, wrt, others, data, rtol) -> tuple[bool, float, list]:
-    rng = get_rng_state()
-    try:
-        value, grads = captured(wrt, others, data)
-    except Exception as e:  # any failure keeps the eager path
-        raise CaptureError(f"the captured loss failed: {type(e).__name__}: {e}") from e
-    finally:
-        set_rng_state(rng)
-    eager = fn(*data)
-    eager_grads = list(torch.autograd.grad(eager, wrt, allow_unused=True))
-    ok = tensors_agree(value, eager, grads, eager_grads, rtol)
-    return ok, float(eager.detach()), eager_grads
-
-
-def drifted(captured: Captured, value: float, eager_value: float, rtol: float = 0.0) -> bool:
-    """Whether a captured ``value`` no longer matches the eager one (same random state). Graph
-    and eager rounding differ by ~ε times the loss's *terms*, which can cancel to a much smaller
-    total, so the tolerance is ``rtol`` times the larger of ``|loss|`` now and at verification."""
-    rtol = rtol or captured.rtol or default_rtol(torch.get_default_dtype())
-    return abs(value - eager_value) > rtol * max(abs(eager_value), captured.scale)
-
-
 class Recorder(Messenger):
     """Record the structure of a run: sample sites (name, shape, observed) and parameters."""
 
@@ -357,54 +291,3 @@ def input_key(args: tuple, kwargs: dict) -> str:
             return ("id", id(v))
 
     return repr((tuple(map(one, args)), tuple((k, one(v)) for k, v in sorted(kwargs.items()))))
-
-
-def default_rtol(dtype: torch.dtype) -> float:
-    """Relative tolerance of a verification: 1% of √ε of ``dtype`` (3.5e-6 in float32)."""
-    return 0.01 * torch.finfo(dtype).eps ** 0.5
-
-
-def tensors_agree(
-    value: torch.Tensor,
-    reference: torch.Tensor,
-    grads: Sequence[torch.Tensor | None],
-    reference_grads: Sequence[torch.Tensor | None],
-    rtol: float,
-) -> bool:
-    """Whether a captured loss and its gradients match the eager ones.
-
-    Values compare at ``rtol``; each gradient at ``rtol`` with an absolute floor of ``rtol``
-    times the reference gradient's largest entry. A gradient present on one side only is a
-    mismatch.
-    """
-    if not bool(torch.isfinite(reference.detach()).all()):
-        return False  # a NaN/inf loss is the eager path's to report
-    close = bool(torch.allclose(value.detach(), reference.detach().to(value.dtype), rtol=rtol))
-    for g, h in zip(grads, reference_grads, strict=True):
-        if (g is None) != (h is None):
-            return False
-        if g is not None:
-            if not bool(torch.isfinite(h).all()):
-                return False
-            close &= bool(torch.allclose(g, h, rtol=rtol, atol=rtol * float(h.abs().max())))
-    return close
-
-
-@contextmanager
-def perturbed(tensors: Sequence[torch.Tensor], shift: float = 0.1) -> Iterator[None]:
-    """Move ``tensors`` in place to ``t (1 + 0.3 ε) + shift ε`` and restore them on exit; ε is
-    standard normal from a private generator (seed 0), so the run's random stream is untouched.
-    ``shift`` moves entries that are exactly zero (fresh biases, local means)."""
-    saved = [t.detach().clone() for t in tensors]
-    device = tensors[0].device if tensors else "cpu"
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for t in tensors:
-            noise = torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype)
-            t.mul_(1 + 0.3 * noise).add_(shift * noise)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for t, v in zip(tensors, saved, strict=True):
-                t.copy_(v)

@@ -44,14 +44,14 @@ import torch
 import torch.distributed as dist
 from pyro import poutine
 
-from pyro_lvm.train.distributed import (
-    GradientSync,
-    _device,
-    _guarded,
+from pyro_lvm.process_group import (
     all_reduce_sum,
+    collective_device,
+    guarded,
     init_distributed,
     rank_and_size,
 )
+from pyro_lvm.train.distributed.sync import GradientSync
 
 __all__ = ["DataParallel", "barrier"]
 
@@ -76,7 +76,7 @@ class DataParallel:
     :param num_data: training-set size.
     :param batch_size: the global minibatch size.
     :param owned: shard by ownership (``index % W == rank``, the layout of
-        :class:`~pyro_lvm.train.sharded.ShardedLocalGuide`) instead of contiguous pieces; a
+        :class:`~pyro_lvm.train.distributed.ShardedLocalGuide`) instead of contiguous pieces; a
         process may then own no point of a minibatch (its shard has ``size`` 0).
     :param device: the training device (NCCL for CUDA, gloo otherwise).
     :raises ValueError: when some minibatch would leave a process without data (contiguous
@@ -171,8 +171,8 @@ class DataParallel:
                 tensors += [b for _, b in sorted(m.named_buffers())]
         with torch.no_grad():
             for t in tensors:
-                buffer = t.detach().to(_device(), copy=True)
-                _guarded("the initial parameter broadcast", dist.broadcast, buffer, src=0)
+                buffer = t.detach().to(collective_device(), copy=True)
+                guarded("the initial parameter broadcast", dist.broadcast, buffer, src=0)
                 t.detach().copy_(buffer)
         if self.rank > 0:
             pyro.set_rng_seed(_seed(seed, epoch, self.rank))

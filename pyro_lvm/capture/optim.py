@@ -45,15 +45,8 @@ import torch
 from pyro.optim.clipped_adam import ClippedAdam
 from torch.nn.utils import clip_grad_norm_, clip_grad_value_
 
-from pyro_lvm.capture import (
-    Captured,
-    CaptureError,
-    default_rtol,
-    get_rng_state,
-    perturbed,
-    set_rng_state,
-    tensors_agree,
-)
+from pyro_lvm.capture.record import Captured, CaptureError, get_rng_state, set_rng_state
+from pyro_lvm.capture.verification import default_rtol, perturbed, tensors_agree
 
 __all__ = ["StepRule", "eager_update", "step_rule", "verify_step"]
 
@@ -259,9 +252,10 @@ def verify_step(
     keep: bool = True,
 ) -> tuple[float, None]:
     """Accept a whole-step graph if one graph step and one eager step (the estimator's loss,
-    its gradient, :func:`~pyro_lvm.capture_optim.eager_update`) from the same parameters,
+    its gradient, :func:`~pyro_lvm.capture.optim.eager_update`) from the same parameters,
     optimizer state and random state give the same loss, parameters and optimizer state
-    (:func:`~pyro_lvm.capture.tensors_agree`), at perturbed and at the current parameters.
+    (:func:`~pyro_lvm.capture.verification.tensors_agree`), at perturbed and at the current
+    parameters.
 
     :returns: ``(eager value, None)``; the eager step at the current point is kept (``keep``).
     :raises CaptureError: saying where the two differ.

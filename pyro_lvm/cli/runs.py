@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyro_lvm.cli import CLIError, positive_int, seed_int
+from pyro_lvm.cli.parser import CLIError, positive_int, seed_int
 from pyro_lvm.provenance import provenance
 
 __all__ = [
@@ -33,7 +33,7 @@ VAE_FLAGS = ("--z-dim", "--hidden", "--network")
 
 def restore(path: str, flag: str = "RUN") -> Any:
     """:func:`pyro_lvm.load_run` of a run folder or checkpoint given on the command line."""
-    from pyro_lvm.train.runs import checkpoint_path, load_run
+    from pyro_lvm.runs.load import checkpoint_path, load_run
 
     return load_run(checkpoint_path(path, flag))
 
@@ -45,7 +45,7 @@ def run_data(run: Any, split: str, data: str | None, data_root: str | None):
 
     :raises CLIError: when neither is known (naming ``--data``).
     """
-    from pyro_lvm.cli_vae import _load_split
+    from pyro_lvm.cli.train import _load_split
     from pyro_lvm.data.named import read_named_npz
 
     config = run.extra.get("config") or {}
@@ -105,9 +105,9 @@ def train_model(args: argparse.Namespace, out: Path) -> dict:
     import pyro
     import torch
 
-    from pyro_lvm.cli_vae import _load_split, _print_table, _write_json, check_tensorboard
+    from pyro_lvm.cli.train import _load_split, _print_table, _write_json, check_tensorboard
     from pyro_lvm.data.named import read_named_npz
-    from pyro_lvm.runfolder import epochs_to_resume, prepare_run_folder
+    from pyro_lvm.runs.folder import epochs_to_resume, prepare_run_folder
     from pyro_lvm.spec import RecordError, build
     from pyro_lvm.train import fit, resolve_device
 
@@ -210,7 +210,7 @@ def evaluate_program(model: Any, guide: Any, data: Any, num_samples: int, n: int
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``pyro-lvm evaluate RUN``: the bound and log-likelihood of a restored run."""
-    from pyro_lvm.cli_vae import _output_folder, _print_table, _write_json
+    from pyro_lvm.cli.train import _output_folder, _print_table, _write_json
     from pyro_lvm.evaluate.report import evaluate_vae
     from pyro_lvm.train import resolve_device
 
@@ -288,7 +288,7 @@ def _add_run_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    from pyro_lvm.cli_vae import _add_device_argument
+    from pyro_lvm.cli.train import _add_device_argument
 
     _add_run_argument(p)
     p.add_argument("--split", choices=("train", "valid", "test"), default="test", help="data")

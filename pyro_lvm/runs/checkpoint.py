@@ -14,9 +14,9 @@ import torch
 from pyro.optim import PyroOptim
 from torch import nn
 
-from pyro_lvm.train.estimators import get_estimator_state, set_estimator_state
-from pyro_lvm.train.history import FitHistory
-from pyro_lvm.train.state import (
+from pyro_lvm.elbo.stateful import get_estimator_state, set_estimator_state
+from pyro_lvm.runs.history import FitHistory
+from pyro_lvm.runs.state import (
     get_optimizer_state,
     get_param_store_state,
     get_rng_state,
@@ -164,14 +164,14 @@ def save_checkpoint(
       that is a submodule of the model (``VAE.guide``) is stored once, inside the model's
       state, and ``guide_prefix`` records where.
     - ``param_store``: the unconstrained value of every param-store parameter and its
-      constraint by name (see :func:`~pyro_lvm.train.state.encode_constraint`; Pyro's own
+      constraint by name (see :func:`~pyro_lvm.runs.state.encode_constraint`; Pyro's own
       ``get_state()`` pickles ``Constraint`` objects, which ``weights_only`` refuses). Values
       shared with a module share storage, which ``torch.save`` writes once.
     - ``optimizer``: ``PyroOptim.get_state()`` (per-parameter torch optimizer states keyed by
       param-store name).
     - ``rng``: torch (and CUDA), NumPy and Python ``random`` states, the generators Pyro uses.
     - ``estimator``: the state of a
-      :class:`~pyro_lvm.train.estimators.StatefulEstimator` (``state_dict()``; running
+      :class:`~pyro_lvm.elbo.stateful.StatefulEstimator` (``state_dict()``; running
       baselines, an adapted step size, a schedule's step count), ``None`` for a stateless one.
     - ``epoch``, ``history`` (:meth:`FitHistory.to_dict`), ``format``, ``version`` and
       ``metadata``: ``extra`` after a JSON round trip (e.g. the model configuration).
@@ -312,7 +312,7 @@ def load_checkpoint(
     parameter already in the store is overwritten in place; a missing one is created with its
     saved constraint), the ``optimizer`` gets its per-parameter states (consumed at each
     parameter's next step), the ``estimator`` its state (see
-    :func:`~pyro_lvm.train.estimators.set_estimator_state`) and, with ``restore_rng``, the
+    :func:`~pyro_lvm.elbo.stateful.set_estimator_state`) and, with ``restore_rng``, the
     random generators are reset.
 
     Values copied into live objects (modules, existing parameters, optimizer states) land on

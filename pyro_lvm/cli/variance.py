@@ -102,7 +102,7 @@ def _floats(text: str) -> list[float]:
 
 def add_variance_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``pyro-lvm variance`` to ``parser``."""
-    from pyro_lvm.cli import seed_int
+    from pyro_lvm.cli.parser import seed_int
 
     parser.add_argument(
         "--scenario", choices=SCENARIOS, default="gaussian-testbed", help="what to measure"

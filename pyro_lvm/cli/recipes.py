@@ -169,7 +169,7 @@ def train_cvae(
 
 def add_conditional_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``pyro-lvm conditional``."""
-    from pyro_lvm.cli import positive_int, seed_int
+    from pyro_lvm.cli.parser import positive_int, seed_int
 
     p.add_argument("--model", choices=("m2", "cvae"), required=True)
     p.add_argument("--out", required=True, help="output folder")
@@ -184,7 +184,7 @@ def add_conditional_arguments(p: argparse.ArgumentParser) -> None:
 
 def conditional_main(args: argparse.Namespace) -> int:
     """``pyro-lvm conditional``: train M2 or a CVAE, print and write metrics and a figure."""
-    from pyro_lvm.cli import CLIError
+    from pyro_lvm.cli.parser import CLIError
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise CLIError(f"--out {args.out} is a file; give a folder (it is created if missing)")
@@ -227,8 +227,8 @@ def _indices(text: str) -> list[int]:
 def inspect_main(args: argparse.Namespace) -> int:
     """``pyro-lvm inspect``: reconstructions of chosen indices and latent interpolations."""
     from pyro_lvm import plot
-    from pyro_lvm.cli import CLIError
-    from pyro_lvm.cli_runs import restore, run_data
+    from pyro_lvm.cli.parser import CLIError
+    from pyro_lvm.cli.runs import restore, run_data
     from pyro_lvm.evaluate import interpolate, reconstructions
 
     run = restore(args.run)

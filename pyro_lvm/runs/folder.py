@@ -3,8 +3,8 @@
 A folder holds a run when it has a checkpoint or metrics. Training into it needs
 ``--resume`` (continue the checkpoint, with the settings it was trained with) or ``--force``
 (start over: the old run's files are removed first, so no stale figure or metric survives
-beside the new checkpoint). Standard library only: the command line imports this before any
-heavy module.
+beside the new checkpoint). Standard library only; the checkpoint is read (with torch) only
+when a run resumes.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def epochs_to_resume(
     """
     if not resume:
         return 0
-    from pyro_lvm.train.checkpoint import read_checkpoint  # heavy: only when resuming
+    from pyro_lvm.runs.checkpoint import read_checkpoint  # heavy: only when resuming
 
     saved = read_checkpoint(checkpoint)
     done = int(saved["epoch"])

@@ -21,7 +21,8 @@ the graph (never of a clock, so a resumed run decides as the uninterrupted one d
    :math:`\lambda\sqrt{n}\,\epsilon`. Here :math:`n` is the graph's longest *accumulation
    chain* (:func:`accumulation_depth`: one rounding per pointwise node, the reduced length
    per sum or matrix product) and :math:`\lambda = 4` (failure probability 7e-4 per
-   compared quantity). The tolerance is never below :func:`~pyro_lvm.capture.default_rtol`.
+   compared quantity). The tolerance is never below
+   :func:`~pyro_lvm.capture.verification.default_rtol`.
    Example: iwae-dreg at 784-400-50, K = 50 has :math:`n = 8407`, so rtol = 4.4e-5 in
    float32; its Inductor gradients differed from eager by up to 1.9e-5 (159 ε, relative to
    each gradient's largest entry), which the aten tolerance 3.5e-6 rejected. Frozen Python
@@ -58,14 +59,14 @@ from collections.abc import Sequence
 
 import torch
 
-from pyro_lvm.capture import (
+from pyro_lvm.capture.record import (
     Captured,
     CaptureError,
-    default_rtol,
     get_rng_state,
     runtime_inputs,
     set_rng_state,
 )
+from pyro_lvm.capture.verification import default_rtol
 
 __all__ = [
     "COST",
