@@ -2,7 +2,7 @@
 
 The compile itself is replaced by a stand-in whose numbers differ from the aten graph's by a
 factor 1 + 1e-6 (within its verification tolerance), so that every test sees *which* graph
-ran each step without paying a real Inductor compile (tests/test_capture.py compiles one).
+ran each step without paying a real Inductor compile (tests/capture/test_record.py compiles one).
 """
 
 import io
