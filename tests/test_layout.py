@@ -1,8 +1,7 @@
 """The package layout: every folder one job, lower layers never importing higher ones.
 
 The layers are :data:`LAYERS`, lowest first: a module may import its own layer and those below
-it, at import time or lazily inside a function; imports under ``if TYPE_CHECKING:`` are
-annotations only and not checked.
+it, at import time, lazily inside a function, or for annotations only.
 """
 
 import ast
@@ -46,22 +45,10 @@ def _layer(module: str) -> int:
     return best
 
 
-def _type_checking_lines(tree: ast.AST) -> set[int]:
-    lines = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            for child in node.body:
-                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
-    return lines
-
-
 def _imports(path: Path) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text())
-    skip = _type_checking_lines(tree)
     found = []
     for node in ast.walk(tree):
-        if node.lineno in skip if hasattr(node, "lineno") else False:
-            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "pyro_lvm":  # from pyro_lvm import plot: the submodules
                 found += [

@@ -12,6 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pyro_lvm.cli.common import (
+    add_device_argument,
+    check_tensorboard,
+    load_split,
+    output_folder,
+    print_table,
+    write_json,
+)
 from pyro_lvm.cli.parser import CLIError, positive_int, seed_int
 from pyro_lvm.provenance import provenance
 
@@ -45,7 +53,6 @@ def run_data(run: Any, split: str, data: str | None, data_root: str | None):
 
     :raises CLIError: when neither is known (naming ``--data``).
     """
-    from pyro_lvm.cli.train import _load_split
     from pyro_lvm.data.named import read_named_npz
 
     config = run.extra.get("config") or {}
@@ -56,7 +63,7 @@ def run_data(run: Any, split: str, data: str | None, data_root: str | None):
         _check_width(run, named["x"], f"--data {data}")
         return (named["x"] if len(named) == 1 else named), named.get("y"), shape
     if config.get("dataset"):
-        x, labels, image_shape = _load_split(config["dataset"], split, data_root)
+        x, labels, image_shape = load_split(config["dataset"], split, data_root)
         _check_width(run, x, f"the {config['dataset']} data set")
         return x, labels, shape or image_shape
     raise CLIError(
@@ -105,7 +112,6 @@ def train_model(args: argparse.Namespace, out: Path) -> dict:
     import pyro
     import torch
 
-    from pyro_lvm.cli.train import _load_split, _print_table, _write_json, check_tensorboard
     from pyro_lvm.data.named import read_named_npz
     from pyro_lvm.runs.folder import epochs_to_resume, prepare_run_folder
     from pyro_lvm.spec import RecordError, build
@@ -140,9 +146,9 @@ def train_model(args: argparse.Namespace, out: Path) -> dict:
         valid, test = None, train
         source = {"data": str(Path(args.data).resolve())}
     else:
-        train, _, shape = _load_split(args.dataset, "train", args.data_root)
-        valid, _, _ = _load_split(args.dataset, "valid", args.data_root)
-        test, _, _ = _load_split(args.dataset, "test", args.data_root)
+        train, _, shape = load_split(args.dataset, "train", args.data_root)
+        valid, _, _ = load_split(args.dataset, "valid", args.data_root)
+        test, _, _ = load_split(args.dataset, "test", args.data_root)
         source = {"dataset": args.dataset, "image_shape": list(shape)}
     config = dict(
         **source, model=args.model, model_args=model_args, estimator=args.estimator,
@@ -167,8 +173,8 @@ def train_model(args: argparse.Namespace, out: Path) -> dict:
         train_seconds=seconds, epochs=history.epochs, config=config, nproc=args.nproc,
         resumed_from_epoch=resumed_from, provenance=provenance(),
     )  # fmt: skip
-    _write_json(out / "metrics.json", metrics)
-    _write_json(out / "history.json", history.to_dict())
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "history.json", history.to_dict())
     written = ["checkpoint.pt", "metrics.json", "history.json"]
     if history.epoch_losses:
         import matplotlib
@@ -178,7 +184,7 @@ def train_model(args: argparse.Namespace, out: Path) -> dict:
 
         plot.plot_training_curves(history, path=out / "training_curves.png")
         written.append("training_curves.png")
-    _print_table(metrics, out, written)
+    print_table(metrics, out, written)
     return metrics
 
 
@@ -210,12 +216,11 @@ def evaluate_program(model: Any, guide: Any, data: Any, num_samples: int, n: int
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``pyro-lvm evaluate RUN``: the bound and log-likelihood of a restored run."""
-    from pyro_lvm.cli.train import _output_folder, _print_table, _write_json
     from pyro_lvm.evaluate.report import evaluate_vae
     from pyro_lvm.train import resolve_device
 
     run = restore(args.run)
-    out = _output_folder(args.out, run.folder)  # before the long work
+    out = output_folder(args.out, run.folder)  # before the long work
     data, _, _ = run_data(run, args.split, args.data, args.data_root)
     x = data["x"] if isinstance(data, dict) else data
     device, total = resolve_device(args.device), len(x)
@@ -242,8 +247,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics.update(
         split=args.split, checkpoint=str(run.checkpoint), data=source, provenance=provenance()
     )
-    _write_json(out / name, metrics)
-    _print_table(metrics, out, [name])
+    write_json(out / name, metrics)
+    print_table(metrics, out, [name])
     return 0
 
 
@@ -288,7 +293,6 @@ def _add_run_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    from pyro_lvm.cli.train import _add_device_argument
 
     _add_run_argument(p)
     p.add_argument("--split", choices=("train", "valid", "test"), default="test", help="data")
@@ -308,7 +312,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="folder with the data (or PYRO_LVM_DATA)")
     p.add_argument("--out", default=None, help="output folder (default: the run folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_device_argument(p)
+    add_device_argument(p)
 
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:

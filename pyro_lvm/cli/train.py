@@ -8,49 +8,26 @@ Imported only when one of them runs (see :data:`pyro_lvm.cli.parser.COMMANDS`); 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
+from pyro_lvm.cli.common import (
+    DATASETS,
+    add_device_argument,
+    check_tensorboard,
+    load_split,
+    print_table,
+    write_json,
+)
 from pyro_lvm.cli.parser import CLIError, int_list, positive_float, positive_int, seed_int
 from pyro_lvm.provenance import provenance
 
 __all__ = ["add_quickstart_arguments", "add_train_arguments", "cmd_quickstart", "cmd_train"]
 
-DATASETS = ("digits", "mnist")
 #: ``pyro-lvm train``'s default test evaluation, sized so that ``--epochs 1`` on MNIST takes
 #: about a minute on 2 CPU cores (benchmarks/RESULTS.md); ``--full-eval`` for the full one
 TRAIN_EVALUATION = (100, 5000)  # (K, test points)
-
-
-def _load_split(dataset: str, split: str, root: str | None):
-    from pyro_lvm import data
-
-    if dataset == "digits":
-        x, labels = data.load_digits(split, return_labels=True)
-        return x, labels, (8, 8)
-    if dataset == "mnist":
-        return data.load_binarized_mnist(split, root=root), None, (28, 28)
-    raise CLIError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-
-
-def check_tensorboard(args: argparse.Namespace) -> None:
-    """Refuse ``--tensorboard`` without the ``tensorboard`` package before any work."""
-    import importlib.util
-
-    if getattr(args, "tensorboard", False) and importlib.util.find_spec("tensorboard") is None:
-        raise CLIError(
-            "--tensorboard needs the tensorboard package: pip install tensorboard (or "
-            "pyro-lvm[tensorboard]), or drop --tensorboard"
-        )
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 def _evaluate_test(args: argparse.Namespace, vae, x_test, device) -> dict:
@@ -110,9 +87,9 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
     out = prepare_run_folder(out, resume=args.resume, force=args.force)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
-    x_train, _, image_shape = _load_split(dataset, "train", args.data_root)
-    x_valid, _, _ = _load_split(dataset, "valid", args.data_root)
-    x_test, test_labels, _ = _load_split(dataset, "test", args.data_root)
+    x_train, _, image_shape = load_split(dataset, "train", args.data_root)
+    x_valid, _, _ = load_split(dataset, "valid", args.data_root)
+    x_test, test_labels, _ = load_split(dataset, "test", args.data_root)
     config = dict(
         dataset=dataset,
         x_dim=int(x_train.shape[1]),
@@ -168,29 +145,13 @@ def _train(args: argparse.Namespace, *, dataset: str, out: Path) -> dict:
         nproc=getattr(args, "nproc", 1),
         provenance=provenance(),
     )
-    _write_json(out / "metrics.json", metrics)
-    _write_json(out / "history.json", history.to_dict())
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "history.json", history.to_dict())
     vae.cpu()
     figures = _save_figures(vae, history, x_test, test_labels, image_shape, out)
     torch.set_grad_enabled(True)
-    _print_table(metrics, out, ["checkpoint.pt", "metrics.json", "history.json", *figures])
+    print_table(metrics, out, ["checkpoint.pt", "metrics.json", "history.json", *figures])
     return metrics
-
-
-def _print_table(metrics: dict, out: Path, files: Sequence[str] = ()) -> None:
-    """The metrics that are present, then the files written (as written)."""
-    rows = [
-        ("test ELBO (nats)", metrics.get("elbo")),
-        (f"test log p(x), IS K={metrics.get('num_samples')}", metrics.get("log_likelihood")),
-        (f"test log p(x), AIS M={metrics.get('ais_steps')}", metrics.get("ais_log_likelihood")),
-        ("reconstruction E_q[log p(x|z)]", metrics.get("reconstruction")),
-        ("KL(q(z|x) || p(z)) (nats)", metrics.get("kl")),
-        ("rate (bits)", metrics.get("rate_bits")),
-    ]
-    for name, value in rows:
-        if value is not None:
-            print(f"{name:<34} {value:10.3f}")
-    print(f"outputs in {out}: {' '.join(files)}")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -214,23 +175,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"{flag} goes with --model package.module:factory; add --model")
     _train(args, dataset=args.dataset, out=Path(args.out))
     return 0
-
-
-def _output_folder(given: str | None, default: Path) -> Path:
-    out = Path(given) if given else default
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} is a file; give a folder (it is created if missing)")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _add_device_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="cpu, cuda (or cuda:N) or auto (CUDA when available); the data order is the same "
-        "on every device",
-    )
 
 
 def _add_training_arguments(
@@ -296,7 +240,7 @@ def _add_training_arguments(
         default="auto",
         help="captured loss: Inductor once the run is long enough to pay its compile (auto)",
     )
-    _add_device_argument(p)
+    add_device_argument(p)
     runs = p.add_mutually_exclusive_group()
     runs.add_argument(
         "--resume", action="store_true", help="continue the run in OUT from its checkpoint"

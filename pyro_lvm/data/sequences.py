@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from pyro_lvm.data.mnist import load_binarized_mnist
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pyro_lvm.models import LinearGaussianSSM
 
 __all__ = ["load_mnist_rows", "sample_ssm_sequences"]
 
@@ -25,10 +22,11 @@ def load_mnist_rows(split: str = "train", root: str | Path | None = None) -> tor
     return load_binarized_mnist(split, root=root).reshape(-1, 28, 28)
 
 
-def sample_ssm_sequences(
-    model: LinearGaussianSSM, n: int, num_steps: int, seed: int | None = 0
-) -> torch.Tensor:
+def sample_ssm_sequences(model: Any, n: int, num_steps: int, seed: int | None = 0) -> torch.Tensor:
     """``n`` sequences of ``num_steps`` steps from a linear-Gaussian SSM, shape ``(n, T, D)``.
+
+    ``model`` is a :class:`~pyro_lvm.models.LinearGaussianSSM` (any object whose
+    ``sample(n, num_steps)`` draws sequences; the data layer imports no model).
 
     A synthetic dataset whose exact log-likelihood is known (``model.log_evidence``). With an
     integer ``seed`` the global RNG is forked, so the draw is reproducible and leaves the

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import numbers
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from pyro_lvm.models.linear_gaussian import LinearGaussian
 
 __all__ = ["sample_gaussian_mixture", "sample_linear_gaussian"]
 
@@ -95,7 +92,7 @@ def sample_gaussian_mixture(
 
 @torch.no_grad()
 def sample_linear_gaussian(
-    model: LinearGaussian, n: int, seed: int | None = None
+    model: Any, n: int, seed: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Draw ``n`` points from a :class:`~pyro_lvm.models.LinearGaussian`, with their latents.
 

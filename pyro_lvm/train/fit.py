@@ -17,8 +17,9 @@ from pyro_lvm.runs.history import FitHistory
 from pyro_lvm.train.build import prepare_run
 from pyro_lvm.train.callbacks import Callback
 from pyro_lvm.train.divergence import DEFAULT_DIVERGENCE, DivergenceMonitor, DivergenceRule
-from pyro_lvm.train.loop import Loop, NonFiniteLossError, StepResult, run, svi_step
+from pyro_lvm.train.loop import Loop, NonFiniteLossError, StepResult, run
 from pyro_lvm.train.loop import validate as validation_bound
+from pyro_lvm.train.step import svi_step
 
 __all__ = ["NonFiniteLossError", "fit"]
 

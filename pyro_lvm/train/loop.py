@@ -50,10 +50,9 @@ from pyro_lvm.runs.history import FitHistory
 from pyro_lvm.runs.load import program_record
 from pyro_lvm.train.callbacks import Callback
 from pyro_lvm.train.divergence import DivergenceMonitor, RunFailedError
-from pyro_lvm.train.step import svi_step
+from pyro_lvm.train.step import Batch
 
 __all__ = [
-    "Batch",
     "Checkpointer",
     "Loop",
     "NonFiniteLossError",
@@ -62,25 +61,13 @@ __all__ = [
     "iterate_batches",
     "run",
     "run_epoch",
-    "svi_step",
     "validate",
 ]
-
-#: a hook ``f(params)`` run after the backward pass, before the optimizer uses the gradients
 
 
 class NonFiniteLossError(RunFailedError):
     """A training step returned a NaN or infinite loss (``epoch``, ``step`` and the last good
     ``checkpoint`` as in :class:`~pyro_lvm.train.divergence.RunFailedError`)."""
-
-
-@dataclass
-class Batch:
-    """One minibatch as a step sees it: ``step(*args, **kwargs)``; ``size`` data points."""
-
-    args: tuple
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    size: int = 0
 
 
 @dataclass

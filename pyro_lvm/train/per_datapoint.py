@@ -18,7 +18,8 @@ from pyro_lvm.train.build import prepare_run
 from pyro_lvm.train.distributed.data_parallel import DataParallel
 from pyro_lvm.train.distributed.sharded import ShardedCheckpointer, ShardedLocalGuide
 from pyro_lvm.train.divergence import DEFAULT_DIVERGENCE, DivergenceMonitor, DivergenceRule
-from pyro_lvm.train.loop import Batch, Checkpointer, Loop, StepResult, run, svi_step
+from pyro_lvm.train.loop import Checkpointer, Loop, StepResult, run
+from pyro_lvm.train.step import Batch, svi_step
 
 __all__ = ["fit_local"]
 
@@ -81,7 +82,7 @@ def fit_local(
     :math:`\sum_i \max_{\varphi^i} \mathcal L` (envelope theorem), the objective of
     variational EM (Neal & Hinton 1998; Hoffman et al. 2013, arXiv:1206.7051).
 
-    Step 2 is the shared SVI step (:func:`~pyro_lvm.train.loop.svi_step`) with the rows
+    Step 2 is the shared SVI step (:func:`~pyro_lvm.train.step.svi_step`) with the rows
     φ^{i,*} passed as constant inputs; the loop around it is the one of
     :func:`~pyro_lvm.train.fit` (:func:`pyro_lvm.train.loop.run`): the same history,
     non-finite-loss guard, callbacks, logs, progress bar and checkpoints. A checkpoint holds

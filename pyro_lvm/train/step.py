@@ -19,19 +19,26 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import pyro
 import torch
 from pyro.infer import SVI
 
-if TYPE_CHECKING:
-    from pyro_lvm.train.loop import Batch
-
-__all__ = ["GradientHook", "svi_step"]
+__all__ = ["Batch", "GradientHook", "svi_step"]
 
 #: a ``before_update`` hook: called with the parameters that have gradients
 GradientHook = Callable[[list[torch.Tensor]], None]
+
+
+@dataclass
+class Batch:
+    """One minibatch as a step sees it: ``step(*args, **kwargs)``; ``size`` data points."""
+
+    args: tuple
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    size: int = 0
 
 
 def _with_grad(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:

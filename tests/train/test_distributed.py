@@ -18,7 +18,7 @@ from pyro_lvm.evaluate.distributed import distributed_evaluate
 from pyro_lvm.train.distributed import GradientSync
 from pyro_lvm.train.distributed.data_parallel import DataParallel
 from pyro_lvm.train.distributed.sharded import ShardedLocalGuide, shard_size
-from pyro_lvm.train.loop import Batch, svi_step
+from pyro_lvm.train.step import Batch, svi_step
 from tests.train import dist_workers as w
 
 Z = 4.5  # two-sided false-alarm rate about 7e-6

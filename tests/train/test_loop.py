@@ -26,7 +26,8 @@ from pyro_lvm.train import (
     resolve_estimator,
     save_checkpoint,
 )
-from pyro_lvm.train.loop import Batch, epoch_order, iterate_batches, svi_step
+from pyro_lvm.train.loop import epoch_order, iterate_batches
+from pyro_lvm.train.step import Batch, svi_step
 
 
 class Counting(Trace_ELBO):

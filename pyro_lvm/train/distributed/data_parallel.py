@@ -15,13 +15,13 @@ the single-process gradient at the global batch. The loop's seams (see
 :mod:`pyro_lvm.train.loop`) use this object as follows; each is the identity in one process,
 where the loop does not hold one at all:
 
-- :meth:`DataParallel.shard`: a :class:`~pyro_lvm.train.loop.Batch` (positional tensors and
+- :meth:`DataParallel.shard`: a :class:`~pyro_lvm.train.step.Batch` (positional tensors and
   named per-datapoint keyword tensors alike) to this process's rows;
 - :meth:`DataParallel.reduce`: the step's loss and metrics to their global-batch values
   :math:`\sum_r w_r v_r` (one all-reduce), so every process records the same history and the
   non-finite and divergence guards decide alike;
 - :attr:`DataParallel.hooks`: the gradient all-reduce, a ``before_update`` hook of
-  :func:`~pyro_lvm.train.loop.svi_step` (run once per step);
+  :func:`~pyro_lvm.train.step.svi_step` (run once per step);
 - :meth:`DataParallel.mean`: a validation bound per data point from contiguous pieces;
 - :meth:`DataParallel.agree`: a stop asked by any process stops all of them;
 - :meth:`DataParallel.save`: rank 0 writes the checkpoint, then every process waits for it.
@@ -187,7 +187,7 @@ class DataParallel:
         return pieces[self.rank]
 
     def shard(self, batch: Any) -> Any:
-        """This process's rows of ``batch`` (a :class:`~pyro_lvm.train.loop.Batch` whose
+        """This process's rows of ``batch`` (a :class:`~pyro_lvm.train.step.Batch` whose
         ``args`` are ``(x, idx, ...)``; every positional and keyword tensor is sliced alike);
         sets the gradient weight :math:`w_r = |b_r|/|b|`."""
         if not self.active:

@@ -22,7 +22,7 @@ Why not :class:`torch.nn.parallel.DistributedDataParallel`: Pyro parameters need
 an ``nn.Module`` (``pyro.param``, per-site baselines) and the step is driven by an ELBO, not by a
 module's ``forward``; the all-reduce therefore runs on the parameter-store tensors, between the
 backward pass and the optimizer step (the ``before_update`` hook of
-:func:`~pyro_lvm.train.loop.svi_step`, once per step), which covers every parameter a step
+:func:`~pyro_lvm.train.step.svi_step`, once per step), which covers every parameter a step
 touches.
 
 The process group itself (rank, size, guarded collectives) is :mod:`pyro_lvm.process_group`.
