@@ -27,7 +27,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["RecordError", "build", "decode", "encode", "factory_name", "recorded", "resolve"]
+__all__ = [
+    "RecordError",
+    "build",
+    "decode",
+    "encode",
+    "factory_name",
+    "record_as",
+    "recorded",
+    "resolve",
+]
 
 
 class RecordError(ValueError):
@@ -134,6 +143,28 @@ def recorded(cls: type) -> type:
     __init__._pyro_lvm_recorded = True
     cls.__init__ = __init__
     return cls
+
+
+def record_as(obj: Any, like: Any, **changes: Any) -> None:
+    """Record ``obj`` as the call that built ``like``, with the arguments ``changes`` replaced:
+    a wrapper that stands for another object (a sharded guide stands for the unsharded guide
+    its checkpoint holds) comes back as that object. Without a record of ``like``, ``obj``
+    keeps none either (it then needs ``model=``/``guide=`` in :func:`pyro_lvm.load_run`).
+
+    :raises RecordError: when ``changes`` names an argument the recorded call does not have.
+    """
+    stamp = _stamp_of(like)
+    if stamp is None or stamp[1] is not None:
+        try:
+            _STAMPS.pop(obj, None)
+        except TypeError:
+            pass
+        return
+    call = stamp[0]
+    unknown = sorted(set(changes) - set(call.args))
+    if unknown:
+        raise RecordError(f"{factory_name(call.factory)} was not called with {unknown}")
+    _stamp(obj, _Call(call.factory, {**call.args, **changes}), None)
 
 
 def build(factory: str | Callable, **args: Any) -> Any:

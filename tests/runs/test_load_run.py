@@ -234,3 +234,26 @@ def test_the_estimator_comes_back_with_its_state(tmp_path):
     assert saved  # the baseline moved
     run = pyro_lvm.load_run(tmp_path)
     torch.testing.assert_close(run.estimator.state_dict(), saved, rtol=0, atol=0)
+
+
+def test_a_sharded_local_guide_comes_back_as_the_unsharded_guide(tmp_path):
+    """A ``fit_local`` run with a :class:`ShardedLocalGuide` checkpoints the gathered rows of
+    all N points, so ``load_run`` rebuilds the unsharded guide (one process here: the shard
+    is the whole guide), with no ``model=``/``guide=``."""
+    from pyro_lvm.train import fit_local
+    from pyro_lvm.train.distributed import ShardedLocalGuide, shard_size
+
+    n = 12
+    x = models.LinearGaussian(4, 1).sample(n)
+    model = models.LinearGaussian(4, 1, noise_scale=0.5, num_data=n)
+    guide = ShardedLocalGuide(guides.LocalGaussianGuide(shard_size(n), 1), n)
+    fit_local(
+        model, guide, x, num_epochs=1, batch_size=4, inner_max_steps=3, progress=False,
+        checkpoint=tmp_path / "local.pt",
+    )  # fmt: skip
+    run = pyro_lvm.load_run(tmp_path / "local.pt")
+    assert type(run.guide) is guides.LocalGaussianGuide and run.guide.num_data == n
+    trained = guide.shard.params()
+    for name, value in run.guide.params().items():
+        assert torch.equal(value, trained[name])
+    assert torch.equal(run.model.log_evidence(x), model.log_evidence(x))

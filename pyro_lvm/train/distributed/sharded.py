@@ -34,6 +34,7 @@ from pyro_lvm.guides.local import LocalGuide
 from pyro_lvm.plates import data_plate
 from pyro_lvm.process_group import collective_device, guarded, rank_and_size
 from pyro_lvm.runs.history import FitHistory
+from pyro_lvm.spec import record_as
 from pyro_lvm.train.loop import Checkpointer
 
 __all__ = ["ShardedCheckpointer", "ShardedLocalGuide", "shard_size"]
@@ -82,6 +83,8 @@ class ShardedLocalGuide(LocalGuide):
         self.rank, self.size = rank, size
         self.__dict__["shard"] = shard  # not a submodule: the shard's names stay unprefixed
         self.local_names = shard.local_names
+        # its checkpoint holds the unsharded guide's rows: it comes back as that guide
+        record_as(self, shard, num_data=num_data)
 
     # the module protocol of the shard (state dict, parameters, devices)
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
