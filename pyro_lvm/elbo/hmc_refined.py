@@ -13,6 +13,7 @@ from pyro.poutine.util import site_is_subsample
 from pyro_lvm.elbo.base import SurrogateELBO, require_reparameterized
 from pyro_lvm.elbo.registry import register
 from pyro_lvm.hmc import hmc_transition
+from pyro_lvm.validation import check_site_match
 
 __all__ = ["HMCRefinedELBO"]
 
@@ -161,6 +162,8 @@ class HMCRefinedELBO(SurrogateELBO):
         self._call = (model, args, kwargs)
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
+        # the refinement conditions the model on the guide's draws: they must be its latents
+        check_site_match(model_trace, guide_trace, enumerated=False)
         model, args, kwargs = self._call
         target = self._vectorized_num_particles(model) if self.vectorize_particles else model
         latents = {

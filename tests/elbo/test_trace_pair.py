@@ -91,8 +91,8 @@ def test_a_site_mismatch_is_flagged(name, guide):
     est = make_estimator(name, max(SPECS[name].min_particles, 2))
     got = _flag(est, _model, guide)
     assert "but not" in got or "mismatch" in got, got
-    if SPECS[name].category == "bound":  # importance weights: an error, not a warning
-        assert got.startswith("error: model/guide mismatch"), got
+    if SPECS[name].category in ("bound", "refined"):  # weights or MCMC from the guide's draws:
+        assert got.startswith("error: model/guide mismatch"), got  # an error, not a warning
 
 
 @pytest.mark.parametrize("name", RUNS)
