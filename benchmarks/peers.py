@@ -12,7 +12,9 @@ Adam 1e-3, K particles vectorized, the same plain ``model``/``guide`` pair for e
 - ``gemm-floor``: the step's matrix multiplies alone (forward and backward, no bias, no
   pointwise work): the floor a step cannot beat on this core;
 - ``torch-eager`` (the reference) and ``torch-compile`` (``torch.compile`` of the loss and of
-  the optimizer step): the hand-written step, ``--no-compile`` skips the latter;
+  the optimizer step): the hand-written step with ``Adam(fused=True)``, ``--no-compile`` skips
+  the latter; ``torch-foreach``: the same with ``Adam(foreach=True)`` (the reference before
+  2026-12-06 08:00 UTC; PyTorch's default Adam on CPU is the slower per-tensor loop);
 - ``numpyro``: ``jax.jit(SVI.update)`` with ``Trace_ELBO(num_particles=K)`` or, for the
   ``iwae`` bound, ``RenyiELBO(alpha=0)``. Optional: ``pip install -e ".[peers]"`` (numpyro,
   jax); without it the path is skipped with a message;
@@ -97,11 +99,14 @@ def pyro_pair(hidden: int, z_dim: int):
     return model, guide
 
 
-def torch_step(hidden: int, z_dim: int, x: torch.Tensor, k: int, bound: str, compile_=False):
-    """The hand-written step: one foreach Adam, the K-particle ELBO or IWAE bound."""
+def torch_step(
+    hidden: int, z_dim: int, x: torch.Tensor, k: int, bound: str, compile_=False, fused=True
+):
+    """The hand-written step: one Adam (``fused=True``, PyTorch's fastest Adam on CPU and
+    CUDA; ``fused=False``: ``foreach=True``), the K-particle ELBO or IWAE bound."""
     enc, dec = networks(hidden, z_dim)
     params = [*enc.parameters(), *dec.parameters()]
-    opt = torch.optim.Adam(params, lr=LR, foreach=True)
+    opt = torch.optim.Adam(params, lr=LR, **({"fused": True} if fused else {"foreach": True}))
 
     def loss_fn(x, eps):
         loc, raw = enc(x).split(z_dim, dim=-1)
@@ -290,6 +295,7 @@ def main(argv=None) -> dict:
             pyro.set_rng_seed(0)
             floor, flops = gemm_floor(hidden, z_dim, k)
             paths = {"torch-eager": torch_step(hidden, z_dim, x, k, bound), "gemm-floor": floor}
+            paths["torch-foreach"] = torch_step(hidden, z_dim, x, k, bound, fused=False)
             if not args.no_compile:
                 paths["torch-compile"] = torch_step(hidden, z_dim, x, k, bound, compile_=True)
             nstep = numpyro_step(hidden, z_dim, x, k, bound)
