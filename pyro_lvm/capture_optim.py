@@ -251,9 +251,7 @@ class StepRule:
                     maximize=h["maximize"], is_first_step=False,
                 )  # fmt: skip
                 continue
-            steps, exp_avgs, exp_avg_sqs = (
-                [tensors[j * n + k] for k in ks] for j in range(3)
-            )
+            steps, exp_avgs, exp_avg_sqs = ([tensors[j * n + k] for k in ks] for j in range(3))
             b1, b2 = h["betas"]
             self.fused(
                 *pick, exp_avgs, exp_avg_sqs, [], steps, lr=rate, beta1=b1, beta2=b2,

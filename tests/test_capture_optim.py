@@ -198,3 +198,19 @@ def test_step_rule_names_what_it_cannot_do():
     assert "amsgrad" in step_rule(torch.optim.Adam([p], amsgrad=True), [p])
     assert "no parameter has optimizer state" in step_rule(torch.optim.Adam([p]), [p])
     assert "has no whole-step rule" in step_rule(torch.optim.Adagrad([p]), [p])
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd-nesterov", "sgd-clip-value"])
+def test_inductor_compiles_the_fused_whole_step(name):
+    """The fused kernels (no fake kernel of their ``tensor_lr`` overloads in torch) reach
+    Inductor as custom operators: the compiled whole step is verified and takes pyro's SVI
+    steps to Inductor's rounding."""
+    ref_losses, ref_params, _ = _run(SVI, OPTIMS[name]())
+    losses, params, svi = _run(FastSVI, OPTIMS[name](), backend="inductor")
+    ((key, entry),) = svi.policy.entries.items()
+    assert svi.policy.inductor[key] is None and entry.captured.backend == "inductor"
+    assert entry.captured.verified and entry.rule.fused is not None
+    assert "_fused_" in entry.aten.fx.code and svi.traced_steps == STEPS - 4
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-7, atol=0)
+    for p, q in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-10)
