@@ -25,6 +25,10 @@ OPTIMS = {
     "clipped-adam": lambda: pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.95, "clip_norm": 1.0}),
     "adam-clip-norm": lambda: pyro.optim.Adam({"lr": 0.05}, {"clip_norm": 0.5}),
     "sgd-clip-value": lambda: pyro.optim.SGD({"lr": 0.01}, {"clip_value": 0.05}),
+    # two parameter groups (rates by name) and L2 weight decay: one fused call per group
+    "adam-groups-l2": lambda: pyro.optim.Adam(
+        lambda name: {"lr": 0.05 if name.endswith("weight") else 0.02, "weight_decay": 0.1}
+    ),
 }
 
 
@@ -54,6 +58,7 @@ def _run(cls, optim, steps=STEPS, **kw):
 
 KERNELS = {"adam": "_fused_adam_", "adamw": "_fused_adamw_", "sgd-nesterov": "_fused_sgd_"}
 KERNELS.update({"adam-clip-norm": "_fused_adam_", "sgd-clip-value": "_fused_sgd_"})
+KERNELS["adam-groups-l2"] = "_fused_adam_"
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
@@ -72,6 +77,7 @@ def test_the_whole_step_graph_takes_pyro_svis_steps(name, fused, monkeypatch):
     assert (entry.rule.fused is not None) == (kernel is not None)
     code = entry.captured.fx.code
     assert (f"aten.{kernel}.tensor_lr" in code) if kernel else ("_fused_" not in code)
+    assert code.count(".tensor_lr(") == (len(svi.optimizer.param_groups) if kernel else 0)
     assert svi.traced_steps == STEPS - 3
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-10, atol=0)
     for p, q in zip(params, ref_params, strict=True):
