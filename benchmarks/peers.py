@@ -25,8 +25,9 @@ Adam 1e-3, K particles vectorized, the same plain ``model``/``guide`` pair for e
   (``backend="auto"``, which compiles with Inductor where it pays);
 - ``fast-inductor``: ``FastSVI(backend="inductor")``, the whole step compiled whatever the
   plan (``--no-inductor`` skips it);
-- ``fast-loss-graph`` (``--loss-graph``): ``FastSVI``'s short-run path before the whole-step
-  graph (a graph of the loss and gradients, then the eager fused Adam), for an A/B.
+- ``fast-loss-graph`` (``--loss-graph``): ``FastSVI``'s path of a ``before_update`` hook (a
+  graph of the loss and gradients, then the eager optimizer, ``Adam(fused=True)`` since
+  2026-12-06 08:00 UTC; before, ``foreach``: the path before the whole-step graph), for an A/B.
 
 ``--profile N`` adds torch.profiler's table of each path's top operators over N steps.
 
@@ -229,7 +230,7 @@ def fast_step(hidden, z_dim, x, k, bound, planned, backend="auto", loss_graph=Fa
         model, guide, pyro.optim.Adam({"lr": LR}), make_estimator(bound, k),
         planned_steps=planned, backend=backend,
     )  # fmt: skip
-    if loss_graph:  # a no-op hook keeps the gradients outside the graph: the pre-issue-26 path
+    if loss_graph:  # a no-op hook keeps the gradients outside the graph (eager update)
         svi.before_update = lambda params: None
     step = lambda: svi.step(x)  # noqa: E731
     step.warmup_steps = WARMUP  # type: ignore[attr-defined]
