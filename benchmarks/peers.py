@@ -14,7 +14,7 @@ Adam 1e-3, K particles vectorized, the same plain ``model``/``guide`` pair for e
 - ``torch-eager`` (the reference) and ``torch-compile`` (``torch.compile`` of the loss and of
   the optimizer step): the hand-written step with ``Adam(fused=True)``, ``--no-compile`` skips
   the latter; ``torch-foreach``: the same with ``Adam(foreach=True)`` (the reference before
-  2026-12-06 08:00 UTC; PyTorch's default Adam on CPU is the slower per-tensor loop);
+  branch i26b, 2026-12-06; PyTorch's default Adam on CPU is the slower per-tensor loop);
 - ``numpyro``: ``jax.jit(SVI.update)`` with ``Trace_ELBO(num_particles=K)`` or, for the
   ``iwae`` bound, ``RenyiELBO(alpha=0)``. Optional: ``pip install -e ".[peers]"`` (numpyro,
   jax); without it the path is skipped with a message;
@@ -27,7 +27,7 @@ Adam 1e-3, K particles vectorized, the same plain ``model``/``guide`` pair for e
   plan (``--no-inductor`` skips it);
 - ``fast-loss-graph`` (``--loss-graph``): ``FastSVI``'s path of a ``before_update`` hook (a
   graph of the loss and gradients, then the eager optimizer, ``Adam(fused=True)`` since
-  2026-12-06 08:00 UTC; before, ``foreach``: the path before the whole-step graph), for an A/B.
+  branch i26b (2026-12-06); before, ``foreach``: the path before the whole-step graph), for an A/B.
 
 ``--profile N`` adds torch.profiler's table of each path's top operators over N steps.
 
