@@ -220,3 +220,15 @@ def test_inductor_compiles_the_fused_whole_step(name):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-7, atol=0)
     for p, q in zip(params, ref_params, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-10)
+
+
+def test_the_optimizer_is_fused_only_where_torch_has_the_kernel():
+    """PyTorch checks a fused optimizer's devices at its first step, so FastSVI checks first:
+    CPU floats get the fused kernel; another device (here ``meta``) gets ``foreach``."""
+    vae = VAE(10, 2, (8,), num_data=N)
+    svi = FastSVI(vae, vae.guide, OPTIMS["adam"](), make_estimator("elbo"))
+    cpu = svi._build(torch.optim.Adam, {"params": [torch.zeros(2, requires_grad=True)]})
+    meta = torch.zeros(2, device="meta", requires_grad=True)
+    other = svi._build(torch.optim.Adam, {"params": [meta]})
+    assert cpu.param_groups[0]["fused"] and not other.param_groups[0]["fused"]
+    assert other.param_groups[0]["foreach"]

@@ -209,8 +209,12 @@ class FastSVI(FastSVIState):
 
     def _build(self, ctor: Callable, group: dict) -> torch.optim.Optimizer:
         """``ctor([group], fused=True)`` where PyTorch has the fused kernel for the parameters
-        (:attr:`fused`), else ``foreach=True``, else as given (an optimizer without either)."""
-        for kwargs in [{"fused": True}] * self.fused + [{"foreach": True}]:
+        (:attr:`fused`: floating point on the CPU, or CUDA for Adam, AdamW, SGD; torch checks
+        only at the first step), else ``foreach=True``, else as given (neither accepted)."""
+        cuda = isinstance(ctor, type) and issubclass(ctor, (torch.optim.Adam, torch.optim.SGD))
+        kinds = {p.device.type if p.is_floating_point() else "" for p in group["params"]}
+        fused = self.fused and kinds <= ({"cpu", "cuda"} if cuda else {"cpu"})
+        for kwargs in [{"fused": True}] * fused + [{"foreach": True}]:
             try:
                 return ctor([group], **kwargs)
             except (TypeError, RuntimeError, ValueError):
