@@ -34,8 +34,8 @@ class FastSVI(FastSVIState):
     1. **One fused optimizer.** ``pyro.optim.PyroOptim`` builds one torch optimizer per
        parameter; here one optimizer holds every parameter, with per-parameter option groups
        when ``optim_args`` is a callable, built with ``fused=True`` where PyTorch has the
-       fused kernel for the parameters' device and dtype (``Adam``, ``AdamW``, ``SGD``,
-       ``Adagrad`` on CPU and CUDA; :attr:`fused`), else ``foreach=True`` where supported. The
+       fused kernel for the parameters' device and dtype (``Adam``, ``AdamW``, ``SGD`` on CPU
+       and CUDA, ``Adagrad`` on CPU; :attr:`fused`), else ``foreach=True`` where supported. The
        updates are elementwise, so the iterates equal the per-parameter ones to rounding.
     2. **Validation off in the hot loop.** The first step with each input signature runs
        with the user's validation setting (shape checks, model/guide match); later steps
