@@ -12,7 +12,9 @@ Adam 1e-3, K particles vectorized, the same plain ``model``/``guide`` pair for e
 - ``gemm-floor``: the step's matrix multiplies alone (forward and backward, no bias, no
   pointwise work): the floor a step cannot beat on this core;
 - ``torch-eager`` (the reference) and ``torch-compile`` (``torch.compile`` of the loss and of
-  the optimizer step): the hand-written step, ``--no-compile`` skips the latter;
+  the optimizer step): the hand-written step with ``Adam(fused=True)``, ``--no-compile`` skips
+  the latter; ``torch-foreach``: the same with ``Adam(foreach=True)`` (the reference before
+  branch i26b, 2026-12-06; PyTorch's default Adam on CPU is the slower per-tensor loop);
 - ``numpyro``: ``jax.jit(SVI.update)`` with ``Trace_ELBO(num_particles=K)`` or, for the
   ``iwae`` bound, ``RenyiELBO(alpha=0)``. Optional: ``pip install -e ".[peers]"`` (numpyro,
   jax); without it the path is skipped with a message;
@@ -23,8 +25,9 @@ Adam 1e-3, K particles vectorized, the same plain ``model``/``guide`` pair for e
   (``backend="auto"``, which compiles with Inductor where it pays);
 - ``fast-inductor``: ``FastSVI(backend="inductor")``, the whole step compiled whatever the
   plan (``--no-inductor`` skips it);
-- ``fast-loss-graph`` (``--loss-graph``): ``FastSVI``'s short-run path before the whole-step
-  graph (a graph of the loss and gradients, then the eager fused Adam), for an A/B.
+- ``fast-loss-graph`` (``--loss-graph``): ``FastSVI``'s path of a ``before_update`` hook (a
+  graph of the loss and gradients, then the eager optimizer, ``Adam(fused=True)`` since
+  branch i26b (2026-12-06); before, ``foreach``: the path before the whole-step graph), for an A/B.
 
 ``--profile N`` adds torch.profiler's table of each path's top operators over N steps.
 
@@ -97,11 +100,14 @@ def pyro_pair(hidden: int, z_dim: int):
     return model, guide
 
 
-def torch_step(hidden: int, z_dim: int, x: torch.Tensor, k: int, bound: str, compile_=False):
-    """The hand-written step: one foreach Adam, the K-particle ELBO or IWAE bound."""
+def torch_step(
+    hidden: int, z_dim: int, x: torch.Tensor, k: int, bound: str, compile_=False, fused=True
+):
+    """The hand-written step: one Adam (``fused=True``, PyTorch's fastest Adam on CPU and
+    CUDA; ``fused=False``: ``foreach=True``), the K-particle ELBO or IWAE bound."""
     enc, dec = networks(hidden, z_dim)
     params = [*enc.parameters(), *dec.parameters()]
-    opt = torch.optim.Adam(params, lr=LR, foreach=True)
+    opt = torch.optim.Adam(params, lr=LR, **({"fused": True} if fused else {"foreach": True}))
 
     def loss_fn(x, eps):
         loc, raw = enc(x).split(z_dim, dim=-1)
@@ -224,7 +230,7 @@ def fast_step(hidden, z_dim, x, k, bound, planned, backend="auto", loss_graph=Fa
         model, guide, pyro.optim.Adam({"lr": LR}), make_estimator(bound, k),
         planned_steps=planned, backend=backend,
     )  # fmt: skip
-    if loss_graph:  # a no-op hook keeps the gradients outside the graph: the pre-issue-26 path
+    if loss_graph:  # a no-op hook keeps the gradients outside the graph (eager update)
         svi.before_update = lambda params: None
     step = lambda: svi.step(x)  # noqa: E731
     step.warmup_steps = WARMUP  # type: ignore[attr-defined]
@@ -290,6 +296,7 @@ def main(argv=None) -> dict:
             pyro.set_rng_seed(0)
             floor, flops = gemm_floor(hidden, z_dim, k)
             paths = {"torch-eager": torch_step(hidden, z_dim, x, k, bound), "gemm-floor": floor}
+            paths["torch-foreach"] = torch_step(hidden, z_dim, x, k, bound, fused=False)
             if not args.no_compile:
                 paths["torch-compile"] = torch_step(hidden, z_dim, x, k, bound, compile_=True)
             nstep = numpyro_step(hidden, z_dim, x, k, bound)

@@ -11,7 +11,10 @@ the graph (never of a clock, so a resumed run decides as the uninterrupted one d
 1. **Compile** (:func:`compile_inductor`): ``torch.compile(graph, options={"fallback_random":
    True})`` so random operations draw what eager code draws; any failure (no C++ compiler,
    an unsupported operation) is a :class:`~pyro_lvm.capture.CaptureError` whose message is
-   the logged reason for staying on the aten graph.
+   the logged reason for staying on the aten graph. A whole step's fused optimizer kernel
+   (``aten._fused_adam_.tensor_lr`` and kin, which Inductor cannot fake-run) is compiled as
+   a call to the same kernel through the custom operators ``pyro_lvm::fused_adam_`` and
+   ``pyro_lvm::fused_sgd_``.
 2. **Tolerance** (:func:`inductor_rtol`): fused kernels sum in other orders and use other
    ``exp``/``log`` implementations, so they do not reproduce eager rounding. By the
    probabilistic rounding-error bound of Higham & Mary (2019), a result computed through
@@ -49,6 +52,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import getpass
 import hashlib
 import math
@@ -197,6 +201,77 @@ def inductor_pays(
     return pays, why
 
 
+# The fused optimizer kernels behind operators Inductor compiles: torch 2.13 has no fake
+# kernel of aten's ``_fused_*_.tensor_lr`` overloads, and functionalizing them fails. The same
+# kernels as operators of this library with their mutations in the schema (torch.library)
+# compile, as calls to the kernel (Inductor re-inplaces the declared mutations). Defined with
+# ``Library.define``/``impl``: a call costs ~7 µs over the kernel, ``torch.library.custom_op``'s
+# ~60 µs.
+_aten = torch.ops.aten
+_LIB = torch.library.Library("pyro_lvm", "DEF")
+_LIB.define(
+    "fused_adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+    "Tensor(d!)[] exp_avg_sqs, Tensor[] steps, Tensor lr, float beta1, float beta2, "
+    "float weight_decay, float eps, bool maximize, bool decoupled) -> ()"
+)
+_LIB.define(
+    "fused_sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] bufs, Tensor lr, "
+    "float weight_decay, float momentum, float dampening, bool nesterov, bool maximize) -> ()"
+)
+
+
+def _fused_adam_(
+    params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps, maximize,
+    decoupled,
+) -> None:  # fmt: skip
+    """``aten._fused_adam_.tensor_lr`` (``decoupled``: ``_fused_adamw_``), no amsgrad."""
+    kernel = _aten._fused_adamw_ if decoupled else _aten._fused_adam_
+    kernel.tensor_lr(
+        params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+        weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=maximize,
+    )  # fmt: skip
+
+
+def _fused_sgd_(params, grads, bufs, lr, weight_decay, momentum, dampening, nesterov, maximize):
+    """``aten._fused_sgd_.tensor_lr`` after the first step (momentum buffers exist)."""
+    _aten._fused_sgd_.tensor_lr(
+        params, grads, bufs, weight_decay=weight_decay, momentum=momentum, lr=lr,
+        dampening=dampening, nesterov=nesterov, maximize=maximize, is_first_step=False,
+    )  # fmt: skip
+
+
+for _name, _kernel in (("fused_adam_", _fused_adam_), ("fused_sgd_", _fused_sgd_)):
+    _LIB.impl(_name, _kernel, "CompositeExplicitAutograd")
+    _LIB.impl(_name, lambda *args, **kwargs: None, "Meta")  # shapes unchanged, nothing returned
+
+
+def _compilable(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``graph``, or a copy whose fused optimizer calls go through the custom operators."""
+    adam = {_aten._fused_adam_.tensor_lr: False, _aten._fused_adamw_.tensor_lr: True}
+    sgd = _aten._fused_sgd_.tensor_lr
+    if not any(n.target in adam or n.target is sgd for n in graph.graph.nodes):
+        return graph
+    graph = copy.deepcopy(graph)
+    for node in graph.graph.nodes:
+        a, k = node.args, node.kwargs
+        if node.target in adam:
+            if a[4] or k.get("amsgrad") or k.get("grad_scale") is not None:
+                raise CaptureError("a fused Adam with amsgrad or a grad scale has no Inductor form")
+            node.kwargs = {n: k[n] for n in ("lr", "beta1", "beta2", "weight_decay", "eps")}
+            node.kwargs = {**node.kwargs, "maximize": k["maximize"], "decoupled": adam[node.target]}
+            node.target, node.args = torch.ops.pyro_lvm.fused_adam_.default, (*a[:4], a[5])
+        elif node.target is sgd:
+            if k.get("is_first_step") or k.get("grad_scale") is not None:
+                raise CaptureError("a fused SGD first step or grad scale has no Inductor form")
+            names = ("lr", "weight_decay", "momentum", "dampening", "nesterov", "maximize")
+            node.target, node.kwargs = (
+                torch.ops.pyro_lvm.fused_sgd_.default,
+                {n: k[n] for n in names},
+            )
+    graph.recompile()
+    return graph
+
+
 def compile_inductor(captured: Captured, inputs: Sequence[torch.Tensor]) -> Captured:
     """``captured``'s graph compiled by Inductor (compiled here, at a first call on ``inputs``
     = wrt, others and data, under the caller's random state, which is restored), with its
@@ -213,7 +288,7 @@ def compile_inductor(captured: Captured, inputs: Sequence[torch.Tensor]) -> Capt
             # on CUDA, CUDA graphs replay the whole step at one launch (what mode=
             # "reduce-overhead" sets; torch.compile takes a mode or options, not both)
             options = {"fallback_random": True, "triton.cudagraphs": inputs[0].is_cuda}
-            compiled = torch.compile(captured.fx, dynamic=False, options=options)
+            compiled = torch.compile(_compilable(captured.fx), dynamic=False, options=options)
             compiled(*inputs)
     except Exception as e:  # no compiler, an unsupported operation: stay on the aten graph
         raise CaptureError(f"the Inductor compile failed: {type(e).__name__}: {e}") from e

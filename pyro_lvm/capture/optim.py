@@ -14,7 +14,20 @@ every call. NumPyro's ``SVI.update`` is this shape under ``jax.jit``. PyTorch's 
 optimizers cannot be recorded as they are on a CPU: they read the step count as a Python
 number (``.item()``), which a graph freezes, and their ``capturable=True`` variant is limited
 to accelerators. :class:`StepRule` writes the update of the optimizers it supports with the
-``torch._foreach_*`` operations the optimizers themselves use, in the same order:
+operations the optimizer itself runs:
+
+- built with ``fused=True`` (as :class:`~pyro_lvm.train.FastSVI` builds them where PyTorch has
+  the kernel for the parameters' device and dtype), ``Adam``, ``AdamW`` and ``SGD`` step with
+  one fused kernel, ``aten._fused_adam_`` / ``_fused_adamw_`` / ``_fused_sgd_``, which reads
+  and writes each element of the parameters, gradients and moments once. Its ``tensor_lr``
+  overload takes the learning rate as a tensor, so the graph calls it once per parameter group
+  with that group's rate read from the input; the step counts are tensors the graph
+  increments, as the eager optimizer does before its call. The graph step is the eager
+  step, bit for bit;
+- otherwise the ``torch._foreach_*`` operations of the optimizers' ``foreach`` form, in their
+  order (one pass over the parameters per operation).
+
+The optimizers:
 
 - ``torch.optim.Adam`` and ``AdamW`` (Kingma & Ba 2015; Loshchilov & Hutter 2019), without
   ``amsgrad``;
@@ -56,6 +69,19 @@ _SAME = {  # hyper-parameters every group must share (the lr may differ: it is a
     torch.optim.SGD: ("momentum", "dampening", "nesterov", "weight_decay", "maximize"),
     ClippedAdam: ("betas", "eps", "weight_decay", "clip_norm", "centered_variance"),
 }
+
+
+def _fused_kernel(optimizer: torch.optim.Optimizer) -> Any:
+    """The ``tensor_lr`` overload of the fused kernel ``optimizer`` steps with (built with
+    ``fused=True``: PyTorch's ``Adam``, ``AdamW``, ``SGD``), or ``None``."""
+    group = optimizer.param_groups[0]
+    if not group.get("fused") or type(optimizer) not in _SAME:
+        return None
+    if type(optimizer) is torch.optim.SGD:
+        return torch.ops.aten._fused_sgd_.tensor_lr
+    if group.get("decoupled_weight_decay"):  # AdamW, or Adam(decoupled_weight_decay=True)
+        return torch.ops.aten._fused_adamw_.tensor_lr
+    return torch.ops.aten._fused_adam_.tensor_lr
 
 
 def eager_update(optimizer: torch.optim.Optimizer, params: Sequence, clip: dict | None) -> None:
@@ -122,7 +148,11 @@ class StepRule:
         where = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
         self._group = [where[id(p)] for p in self.active]  # indices: load_state_dict renews dicts
         self._lrs: list[float] | None = None
-        self._lr = torch.zeros(len(self.active), dtype=torch.float64, device=params[0].device)
+        #: the fused kernel (``aten._fused_*_.tensor_lr``) of a ``fused=True`` optimizer, or None
+        self.fused = _fused_kernel(optimizer)
+        # a CUDA fused kernel reads a device lr as float32; elsewhere float64, as Python's
+        lr_dtype = torch.float32 if self.fused and params[0].is_cuda else torch.float64
+        self._lr = torch.zeros(len(self.active), dtype=lr_dtype, device=params[0].device)
 
     def _names(self) -> tuple[str, ...]:
         if self.kind is torch.optim.SGD:
@@ -154,17 +184,8 @@ class StepRule:
             self._lr.copy_(torch.tensor(lrs, dtype=torch.float64))
         return [*out, self._lr]
 
-    def update(self, params: list, grads: list, state: list) -> None:
-        """The step, in place on ``params`` and ``state`` (traced by ``capture``)."""
-        got = [g is not None for g in grads]
-        *tensors, lr = state
-        if self.kind is torch.optim.SGD and not self.hyper["momentum"]:  # no state: any subset
-            lr = torch.stack([r for r, m in zip(lr.unbind(), got, strict=True) if m])
-        elif got != self.mask:
-            raise ValueError("the parameters that receive a gradient are not those with state")
-        params = [p for p, m in zip(params, got, strict=True) if m]
-        grads = [g for g in grads if g is not None]
-        n, h = len(params), self.hyper
+    def _clip(self, grads: list) -> list:
+        """``pyro.optim``'s per-parameter ``clip_norm`` then ``clip_value`` of the gradients."""
         if self.clip.get("clip_norm") is not None:  # clip_grad_norm_ of each parameter
             norms = torch._foreach_norm(grads)
             coefs = [(self.clip["clip_norm"] / (t + 1e-6)).clamp(max=1.0) for t in norms]
@@ -172,6 +193,25 @@ class StepRule:
         if self.clip.get("clip_value") is not None:
             c = self.clip["clip_value"]
             grads = torch._foreach_clamp_max(torch._foreach_clamp_min(grads, -c), c)
+        return grads
+
+    def update(self, params: list, grads: list, state: list) -> None:
+        """The step, in place on ``params`` and ``state`` (traced by ``capture``)."""
+        got = [g is not None for g in grads]
+        *tensors, lr = state
+        if self.kind is torch.optim.SGD and not self.hyper["momentum"]:  # no state: any subset
+            which = [i for i, m in enumerate(got) if m]  # positions in self.active (= params)
+        elif got != self.mask:
+            raise ValueError("the parameters that receive a gradient are not those with state")
+        else:
+            which = list(range(len(self.active)))
+        params = [p for p, m in zip(params, got, strict=True) if m]
+        grads = self._clip([g for g in grads if g is not None])
+        if self.fused is not None:
+            return self._fused(params, grads, tensors, lr, which)
+        if len(which) != len(self.active):
+            lr = torch.stack([lr[i] for i in which])
+        n, h = len(params), self.hyper
         if h.get("maximize"):
             grads = torch._foreach_neg(grads)
         if self.kind is ClippedAdam:
@@ -183,6 +223,34 @@ class StepRule:
         if self.kind is torch.optim.SGD:
             return self._sgd(params, grads, tensors, lr)
         return self._adam(params, grads, tensors, lr, n)
+
+    def _fused(self, params, grads, tensors, lr, which) -> None:
+        """One fused kernel call per parameter group (its rate: ``lr[i]`` of its first
+        parameter ``i``); the kernel applies weight decay and ``maximize`` itself."""
+        h, n = self.hyper, len(params)
+        calls: dict[int, list[int]] = {}
+        for k, i in enumerate(which):
+            calls.setdefault(self._group[i], []).append(k)
+        if self.kind is not torch.optim.SGD:
+            torch._foreach_add_(tensors[:n], 1)  # the step counts, as the eager optimizer
+        for ks in calls.values():
+            pick = [params[k] for k in ks], [grads[k] for k in ks]
+            rate = lr[which[ks[0]]]
+            if self.kind is torch.optim.SGD:
+                bufs = [tensors[k] for k in ks] if h["momentum"] else []
+                self.fused(
+                    *pick, bufs, weight_decay=h["weight_decay"], momentum=h["momentum"],
+                    lr=rate, dampening=h["dampening"], nesterov=h["nesterov"],
+                    maximize=h["maximize"], is_first_step=False,
+                )  # fmt: skip
+                continue
+            steps, exp_avgs, exp_avg_sqs = ([tensors[j * n + k] for k in ks] for j in range(3))
+            b1, b2 = h["betas"]
+            self.fused(
+                *pick, exp_avgs, exp_avg_sqs, [], steps, lr=rate, beta1=b1, beta2=b2,
+                weight_decay=h["weight_decay"], eps=h["eps"], amsgrad=False,
+                maximize=h["maximize"],
+            )  # fmt: skip
 
     def _sgd(self, params, grads, bufs, lr) -> None:
         h = self.hyper

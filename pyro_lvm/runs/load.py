@@ -14,9 +14,9 @@ from pyro import poutine
 from torch import nn
 
 from pyro_lvm.contract import as_program
-from pyro_lvm.spec import RecordError, decode, encode
 from pyro_lvm.runs.checkpoint import _guide_prefix, load_checkpoint, read_checkpoint
 from pyro_lvm.runs.history import FitHistory
+from pyro_lvm.spec import RecordError, decode, encode
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -199,8 +199,8 @@ def load_run(
     :raises ValueError: when the run records no way to rebuild its programs (naming what to
         provide), or the state does not fit them.
     """
-    from pyro_lvm.elbo import ESTIMATORS, make_estimator
     from pyro_lvm.contract import set_num_data
+    from pyro_lvm.elbo import ESTIMATORS, make_estimator
 
     path = checkpoint_path(path)
     state = read_checkpoint(path)

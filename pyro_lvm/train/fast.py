@@ -32,9 +32,11 @@ class FastSVI(FastSVIState):
     changes is the per-step overhead that dominates small models (Pyro issue-level costs):
 
     1. **One fused optimizer.** ``pyro.optim.PyroOptim`` builds one torch optimizer per
-       parameter; here one optimizer (``foreach=True`` where supported) holds every
-       parameter, with per-parameter option groups when ``optim_args`` is a callable. Adam's
-       update is elementwise, so the iterates equal the per-parameter ones to rounding.
+       parameter; here one optimizer holds every parameter, with per-parameter option groups
+       when ``optim_args`` is a callable, built with ``fused=True`` where PyTorch has the
+       fused kernel for the parameters' device and dtype (``Adam``, ``AdamW``, ``SGD`` on CPU
+       and CUDA, ``Adagrad`` on CPU; :attr:`fused`), else ``foreach=True`` where supported. The
+       updates are elementwise, so the iterates equal the per-parameter ones to rounding.
     2. **Validation off in the hot loop.** The first step with each input signature runs
        with the user's validation setting (shape checks, model/guide match); later steps
        run with ``pyro.validation_enabled(False)``.
@@ -104,6 +106,10 @@ class FastSVI(FastSVIState):
        (arXiv:1810.09538): ``SVI`` and the per-parameter optimizers.
     2. Kingma & Ba (2015), *Adam: A Method for Stochastic Optimization*, arXiv:1412.6980.
     """
+
+    #: build the torch optimizer with ``fused=True`` where PyTorch has the kernel (one pass
+    #: over the parameters and moments per step; ``False``: ``foreach=True``)
+    fused: bool = True
 
     def __init__(
         self,
@@ -192,11 +198,7 @@ class FastSVI(FastSVIState):
         for args, ps in groups.items():
             group = {"params": ps, **dict(args)}
             if self.optimizer is None:
-                ctor = self.optim.pt_optim_constructor
-                try:
-                    self.optimizer = ctor([group], foreach=True)
-                except TypeError:
-                    self.optimizer = ctor([group])
+                self.optimizer = self._build(self.optim.pt_optim_constructor, group)
             else:
                 self.optimizer.add_param_group(group)
         self._params.update(new)
@@ -204,6 +206,20 @@ class FastSVI(FastSVIState):
             self.optimizer.load_state_dict(self._pending_state)
             self._pending_state = None
         return True
+
+    def _build(self, ctor: Callable, group: dict) -> torch.optim.Optimizer:
+        """``ctor([group], fused=True)`` where PyTorch has the fused kernel for the parameters
+        (:attr:`fused`: floating point on the CPU, or CUDA for Adam, AdamW, SGD; torch checks
+        only at the first step), else ``foreach=True``, else as given (neither accepted)."""
+        cuda = isinstance(ctor, type) and issubclass(ctor, (torch.optim.Adam, torch.optim.SGD))
+        kinds = {p.device.type if p.is_floating_point() else "" for p in group["params"]}
+        fused = self.fused and kinds <= ({"cpu", "cuda"} if cuda else {"cpu"})
+        for kwargs in [{"fused": True}] * fused + [{"foreach": True}]:
+            try:
+                return ctor([group], **kwargs)
+            except (TypeError, RuntimeError, ValueError):
+                continue
+        return ctor([group])
 
     def _update(self) -> None:
         if self.optimizer is not None:

@@ -25,6 +25,10 @@ OPTIMS = {
     "clipped-adam": lambda: pyro.optim.ClippedAdam({"lr": 0.05, "lrd": 0.95, "clip_norm": 1.0}),
     "adam-clip-norm": lambda: pyro.optim.Adam({"lr": 0.05}, {"clip_norm": 0.5}),
     "sgd-clip-value": lambda: pyro.optim.SGD({"lr": 0.01}, {"clip_value": 0.05}),
+    # two parameter groups (rates by name) and L2 weight decay: one fused call per group
+    "adam-groups-l2": lambda: pyro.optim.Adam(
+        lambda name: {"lr": 0.05 if name.endswith("weight") else 0.02, "weight_decay": 0.1}
+    ),
 }
 
 
@@ -52,14 +56,28 @@ def _run(cls, optim, steps=STEPS, **kw):
     return losses, [p.detach().clone() for p in vae.parameters()], svi
 
 
+KERNELS = {"adam": "_fused_adam_", "adamw": "_fused_adamw_", "sgd-nesterov": "_fused_sgd_"}
+KERNELS.update({"adam-clip-norm": "_fused_adam_", "sgd-clip-value": "_fused_sgd_"})
+KERNELS["adam-groups-l2"] = "_fused_adam_"
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
 @pytest.mark.parametrize("name", list(OPTIMS))
-def test_the_whole_step_graph_takes_pyro_svis_steps(name):
+def test_the_whole_step_graph_takes_pyro_svis_steps(name, fused, monkeypatch):
     """Loss, gradient, clipping and the optimizer's update in one verified graph: the losses
-    and iterates of pyro's SVI (one torch optimizer per parameter) to float64 rounding."""
+    and iterates of pyro's SVI (one torch optimizer per parameter) to float64 rounding; with
+    a ``fused=True`` optimizer the graph calls its fused kernel (ClippedAdam has none)."""
+    monkeypatch.setattr(FastSVI, "fused", fused)
     ref_losses, ref_params, _ = _run(SVI, OPTIMS[name]())
     losses, params, svi = _run(FastSVI, OPTIMS[name]())
     (entry,) = svi.policy.entries.values()
     assert svi.jit_reason is None and svi.step_reason is None and entry.captured.whole_step
+    kernel = KERNELS.get(name) if fused else None
+    assert bool(svi.optimizer.param_groups[0].get("fused")) == (kernel is not None)
+    assert (entry.rule.fused is not None) == (kernel is not None)
+    code = entry.captured.fx.code
+    assert (f"aten.{kernel}.tensor_lr" in code) if kernel else ("_fused_" not in code)
+    assert code.count(".tensor_lr(") == (len(svi.optimizer.param_groups) if kernel else 0)
     assert svi.traced_steps == STEPS - 3
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-10, atol=0)
     for p, q in zip(params, ref_params, strict=True):
@@ -98,8 +116,27 @@ def test_the_learning_rate_is_an_input_of_the_graph():
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 
 
+def test_a_wrong_fused_rule_fails_the_verification_and_runs_eagerly(monkeypatch):
+    """A planted bug (the fused Adam call without the step count's increment, so a stale bias
+    correction) is caught before the graph is used."""
+
+    def stale_step(self, params, grads, tensors, lr, which):
+        n = len(params)
+        self.fused(
+            params, grads, tensors[n : 2 * n], tensors[2 * n :], [], tensors[:n], lr=lr[0],
+            beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False,
+        )  # fmt: skip
+
+    ref_losses, ref_params, _ = _run(SVI, OPTIMS["adam"]())
+    monkeypatch.setattr(StepRule, "_fused", stale_step)
+    losses, params, svi = _run(FastSVI, OPTIMS["adam"]())
+    assert "optimizer update) differs" in svi.jit_reason and svi.traced_steps == 0
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-10, atol=0)
+
+
 def test_a_wrong_rule_fails_the_verification_and_runs_eagerly(monkeypatch):
     """A planted bug (Adam without its bias correction) is caught before the graph is used."""
+    monkeypatch.setattr(FastSVI, "fused", False)  # the foreach rule
 
     def no_bias_correction(self, params, grads, tensors, lr, n):
         steps, exp_avgs, exp_avg_sqs = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
@@ -129,8 +166,13 @@ def test_a_gradient_hook_keeps_the_gradients_outside_the_graph():
     assert svi.traced_steps == STEPS - 3
 
 
-@pytest.mark.parametrize("name", ["adam", "clipped-adam", "sgd-nesterov"])
-def test_resume_of_whole_steps_is_bit_exact(name):
+@pytest.mark.parametrize(
+    "name, fused",
+    [("adam", True), ("adam", False), ("adamw", True), ("clipped-adam", True)]
+    + [("sgd-nesterov", True), ("sgd-clip-value", True)],
+)
+def test_resume_of_whole_steps_is_bit_exact(name, fused, monkeypatch):
+    monkeypatch.setattr(FastSVI, "fused", fused)
     stop = 5
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
@@ -162,3 +204,31 @@ def test_step_rule_names_what_it_cannot_do():
     assert "amsgrad" in step_rule(torch.optim.Adam([p], amsgrad=True), [p])
     assert "no parameter has optimizer state" in step_rule(torch.optim.Adam([p]), [p])
     assert "has no whole-step rule" in step_rule(torch.optim.Adagrad([p]), [p])
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd-nesterov", "sgd-clip-value"])
+def test_inductor_compiles_the_fused_whole_step(name):
+    """The fused kernels (no fake kernel of their ``tensor_lr`` overloads in torch) reach
+    Inductor as custom operators: the compiled whole step is verified and takes pyro's SVI
+    steps to Inductor's rounding."""
+    ref_losses, ref_params, _ = _run(SVI, OPTIMS[name]())
+    losses, params, svi = _run(FastSVI, OPTIMS[name](), backend="inductor")
+    ((key, entry),) = svi.policy.entries.items()
+    assert svi.policy.inductor[key] is None and entry.captured.backend == "inductor"
+    assert entry.captured.verified and entry.rule.fused is not None
+    assert "_fused_" in entry.aten.fx.code and svi.traced_steps == STEPS - 4
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-7, atol=0)
+    for p, q in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-10)
+
+
+def test_the_optimizer_is_fused_only_where_torch_has_the_kernel():
+    """PyTorch checks a fused optimizer's devices at its first step, so FastSVI checks first:
+    CPU floats get the fused kernel; another device (here ``meta``) gets ``foreach``."""
+    vae = VAE(10, 2, (8,), num_data=N)
+    svi = FastSVI(vae, vae.guide, OPTIMS["adam"](), make_estimator("elbo"))
+    cpu = svi._build(torch.optim.Adam, {"params": [torch.zeros(2, requires_grad=True)]})
+    meta = torch.zeros(2, device="meta", requires_grad=True)
+    other = svi._build(torch.optim.Adam, {"params": [meta]})
+    assert cpu.param_groups[0]["fused"] and not other.param_groups[0]["fused"]
+    assert other.param_groups[0]["foreach"]
