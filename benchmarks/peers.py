@@ -29,6 +29,10 @@ Adam 1e-3, K particles vectorized, the same plain ``model``/``guide`` pair for e
   graph of the loss and gradients, then the eager optimizer, ``Adam(fused=True)`` since
   branch i26b (2026-12-06); before, ``foreach``: the path before the whole-step graph), for an A/B.
 
+``--scheduler`` adds ``fast-scheduler`` and ``pyro-scheduler``: ``FastSVI`` and
+``pyro.infer.SVI`` with ``pyro.optim.ExponentialLR`` over Adam, stepped every 10 steps (the
+aten graph for ``FastSVI``; before 2026-12-06 it fell back to Pyro's SVI).
+
 ``--profile N`` adds torch.profiler's table of each path's top operators over N steps.
 
     taskset -c 1 python benchmarks/peers.py --json peers.json   # full run
@@ -213,6 +217,31 @@ def numpyro_step(hidden: int, z_dim: int, x: torch.Tensor, k: int, bound: str):
     return step
 
 
+def scheduled_step(hidden, z_dim, x, k, bound, fast: bool):
+    """A step of ``FastSVI`` (aten graph) or Pyro's ``SVI`` with a ``pyro.optim`` scheduler
+    (``ExponentialLR`` over Adam), which the step function steps every 10 calls."""
+    model, guide = pyro_pair(hidden, z_dim)
+    sched = pyro.optim.ExponentialLR(
+        {"optimizer": torch.optim.Adam, "optim_args": {"lr": LR}, "gamma": 0.999}
+    )
+    if fast:
+        svi = FastSVI(model, guide, sched, make_estimator(bound, k), backend="aten")
+    else:
+        svi = SVI(model, guide, sched, make_estimator(bound, k))
+    calls = [0]
+
+    def step() -> float:
+        loss = svi.step(x)
+        calls[0] += 1
+        if calls[0] % 10 == 0:
+            sched.step()
+        return loss
+
+    if fast:
+        step.svi = svi  # type: ignore[attr-defined]
+    return step
+
+
 def pyro_step(hidden, z_dim, x, k, bound, jit=False):
     model, guide = pyro_pair(hidden, z_dim)
     kw = {"num_particles": k, "vectorize_particles": True, "max_plate_nesting": 1}
@@ -273,6 +302,10 @@ def main(argv=None) -> dict:
         "--loss-graph", action="store_true", help="add fast-loss-graph (graph of loss and "
         "gradients, eager optimizer step: FastSVI's short-run path before the whole step)"
     )  # fmt: skip
+    p.add_argument(
+        "--scheduler", action="store_true", help="add fast-scheduler and pyro-scheduler "
+        "(pyro.optim.ExponentialLR, stepped every 10 steps)"
+    )  # fmt: skip
     p.add_argument("--profile", type=int, default=0, help="profile N steps of each path")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
     p.add_argument("--json", default=None)
@@ -286,6 +319,7 @@ def main(argv=None) -> dict:
     if args.smoke:
         args.archs, args.groups, args.repeats, args.steps = "784-20-4", "2:elbo,2:iwae", 2, 2
         args.planned_steps, args.no_compile, args.no_inductor = 100, True, True
+        args.scheduler = True
     gen = torch.Generator().manual_seed(0)
     x = torch.bernoulli(torch.full((BATCH, X_DIM), 0.13), generator=gen).to(DEVICE)
     rows, profiles = [], {}
@@ -312,8 +346,12 @@ def main(argv=None) -> dict:
                 ("fast-long", partial(fast_step, *spec, args.planned_steps)),
                 ("fast-inductor", partial(fast_step, *spec, None, "inductor")),
                 ("fast-loss-graph", partial(fast_step, *spec, None, loss_graph=True)),
+                ("fast-scheduler", partial(scheduled_step, *spec, fast=True)),
+                ("pyro-scheduler", partial(scheduled_step, *spec, fast=False)),
             ):
                 if name == "fast-loss-graph" and not args.loss_graph:
+                    continue
+                if name.endswith("-scheduler") and not args.scheduler:
                     continue
                 if name == "fast-inductor" and args.no_inductor:
                     continue

@@ -8,7 +8,7 @@ from typing import Any
 
 import pyro
 import torch
-from pyro.infer import ELBO, SVI
+from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.optim import PyroOptim
 from pyro.optim.lr_scheduler import PyroLRScheduler
@@ -76,7 +76,9 @@ class FastSVI(FastSVIState):
 
     Gradients are cleared with ``zero_grad(set_to_none=True)``: a parameter that a step
     does not reach is left unchanged (Pyro's ``SVI`` steps only the parameters it saw, too).
-    A ``pyro.optim`` learning-rate scheduler uses :class:`pyro.infer.SVI` itself, logged.
+    A ``pyro.optim`` learning-rate scheduler (``pyro.optim.ExponentialLR``, ...) drives the
+    fused optimizer through one torch scheduler (:attr:`scheduler`), stepped by the user's
+    ``optim.step()`` as in Pyro; its rates are graph inputs, so the step stays one graph.
 
     :param model: ``model(*args, **kwargs)``.
     :param guide: ``guide(*args, **kwargs)``.
@@ -164,11 +166,11 @@ class FastSVI(FastSVIState):
         self.traced_steps = 0
         #: why the lean path is off (``None`` while it is on)
         self.fallback_reason: str | None = None
-        self._svi: SVI | None = None
         self._pending_state: dict | None = None
-        if isinstance(optim, PyroLRScheduler):
-            self._svi = SVI(model, guide, optim, loss)
-            self._fall_back("the optimizer is a pyro.optim learning-rate scheduler; using pyro SVI")
+        #: the torch scheduler over the fused optimizer of a ``pyro.optim`` scheduler (built
+        #: with the optimizer; ``optim.step()`` steps it), else ``None``
+        self.scheduler: Any = None
+        self._pending_scheduler: dict | None = None
         self._own_reasons = (self.fallback_reason, self.jit_reason)
 
     @property
@@ -202,9 +204,14 @@ class FastSVI(FastSVIState):
             else:
                 self.optimizer.add_param_group(group)
         self._params.update(new)
+        if isinstance(self.optim, PyroLRScheduler):  # built before any state is loaded
+            self._attach_scheduler(self.optimizer.param_groups[-len(groups) :])
         if self._pending_state is not None:
             self.optimizer.load_state_dict(self._pending_state)
             self._pending_state = None
+        if self._pending_scheduler is not None and self.scheduler is not None:
+            self.scheduler.load_state_dict(self._pending_scheduler)
+            self._pending_scheduler = None
         return True
 
     def _build(self, ctor: Callable, group: dict) -> torch.optim.Optimizer:
@@ -339,8 +346,6 @@ class FastSVI(FastSVIState):
 
     def step(self, *args, **kwargs) -> float:
         """Take one gradient step; returns the loss estimate as a float (as ``SVI.step``)."""
-        if self._svi is not None:
-            return self._svi.step(*args, **kwargs)
         key = input_key(args, kwargs)
         self._steps += 1
         n = self._seen[key] = self._seen.get(key, 0) + 1
@@ -378,12 +383,6 @@ class FastSVI(FastSVIState):
             remaining = max(0, (policy.planned_steps or 0) - self._steps) * n / self._steps
             policy.decide(key, [*self._graph_params(key), *args], remaining)
         return value
-
-    @property
-    def pyro_svi(self) -> SVI | None:
-        """The ``pyro.infer.SVI`` every step goes through when the optimizer is a scheduler
-        (``None`` on the lean path)."""
-        return self._svi
 
     @property
     def planned_steps(self) -> int | None:

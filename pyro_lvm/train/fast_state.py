@@ -1,6 +1,9 @@
-"""The saved state of :class:`~pyro_lvm.train.FastSVI`: optimizer moments and step schedule."""
+"""The saved state of :class:`~pyro_lvm.train.FastSVI` (optimizer moments, step schedule, a
+learning-rate scheduler's position) and the torch scheduler of a ``pyro.optim`` scheduler."""
 
 from __future__ import annotations
+
+from pyro.optim.lr_scheduler import PyroLRScheduler
 
 __all__ = ["FastSVIState"]
 
@@ -17,11 +20,9 @@ class FastSVIState:
         ``fallback_reason``, each signature's loss scale at verification (``check_scale``) and
         Inductor decision (``inductor``: ``None`` when compiled, else why not): plain values
         that ``torch.load(..., weights_only=True)`` reads. The ``state_dict`` references the
-        live moment tensors: ``torch.save`` or ``copy.deepcopy`` it for a snapshot. On the
-        :class:`pyro.infer.SVI` path (a scheduler) this is ``optim.get_state()``.
+        live moment tensors: ``torch.save`` or ``copy.deepcopy`` it for a snapshot. With a
+        ``pyro.optim`` scheduler, ``"scheduler"`` holds its torch scheduler's ``state_dict``.
         """
-        if self._svi is not None:
-            return self.optim.get_state()
         if self.optimizer is not None:
             optimizer = self.optimizer.state_dict()
         else:  # state loaded by set_state but not consumed yet, or none
@@ -38,7 +39,14 @@ class FastSVIState:
             "fallback_reason": self.fallback_reason,
             **self.policy.state_dict(),
         }
-        return {"optimizer": optimizer, "schedule": schedule}
+        out = {"optimizer": optimizer, "schedule": schedule}
+        if self.scheduler is not None or self._pending_scheduler is not None:
+            out["scheduler"] = (
+                self.scheduler.state_dict()
+                if self.scheduler is not None
+                else self._pending_scheduler
+            )
+        return out
 
     def set_state(self, state: dict) -> None:
         """Restore :meth:`get_state` (same model and guide, so the same parameter order).
@@ -48,19 +56,21 @@ class FastSVIState:
         loss without ``differentiable_loss``) are kept. A bare torch optimizer ``state_dict``
         (no schedule) is accepted too and restores the moments only.
 
-        :raises ValueError: on a state of the other layout: per-parameter ``PyroOptim`` states
-            for the fused optimizer, or the reverse (an object with a scheduler).
+        :raises ValueError: on per-parameter ``PyroOptim`` states (those need ``fit(fast=False)``),
+            or on a scheduler's state for a FastSVI without one, or the reverse.
         """
         schedule = state.get("schedule") if isinstance(state.get("optimizer"), dict) else None
         optimizer = state["optimizer"] if schedule is not None else state
-        if self._svi is not None:
-            if schedule is not None:
-                raise ValueError(
-                    "this FastSVI uses pyro's SVI (a learning-rate scheduler) but the state "
-                    "comes from FastSVI's fused optimizer; resume with the same optimizer"
-                )
-            self.optim.set_state(optimizer)
-            return
+        if schedule is not None and ("scheduler" in state) != isinstance(
+            self.optim, PyroLRScheduler
+        ):
+            raise ValueError(
+                "the state "
+                + ("holds" if "scheduler" in state else "has no")
+                + " learning-rate scheduler but this FastSVI's optimizer "
+                + ("is not one" if "scheduler" in state else "is")
+                + "; resume with the optimizer the run was trained with"
+            )
         if optimizer and not {"state", "param_groups"} <= optimizer.keys():
             raise ValueError(
                 "set_state expects FastSVI.get_state() or a torch optimizer state_dict, got keys "
@@ -85,3 +95,31 @@ class FastSVIState:
             self._pending_state = optimizer or None
         else:
             self.optimizer.load_state_dict(optimizer)
+        if "scheduler" in state and schedule is not None:
+            if self.scheduler is None:
+                self._pending_scheduler = state["scheduler"]
+            else:
+                self.scheduler.load_state_dict(state["scheduler"])
+
+    def _attach_scheduler(self, groups: list[dict]) -> None:
+        """Drive the fused optimizer by the ``pyro.optim`` scheduler's torch scheduler.
+
+        Pyro builds one scheduler per parameter, all with the same constructor and arguments
+        and stepped together by ``optim.step()``, which steps every entry of
+        ``optim.optim_objs``. Here one torch scheduler over the fused optimizer's parameter
+        groups follows the same rates; it is that map's one entry, so ``optim.step()`` (the
+        user's call, with ``ReduceLROnPlateau``'s metric) steps it. Groups of parameters that
+        appear later start at their own rate (``groups``: the groups just added).
+        """
+        if self.scheduler is None:
+            self.scheduler = self.optim.pt_scheduler_constructor(
+                self.optimizer, **self.optim.kwargs
+            )
+            # the whole step runs in the graph, not through optimizer.step(): not a misordering
+            self.optimizer._opt_called = True
+            self.optim.optim_objs.clear()
+            self.optim.optim_objs[next(iter(self._params.values()))] = self.scheduler
+        else:
+            for group in groups:
+                group.setdefault("initial_lr", group["lr"])
+                self.scheduler.base_lrs.append(group["initial_lr"])

@@ -5,11 +5,10 @@ any parameter, and may rewrite them in place: the seam where data-parallel train
 (:mod:`pyro_lvm.train.distributed`) all-reduces them. It runs **once per step**, whatever
 the stepper:
 
-- a ``pyro.infer.SVI`` (given, or the one :class:`~pyro_lvm.train.FastSVI` steps through for
-  learning-rate schedulers and gradient clipping) calls its ``pyro.optim`` optimizer with the
-  step's parameters; that optimizer clips each parameter's gradient and then steps one torch
-  optimizer per parameter. The hook runs before that call, so clipping sees the hooked
-  (e.g. all-reduced) gradient, as it would in one process;
+- a ``pyro.infer.SVI`` calls its ``pyro.optim`` optimizer with the step's parameters; that
+  optimizer clips each parameter's gradient and then steps one torch optimizer per parameter.
+  The hook runs before that call, so clipping sees the hooked (e.g. all-reduced) gradient, as
+  it would in one process;
 - FastSVI's lean path calls it (its ``before_update``, set for this step only) before its one
   fused torch optimizer steps; while a hook is set, its captured graphs stop at the gradients
   rather than running the whole step.
@@ -72,10 +71,10 @@ def _before_update(stepper: Any, hooks: Sequence[GradientHook]) -> Iterator[None
         for hook in hooks:
             hook(params)
 
-    # Pyro's SVI (given, or FastSVI's for schedulers and clipping) calls its PyroOptim once per
-    # step, which clips each parameter's gradient before stepping it: the hooks run before it
-    svi = stepper if isinstance(stepper, SVI) else getattr(stepper, "pyro_svi", None)
-    if svi is not None:
+    # Pyro's SVI calls its PyroOptim once per step, which clips each parameter's gradient
+    # before stepping it: the hooks run before it
+    if isinstance(stepper, SVI):
+        svi = stepper
         original, svi.optim = svi.optim, _HookedOptim(svi.optim, run)
         try:
             yield
@@ -98,10 +97,9 @@ def svi_step(stepper: Any, batch: Batch, before_update: Sequence[GradientHook] =
     ``stepper`` is a :class:`~pyro_lvm.train.FastSVI` or a ``pyro.infer.SVI``. Each hook of
     ``before_update`` is called once per step with the parameters that have gradients, after
     the backward pass and before the optimizer updates or clips any of them, and may change
-    the gradients in place: for a ``pyro.infer.SVI`` path (given, or FastSVI's for schedulers
-    and gradient clipping) before its ``pyro.optim`` call, otherwise by FastSVI before its fused
-    optimizer step (:attr:`~pyro_lvm.train.FastSVI.before_update`); active during this step
-    only.
+    the gradients in place: for a ``pyro.infer.SVI`` before its ``pyro.optim`` call, for a
+    FastSVI before its gradient clipping and fused optimizer step
+    (:attr:`~pyro_lvm.train.FastSVI.before_update`); active during this step only.
     """
     with _before_update(stepper, before_update):
         return stepper.step(*batch.args, **batch.kwargs)

@@ -232,3 +232,83 @@ def test_the_optimizer_is_fused_only_where_torch_has_the_kernel():
     other = svi._build(torch.optim.Adam, {"params": [meta]})
     assert cpu.param_groups[0]["fused"] and not other.param_groups[0]["fused"]
     assert other.param_groups[0]["foreach"]
+
+
+SCHEDULERS = {
+    "exponential": lambda: pyro.optim.ExponentialLR(
+        {"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.05}, "gamma": 0.7}
+    ),
+    "lambda-sgd": lambda: pyro.optim.LambdaLR(
+        {
+            "optimizer": torch.optim.SGD,
+            "optim_args": {"lr": 0.02, "momentum": 0.9},
+            "lr_lambda": _halving,
+        }
+    ),  # fmt: skip
+    "plateau": lambda: pyro.optim.ReduceLROnPlateau(
+        {"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.05}, "factor": 0.5, "patience": 0}
+    ),  # fmt: skip
+}
+
+
+def _halving(epoch):
+    return 0.5**epoch
+
+
+def _scheduled_run(cls, name, steps=STEPS, every=2, start=0, svi=None, vae=None):
+    """``steps`` steps, the pyro scheduler stepped after every ``every``-th one (with the
+    step's loss as ``ReduceLROnPlateau``'s metric), as a Pyro tutorial writes it."""
+    if svi is None:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        vae = VAE(10, 2, (8,), num_data=N)
+        svi = cls(vae, vae.guide, SCHEDULERS[name](), make_estimator("iwae", 3))
+    losses = []
+    for step, (x, idx) in enumerate(list(_batches(steps))[start:], start=start):
+        losses.append(svi.step(x, idx))
+        if step % every == every - 1:
+            svi.optim.step(*([losses[-1]] if name == "plateau" else []))
+    return losses, vae, svi
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_a_pyro_scheduler_drives_the_whole_step_graph_as_pyros_svi(name):
+    """A ``pyro.optim`` scheduler (per-parameter torch schedulers in Pyro) drives FastSVI's
+    one fused optimizer through one torch scheduler: the same rates, losses and iterates as
+    pyro's SVI, with the update in the graph (its rate an input: a frozen rate would leave
+    Pyro's iterates after the first scheduler step)."""
+    ref_losses, ref_vae, _ = _scheduled_run(SVI, name)
+    losses, vae, svi = _scheduled_run(FastSVI, name)
+    (entry,) = svi.policy.entries.values()
+    assert svi.fallback_reason is None and svi.jit_reason is None and svi.step_reason is None
+    assert entry.captured.whole_step and svi.traced_steps == STEPS - 3
+    assert svi.scheduler is not None and list(svi.optim.optim_objs.values()) == [svi.scheduler]
+    rates = {g["lr"] for g in svi.optimizer.param_groups}
+    assert rates < {0.05, 0.02}.union(rates) and not rates & {0.05, 0.02}  # the rate moved
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-10, atol=0)
+    for p, q in zip(vae.parameters(), ref_vae.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_resume_with_a_pyro_scheduler_is_bit_exact(name):
+    """The torch scheduler's position is saved with the optimizer: a run resumed at step 5
+    (mid-schedule) takes the floats of the uninterrupted one."""
+    stop = 5
+    straight, vae, svi = _scheduled_run(FastSVI, name, steps=stop)
+    params = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+    saved = io.BytesIO()
+    torch.save(svi.get_state(), saved)
+    rng = pyro.util.get_rng_state()
+    rest, vae, _ = _scheduled_run(FastSVI, name, start=stop, svi=svi, vae=vae)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(7)
+    vae2 = VAE(10, 2, (8,), num_data=N)
+    vae2.load_state_dict(params)
+    svi2 = FastSVI(vae2, vae2.guide, SCHEDULERS[name](), make_estimator("iwae", 3))
+    saved.seek(0)
+    svi2.set_state(torch.load(saved, weights_only=True))
+    pyro.util.set_rng_state(rng)
+    resumed, vae2, _ = _scheduled_run(FastSVI, name, start=stop, svi=svi2, vae=vae2)
+    assert resumed == rest
+    assert all(torch.equal(p, q) for p, q in zip(vae.parameters(), vae2.parameters(), strict=True))

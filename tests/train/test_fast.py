@@ -178,14 +178,6 @@ def test_dynamic_model_under_trace_is_caught_at_the_next_check():
     assert "sample sites changed" in svi.fallback_reason and svi.jit_reason is not None
 
 
-def test_scheduler_uses_pyro_svi():
-    sched = pyro.optim.ExponentialLR(
-        {"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.1}, "gamma": 0.9}
-    )
-    _, _, svi = _run(FastSVI, "elbo", optim=sched)
-    assert "scheduler" in svi.fallback_reason
-
-
 def _shape_batches(steps=15):
     """Minibatches of 12, 12, 12, 12, 2 points (a short last batch): two input signatures."""
     gen = torch.Generator().manual_seed(1)
@@ -322,8 +314,10 @@ def test_bad_arguments_raise():
         FastSVI(vae, vae.guide, adam, Trace_ELBO()).set_state({"decoder.0.weight": {}})
     sched = pyro.optim.ExponentialLR({"optimizer": torch.optim.Adam, "optim_args": {}, "gamma": 1})
     lean_state = FastSVI(vae, vae.guide, adam, Trace_ELBO()).get_state()
-    with pytest.raises(ValueError, match="same optimizer"):
+    with pytest.raises(ValueError, match="has no learning-rate scheduler"):
         FastSVI(vae, vae.guide, sched, Trace_ELBO()).set_state(lean_state)
+    with pytest.raises(ValueError, match="holds learning-rate scheduler"):
+        FastSVI(vae, vae.guide, adam, Trace_ELBO()).set_state({**lean_state, "scheduler": {}})
 
 
 def _kl_schedule_run(cls, by_hand, change_before, **kw):

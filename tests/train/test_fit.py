@@ -75,6 +75,40 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, make_pair):
     assert load_checkpoint(path)["epoch"] == 4
 
 
+def _scheduled_fit(pair, x, epochs, fast, **kw):
+    """``fit`` with a Pyro tutorial's scheduler: ``ExponentialLR`` stepped after every epoch."""
+    sched = pyro.optim.ExponentialLR(
+        {"optimizer": torch.optim.Adam, "optim_args": {"lr": 0.05}, "gamma": 0.5}
+    )
+    history = fit(
+        *pair, x, num_epochs=epochs, optimizer=sched, callbacks=[lambda h: sched.step()],
+        batch_size=16, progress=False, seed=3, fast=fast, **kw,
+    )  # fmt: skip
+    return history, sched
+
+
+def test_a_pyro_scheduler_trains_on_the_fast_path_and_resumes_exactly(tmp_path):
+    """The fast path follows the scheduler as pyro's SVI does, and a run resumed mid-schedule
+    (the scheduler's position in the checkpoint) reproduces the uninterrupted one."""
+    x = _binary_data()
+    straight, sched = _scheduled_fit(_vae_pair(0), x, 4, fast=True)
+    assert {
+        g["lr"] for g in sched.optim_objs[next(iter(sched.optim_objs))].optimizer.param_groups
+    } == {0.05 * 0.5**4}
+    pyro.clear_param_store()
+    reference, _ = _scheduled_fit(_vae_pair(0), x, 4, fast=False)
+    torch.testing.assert_close(
+        torch.tensor(straight.step_losses), torch.tensor(reference.step_losses), rtol=1e-9, atol=0
+    )
+    path = tmp_path / "run.pt"
+    pyro.clear_param_store()
+    _scheduled_fit(_vae_pair(0), x, 2, fast=True, checkpoint=path)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(7)
+    resumed, _ = _scheduled_fit(_vae_pair(1), x, 4, fast=True, checkpoint=path, resume=True)
+    assert resumed.step_losses == straight.step_losses
+
+
 def test_resume_refuses_other_settings(tmp_path):
     x = _binary_data()
     path = tmp_path / "run.pt"
