@@ -42,8 +42,7 @@ from pyro_lvm.elbo import make_estimator
 from pyro_lvm.evaluate.loglik import log_likelihood
 from pyro_lvm.guides import LocalGaussianGuide
 from pyro_lvm.models import VAE
-from pyro_lvm.train import FastSVI, fit
-from pyro_lvm.inner_loop import fit_local
+from pyro_lvm.train import FastSVI, fit, fit_local
 
 assert torch.cuda.is_available(), "no CUDA device"
 if sys.argv[1] == "mnist":
