@@ -143,11 +143,14 @@ class FIVO(Estimator, ELBO):
     #: handles them; a step-wise one needs reparameterized sites.
     traits = EstimatorTraits(category="bound", capturable=False, gradient="smc")
 
+    # the registry calls this at import time, before mutmut's trampolines exist
+    # pragma: no mutate start
     @classmethod
     def configured_traits(cls, resampling: str = "multinomial", **config: Any) -> EstimatorTraits:
         """Without resampling the gradient is the unbiased pathwise one of the sequence IWAE
         bound; with resampling its terms are dropped (``"smc"``, biased)."""
         return replace(cls.traits, gradient="reparam" if resampling == "none" else "smc")
+    # pragma: no mutate end
 
     def __init__(
         self,
