@@ -210,6 +210,7 @@ class Estimator(RNGNeutralGuess):
         """The traits of an instance built with the constructor arguments ``config`` (the
         registry calls it with a registration's bound arguments); default :attr:`traits`."""
         return cls.traits
+
     # pragma: no mutate end
 
     def __init__(self, num_particles: int = 1, **kwargs: Any):

@@ -150,6 +150,7 @@ class FIVO(Estimator, ELBO):
         """Without resampling the gradient is the unbiased pathwise one of the sequence IWAE
         bound; with resampling its terms are dropped (``"smc"``, biased)."""
         return replace(cls.traits, gradient="reparam" if resampling == "none" else "smc")
+
     # pragma: no mutate end
 
     def __init__(

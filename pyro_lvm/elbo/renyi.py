@@ -154,6 +154,7 @@ class RenyiBound(MultiSampleELBO):
         """The class's traits with the gradient kind; DReG needs reparameterized guide sites."""
         sites = "reparam" if gradient == "dreg" else cls.traits.sites
         return replace(cls.traits, gradient=gradient, sites=sites)
+
     # pragma: no mutate end
 
     @property

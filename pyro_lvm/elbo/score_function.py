@@ -126,6 +126,7 @@ class ScoreFunctionELBO(SurrogateELBO):
             min_particles=2 if baseline == "loo" else 1,
             capturable=baseline in ("none", "loo"),
         )
+
     # pragma: no mutate end
 
     def __init__(
