@@ -183,3 +183,66 @@ def test_errors_name_the_problem():
         ScoreFunctionELBO(max_plate_nesting=1).differentiable_loss(
             mixture_model, bad_shape_guide, X
         )
+
+
+def _mixture_grads(elbo, guide, steps=3, seed=11):
+    """The logits' gradients of ``steps`` successive steps (state such as running averages is
+    carried by ``elbo`` from step to step; parameters do not move)."""
+    pyro.set_rng_seed(seed)
+    pyro.clear_param_store()
+    out = []
+    for _ in range(steps):
+        elbo.loss_and_grads(mixture_model, guide, X)
+        logits = pyro.get_param_store().get_param("logits").unconstrained()
+        out.append(logits.grad.clone())
+        logits.grad = None
+    return out
+
+
+def test_a_sites_own_decaying_average_equals_the_estimators_avg_baseline():
+    """``infer={"baseline": {"use_decaying_avg_baseline": True, "baseline_beta": β}}`` on the
+    site and ``baseline="avg", baseline_beta=β`` on the estimator are the same baseline: the
+    same gradients step after step (the average starts at the first signal, then moves)."""
+
+    def guide(x, idx=None):
+        mixture_guide(x, idx, baseline={"use_decaying_avg_baseline": True, "baseline_beta": 0.7})
+
+    kw = {"num_particles": 2, "max_plate_nesting": 1}
+    by_site = _mixture_grads(ScoreFunctionELBO(**kw), guide)
+    by_estimator = _mixture_grads(
+        ScoreFunctionELBO(baseline="avg", baseline_beta=0.7, **kw), mixture_guide
+    )
+    none = _mixture_grads(ScoreFunctionELBO(**kw), mixture_guide)
+    for a, b in zip(by_site, by_estimator, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert any(not torch.allclose(a, c) for a, c in zip(by_site[1:], none[1:], strict=True))
+
+
+def test_leave_one_out_cancels_a_constant_learning_signal_exactly():
+    """At the exact posterior ``log p(x, z) - log q(z) = log p(x)`` for every draw, so the
+    leave-one-out baseline equals the signal and every guide gradient is exactly zero, sample
+    by sample; without a baseline the same draws give a nonzero (zero-mean) gradient."""
+    model = LinearGaussian(
+        3, 2, noise_scale=0.5, weight=torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    )
+    x = model.sample(4)
+    post = model.posterior(x)
+    loc0, scale0 = post.loc.detach(), post.covariance_matrix[0].diagonal().sqrt().detach()
+
+    def guide(x, idx=None):
+        loc = pyro.param("q_loc", loc0.clone())
+        scale = pyro.param("q_scale", scale0.clone(), constraint=dist.constraints.positive)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    grads = {}
+    for baseline in ("loo", "none"):
+        pyro.set_rng_seed(2)
+        pyro.clear_param_store()
+        ScoreFunctionELBO(4, baseline=baseline, max_plate_nesting=1).loss_and_grads(model, guide, x)
+        store = pyro.get_param_store()
+        grads[baseline] = torch.cat(
+            [store.get_param(k).unconstrained().grad.reshape(-1) for k in ("q_loc", "q_scale")]
+        )
+    assert grads["loo"].abs().max() < 1e-9
+    assert grads["none"].abs().max() > 1e-3
