@@ -205,8 +205,9 @@ class ScoreFunctionELBO(SurrogateELBO):
             # built on the first call, without consuming the caller's random stream
             with torch.random.fork_rng(devices=[]):
                 self.nn_baseline = NVILBaseline(x.shape[-1], self.nn_baseline_hidden).to(x)
-        # a restored param store replaces the network's parameters by the stored ones
-        pyro.module(self.nn_baseline_name, self.nn_baseline, update_module_params=True)
+        if isinstance(self.nn_baseline, torch.nn.Module):  # a plain function holds no params
+            # a restored param store replaces the network's parameters by the stored ones
+            pyro.module(self.nn_baseline_name, self.nn_baseline, update_module_params=True)
         self._input = x.detach()
 
     def _get_trace(self, model, guide, args, kwargs):

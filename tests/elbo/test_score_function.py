@@ -246,3 +246,75 @@ def test_leave_one_out_cancels_a_constant_learning_signal_exactly():
         )
     assert grads["loo"].abs().max() < 1e-9
     assert grads["none"].abs().max() > 1e-3
+
+
+def _column_model(x, idx=None):
+    mixture_model(x.squeeze(-1), idx)
+
+
+def _nn_baseline_grads(make_elbo, site_options=None, steps=2):
+    """Gradients of the logits and of a baseline network over ``steps`` steps (parameters
+    fixed): the estimator ``make_elbo(net)``, the guide's site given ``site_options(net, x)``.
+    The data are the mixture's points as an (N, 1) matrix (NVIL reads a data matrix)."""
+    torch.manual_seed(0)
+    net = nn.Linear(1, 1).double()
+    elbo = make_elbo(net)
+
+    def guide(x, idx=None):
+        pyro.module("bl", net)
+        options = None if site_options is None else site_options(net, x)
+        mixture_guide(x.squeeze(-1), idx, baseline=options)
+
+    pyro.set_rng_seed(4)
+    pyro.clear_param_store()
+    out = []
+    for _ in range(steps):
+        elbo.loss_and_grads(_column_model, guide, X.unsqueeze(-1))
+        logits = pyro.get_param_store().get_param("logits").unconstrained()
+        grads = [p.grad for p in net.parameters()]  # None: the network was not used
+        out.append([logits.grad.clone()] + [None if g is None else g.clone() for g in grads])
+        logits.grad = None
+        net.zero_grad(set_to_none=True)
+    return out
+
+
+def _net_of_x(net):
+    return lambda u: net(u).squeeze(-1)
+
+
+def _by_net(net, x):
+    return {"nn_baseline": _net_of_x(net), "nn_baseline_input": x}
+
+
+def _assert_same(runs_a, runs_b):
+    for a, b in zip(runs_a, runs_b, strict=True):
+        for g, h in zip(a, b, strict=True):
+            assert g is not None and h is not None
+            assert torch.allclose(g, h, rtol=1e-12, atol=1e-12)
+
+
+def test_a_learned_baseline_and_its_loss_equal_tracegraph_exactly():
+    """A site's ``nn_baseline``: the guide gradient with ``f - b(x)`` and the network's gradient
+    of its squared error ``(f - b(x))²`` are Pyro's ``TraceGraph_ELBO``'s."""
+    kw = {"max_plate_nesting": 1}
+    ours = _nn_baseline_grads(lambda net: ScoreFunctionELBO(**kw), _by_net)
+    pyros = _nn_baseline_grads(lambda net: TraceGraph_ELBO(**kw), _by_net)
+    _assert_same(ours, pyros)
+
+
+def test_nvil_is_a_running_average_plus_the_learned_baseline():
+    """``baseline="nvil"`` with a given network equals the site options of the same baseline
+    (a decaying average with the estimator's β plus the network), step after step, for the
+    guide and the network; and it is not the running average alone."""
+    kw = {"max_plate_nesting": 1, "baseline_beta": 0.8}
+
+    def nvil(net):
+        return ScoreFunctionELBO(baseline="nvil", nn_baseline=_net_of_x(net), **kw)
+
+    def options(net, x):
+        return {"use_decaying_avg_baseline": True, "baseline_beta": 0.8, **_by_net(net, x)}
+
+    ours = _nn_baseline_grads(nvil)
+    _assert_same(ours, _nn_baseline_grads(lambda net: ScoreFunctionELBO(**kw), options))
+    avg_only = _nn_baseline_grads(lambda net: ScoreFunctionELBO(baseline="avg", **kw))
+    assert not torch.allclose(ours[1][0], avg_only[1][0])
