@@ -120,3 +120,33 @@ def test_global_latents_are_not_scaled():
     history = fit(model, guide, torch.randn(50, 1), num_epochs=1, batch_size=10,
                   progress=False)  # fmt: skip
     assert len(history.step_losses) == 5
+
+
+def test_the_tutorial_vae_with_a_pyro_scheduler_takes_pyro_svis_steps():
+    """Pyro's VAE tutorial's pair with a ``pyro.optim`` scheduler stepped by hand, as the
+    tutorials do: ``FastSVI`` runs the whole step as a graph and takes ``SVI``'s steps."""
+    from pyro.infer import SVI, Trace_ELBO
+
+    from pyro_lvm.train import FastSVI
+
+    x = torch.bernoulli(torch.full((32, 784), 0.2))
+    runs = {}
+    for cls in (SVI, FastSVI):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model, guide = make(z_dim=4, hidden_dim=16)
+        sched = pyro.optim.ExponentialLR(
+            {"optimizer": torch.optim.Adam, "optim_args": {"lr": 1e-2}, "gamma": 0.5}
+        )
+        svi = cls(model, guide, sched, Trace_ELBO())
+        losses = []
+        for step in range(12):
+            losses.append(svi.step(x))
+            if step % 3 == 2:
+                sched.step()
+        runs[cls] = (losses, svi)
+    fast = runs[FastSVI][1]
+    assert fast.traced_steps == 9 and fast.fallback_reason is None and fast.step_reason is None
+    torch.testing.assert_close(
+        torch.tensor(runs[FastSVI][0]), torch.tensor(runs[SVI][0]), rtol=1e-10, atol=0
+    )
