@@ -3,26 +3,6 @@
 ``train``, the commands on a run folder, ``gaps``, ``variance``, the recipes). ``pyro-lvm
 --help`` imports no subcommand, torch or Pyro."""
 
-from pyro_lvm.cli.parser import (
-    COMMANDS,
-    EXIT_FAILED,
-    EXIT_USAGE,
-    CLIError,
-    build_parser,
-    int_list,
-    main,
-    positive_float,
-    positive_int,
-)
+from pyro_lvm.cli.parser import CLIError, build_parser, main
 
-__all__ = [
-    "COMMANDS",
-    "EXIT_FAILED",
-    "EXIT_USAGE",
-    "CLIError",
-    "build_parser",
-    "int_list",
-    "main",
-    "positive_float",
-    "positive_int",
-]
+__all__ = ["CLIError", "build_parser", "main"]

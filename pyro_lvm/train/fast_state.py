@@ -21,7 +21,8 @@ class FastSVIState:
         Inductor decision (``inductor``: ``None`` when compiled, else why not): plain values
         that ``torch.load(..., weights_only=True)`` reads. The ``state_dict`` references the
         live moment tensors: ``torch.save`` or ``copy.deepcopy`` it for a snapshot. With a
-        ``pyro.optim`` scheduler, ``"scheduler"`` holds its torch scheduler's ``state_dict``.
+        ``pyro.optim`` scheduler, ``"scheduler"`` holds its torch scheduler's ``state_dict``
+        (``None`` before the first step builds it).
         """
         if self.optimizer is not None:
             optimizer = self.optimizer.state_dict()
@@ -40,12 +41,9 @@ class FastSVIState:
             **self.policy.state_dict(),
         }
         out = {"optimizer": optimizer, "schedule": schedule}
-        if self.scheduler is not None or self._pending_scheduler is not None:
-            out["scheduler"] = (
-                self.scheduler.state_dict()
-                if self.scheduler is not None
-                else self._pending_scheduler
-            )
+        if isinstance(self.optim, PyroLRScheduler):  # None until the first step builds it
+            built = self.scheduler
+            out["scheduler"] = self._pending_scheduler if built is None else built.state_dict()
         return out
 
     def set_state(self, state: dict) -> None:
@@ -95,7 +93,7 @@ class FastSVIState:
             self._pending_state = optimizer or None
         else:
             self.optimizer.load_state_dict(optimizer)
-        if "scheduler" in state and schedule is not None:
+        if state.get("scheduler") is not None and schedule is not None:
             if self.scheduler is None:
                 self._pending_scheduler = state["scheduler"]
             else:

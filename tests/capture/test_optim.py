@@ -312,3 +312,19 @@ def test_resume_with_a_pyro_scheduler_is_bit_exact(name):
     resumed, vae2, _ = _scheduled_run(FastSVI, name, start=stop, svi=svi2, vae=vae2)
     assert resumed == rest
     assert all(torch.equal(p, q) for p, q in zip(vae.parameters(), vae2.parameters(), strict=True))
+
+
+def test_the_state_of_a_scheduled_fastsvi_before_its_first_step_round_trips():
+    """A checkpoint written before the first step (no optimizer, no scheduler yet) loads into
+    a fresh FastSVI with the same scheduler, which then takes the uninterrupted run's steps."""
+    straight, _, _ = _scheduled_run(FastSVI, "exponential")
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    vae = VAE(10, 2, (8,), num_data=N)
+    fresh = FastSVI(vae, vae.guide, SCHEDULERS["exponential"](), make_estimator("iwae", 3))
+    state = fresh.get_state()
+    assert state["scheduler"] is None
+    svi = FastSVI(vae, vae.guide, SCHEDULERS["exponential"](), make_estimator("iwae", 3))
+    svi.set_state(state)
+    losses, _, _ = _scheduled_run(FastSVI, "exponential", svi=svi, vae=vae)
+    assert losses == straight
